@@ -1,0 +1,145 @@
+"""Backend registry and selection.
+
+A backend is one implementation of every op: "torch" (the plain-PyTorch reference, also the CPU
+fallback), "triton" (fastlm/triton, also runs on CPU tensors under TRITON_INTERPRET=1) and "cuda"
+(fastlm._C, built from csrc/). Selection order for one call: the op's explicit ``backend=``
+argument, then the innermost ``use_backend(...)`` context, then the ``FASTLM_BACKEND`` environment
+variable, then the default: the fastest measured backend on CUDA tensors (Triton until the GPU
+measurements say otherwise), the reference on CPU tensors, Triton on CPU tensors when the
+interpreter is on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import os
+
+import torch
+
+BACKENDS = ("torch", "triton", "cuda")
+
+_override: contextvars.ContextVar[str | None] = contextvars.ContextVar("fastlm_backend", default=None)
+
+
+class BackendUnavailableError(RuntimeError):
+    """Raised when a backend is asked for but cannot run here; the message says why."""
+
+
+def interpreter_on() -> bool:
+    """True when Triton kernels run on the CPU through the interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _check_name(name: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"unknown fastlm backend {name!r}; expected one of {', '.join(BACKENDS)}")
+    return name
+
+
+def _find_triton_import_error() -> str | None:
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception as exc:  # pragma: no cover - depends on the machine
+        return f"triton is not importable ({type(exc).__name__}: {exc})"
+    return None
+
+
+_TRITON_IMPORT_ERROR = _find_triton_import_error()
+
+
+def _triton_import_error() -> str | None:
+    return _TRITON_IMPORT_ERROR
+
+
+def why_unavailable(name: str, device: torch.device | str | None = None) -> str | None:
+    """None if backend ``name`` can run on tensors of ``device`` here, else the reason it cannot.
+
+    With ``device=None`` the question is whether the backend works on this machine at all.
+    """
+    _check_name(name)
+    dev = torch.device(device) if device is not None else None
+    if name == "torch":
+        return None
+    if name == "triton":
+        err = _triton_import_error()
+        if err:
+            return err
+        if dev is None:
+            if torch.cuda.is_available() or interpreter_on():
+                return None
+            return "no CUDA GPU is visible to torch and TRITON_INTERPRET=1 is not set"
+        if dev.type == "cuda":
+            return None
+        if dev.type == "cpu" and interpreter_on():
+            return None
+        if dev.type == "cpu":
+            return "triton kernels need CUDA tensors; on CPU tensors set TRITON_INTERPRET=1 before importing fastlm"
+        return f"triton kernels do not run on {dev.type} tensors"
+    from fastlm import cuda as _cuda
+
+    err = _cuda.load_error()
+    if err:
+        return err
+    if dev is None:
+        if torch.cuda.is_available():
+            return None
+        return "fastlm._C is built but no CUDA GPU is visible to torch"
+    if dev.type != "cuda":
+        return f"the cuda backend needs CUDA tensors, got {dev.type} tensors"
+    return None
+
+
+def available_backends(device: torch.device | str | None = None) -> list[str]:
+    """The backends that can run here (on tensors of ``device`` if given)."""
+    return [b for b in BACKENDS if why_unavailable(b, device) is None]
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Run the enclosed fastlm calls on backend ``name`` (unless a call passes ``backend=``)."""
+    token = _override.set(_check_name(name))
+    try:
+        yield
+    finally:
+        _override.reset(token)
+
+
+def current_backend() -> str | None:
+    """The backend asked for by ``use_backend`` or ``FASTLM_BACKEND``, or None for the default."""
+    name = _override.get()
+    if name is not None:
+        return name
+    env = os.environ.get("FASTLM_BACKEND")
+    if env:
+        if env not in BACKENDS:
+            raise ValueError(f"FASTLM_BACKEND={env!r} is not a fastlm backend; expected one of {', '.join(BACKENDS)}")
+        return env
+    return None
+
+
+# Default backend per op on CUDA tensors, from GPU measurements (benchmarks/results/).
+DEFAULT_CUDA_BACKEND: dict[str, str] = {}
+
+
+def default_backend(device: torch.device, op: str | None = None) -> str:
+    if device.type == "cuda":
+        choice = DEFAULT_CUDA_BACKEND.get(op or "", "triton")
+        return choice if why_unavailable(choice, device) is None else "torch"
+    if device.type == "cpu" and interpreter_on() and _triton_import_error() is None:
+        return "triton"
+    return "torch"
+
+
+def resolve(backend: str | None, device: torch.device, op: str | None = None) -> str:
+    """The backend one call runs on; raises BackendUnavailableError if the asked one cannot run."""
+    name = backend if backend is not None else current_backend()
+    if name is None:
+        return default_backend(device, op)
+    _check_name(name)
+    reason = why_unavailable(name, device)
+    if reason is not None:
+        what = f"fastlm.ops.{op}" if op else "fastlm"
+        raise BackendUnavailableError(f"{what}: backend {name!r} is unavailable: {reason}")
+    return name
