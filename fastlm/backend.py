@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import importlib.util
 import os
 
 import torch
@@ -38,11 +39,10 @@ def _check_name(name: str) -> str:
 
 
 def _find_triton_import_error() -> str | None:
-    try:
-        import triton  # noqa: F401
-        import triton.language  # noqa: F401
-    except Exception as exc:  # pragma: no cover - depends on the machine
-        return f"triton is not importable ({type(exc).__name__}: {exc})"
+    # triton itself is imported only when a kernel is first launched: importing it before
+    # TRITON_INTERPRET is set would pin the interpreter off for the whole process.
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed (pip install triton)"
     return None
 
 

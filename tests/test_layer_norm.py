@@ -17,6 +17,7 @@ def test_norm_matches_reference(case, backend):
     cases.check(case, backend)
 
 
+@pytest.mark.sanitize
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("is_rms", [False, True])
 @pytest.mark.parametrize("n", [7, 1025, 20000])

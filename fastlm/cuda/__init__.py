@@ -67,3 +67,19 @@ def dtype_code(t: torch.Tensor | None) -> int:
         return DTYPE_CODE[t.dtype]
     except KeyError:
         raise TypeError(f"the cuda backend supports float32, float16 and bfloat16, got {t.dtype}") from None
+
+
+def coverage() -> dict[str, str]:
+    """Per op, what the CUDA backend runs as CUDA kernels and what it hands to Triton or refuses."""
+    import importlib
+    import pkgutil
+
+    import fastlm.cuda as pkg
+
+    out = {}
+    for m in pkgutil.iter_modules(pkg.__path__):
+        if m.name.startswith("_"):
+            continue
+        mod = importlib.import_module(f"fastlm.cuda.{m.name}")
+        out[m.name] = getattr(mod, "CUDA_COVERAGE", "forward and backward, fp32/fp16/bf16")
+    return out

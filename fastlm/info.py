@@ -1,0 +1,70 @@
+"""`fastlm info`: what this machine can run, and why not where it cannot."""
+
+from __future__ import annotations
+
+import platform
+
+import torch
+
+import fastlm
+from fastlm import backend
+
+
+def collect() -> dict:
+    from fastlm import cuda as fcuda
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except Exception as exc:
+        triton_version = f"not importable ({exc})"
+    gpu = None
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        gpu = f"{props.name} (sm_{props.major}{props.minor}, {props.total_memory / 2**30:.0f} GiB, {props.multi_processor_count} SMs)"
+    ext = {"built": fcuda.load_error() is None, "why_not": fcuda.load_error()}
+    if ext["built"]:
+        lib = fcuda.lib()
+        ext["archs"] = list(lib.built_archs())
+        ext["cuda_runtime"] = lib.cuda_runtime_version()
+        ext["coverage"] = fcuda.coverage()
+    return {
+        "fastlm": fastlm.__version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "triton": triton_version,
+        "gpu": gpu,
+        "why_no_gpu": None if gpu else "torch.cuda.is_available() is False (no CUDA device or driver visible, or a CPU-only torch)",
+        "interpreter": backend.interpreter_on(),
+        "extension": ext,
+        "backends": {b: backend.why_unavailable(b) for b in backend.BACKENDS},
+        "selected": backend.current_backend(),
+        "default_cuda": dict(backend.DEFAULT_CUDA_BACKEND),
+    }
+
+
+def render(info: dict) -> str:
+    lines = [
+        f"fastlm {info['fastlm']}  python {info['python']}  torch {info['torch']} (CUDA {info['torch_cuda'] or 'none'})  triton {info['triton']}",
+        f"GPU: {info['gpu'] or 'none: ' + info['why_no_gpu']}",
+        f"Triton interpreter (TRITON_INTERPRET=1): {'on: Triton kernels run on CPU tensors, slowly' if info['interpreter'] else 'off'}",
+    ]
+    ext = info["extension"]
+    if ext["built"]:
+        lines.append(f"fastlm._C: built for {', '.join(ext['archs'])} (CUDA runtime {ext['cuda_runtime']})")
+        for op, text in ext["coverage"].items():
+            lines.append(f"  cuda {op}: {text}")
+    else:
+        lines.append(f"fastlm._C: {ext['why_not']}")
+    lines.append("Backends:")
+    for b, why in info["backends"].items():
+        lines.append(f"  {b:7s} {'available' if why is None else 'unavailable: ' + why}")
+    sel = info["selected"]
+    lines.append(
+        f"Selected: {sel!r} (use_backend / FASTLM_BACKEND)" if sel else
+        "Selected: default (CUDA tensors: fastest measured, Triton unless benchmarks/results say otherwise; "
+        "CPU tensors: the reference" + (", Triton under the interpreter)" if info["interpreter"] else ")")
+    )
+    return "\n".join(lines)
