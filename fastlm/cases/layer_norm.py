@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import zlib
 
 import torch
 
@@ -84,7 +85,7 @@ def _run(op, x, r, w, b, dy, dh, backend):
 
 
 def check(case: Case, backend: str) -> dict[str, float]:
-    g = torch.Generator().manual_seed(hash(case.id) % (2**31))
+    g = torch.Generator().manual_seed(zlib.crc32(f"{case.op}-{case.id}".encode()))
     x, r, w, b, dy, dh = _inputs(case, g)
     originals = [t.clone() for t in (x, r, w, b) if t is not None]
     got = _run(case.op, x, r, w, b, dy, dh, backend)
