@@ -1,0 +1,238 @@
+// Rotary position embedding (RoPE) of q and k in one launch, forward and backward, fp32/fp16/bf16.
+//
+// Pair p of the first R = rotary_dim dims of each head turns by a = pos * theta^(-2p/R):
+//   forward:   o1 = x1 cos1 - x2 sin1,   o2 = x2 cos2 + x1 sin2
+//   backward:  o1 = x1 cos1 + x2 sin2,   o2 = x2 cos2 - x1 sin1      (the transpose; rotation by -a)
+// with (x1, x2) at columns (p, p + R/2) (half split) or (2p, 2p + 1) (interleaved). In the angle
+// form cos1 = cos2 = cos(a), sin1 = sin2 = sin(a); in the table form (Hugging Face's
+// apply_rotary_pos_emb) they are read from cos/sin tables (B or 1, S, R) at columns c1 and c2.
+//
+// Trade-off: one thread owns a (position, pair) and walks every head of q and then k, so cos/sin
+// are formed once per (position, pair) and reused Hq + Hk times, and each element of q and k is
+// read once and written once. Accesses are scalar (any strides, any layout: (B, H, S, D) or
+// (B, S, H, D) storage, sliced views); consecutive threads take consecutive pairs, so a warp
+// touches contiguous columns. Angles are exact to fp32 at any position: theta^(-2p/R) and
+// pos * inv_freq / pi in fp64, reduced exactly to [-1, 1], then sincospif (no further reduction;
+// fp32 math on pos * inv_freq would be off by up to 0.03 rad at position 131072). Outputs may be
+// the inputs (in place): every element is read before it is written, by the same thread. Dims
+// R..D-1 are copied when the output is not the input.
+
+#include <cmath>
+#include <vector>
+
+#include "common.h"
+#include "ops.h"
+
+namespace fastlm {
+namespace {
+
+constexpr int kThreads = 128;
+constexpr double kInvPi = 0.3183098861837907;  // 1/pi
+
+struct RotaryArgs {
+  const void* q;
+  const void* k;
+  void* q_out;
+  void* k_out;
+  const void* pos;  // int32/int64 positions (pos_bits), or null: pos = offset + s
+  const void* cos;  // tables (table form only)
+  const void* sin;
+  int64_t S, HQ, HK, D, R, half;
+  int64_t sq[4], sk[4], sqo[4], sko[4];  // (b, h, s, d) element strides
+  int64_t spos[2];                       // (b, s); b stride 0 when broadcast
+  int64_t scos[3], ssin[3];              // (b, s, d); b stride 0 when broadcast
+  int64_t offset;
+  int64_t heads_per_block;
+  double log2_theta;
+  int pos_bits;
+  bool interleaved, backward, copy_pass;
+};
+
+// cos and sin of a = pos * 2^(-(2p/R) * log2(theta)), exact to fp32 for any int64 position: a/pi in
+// fp64, reduced exactly to u in [-1, 1] (a = pi * u + 2 pi k), then sincospif(u), which needs no
+// further argument reduction.
+__device__ __forceinline__ void angle_cos_sin(int64_t pos, int64_t p, int64_t R, double log2_theta, float* c,
+                                              float* s) {
+  const double inv_freq = exp2(-(2.0 * static_cast<double>(p) / static_cast<double>(R)) * log2_theta);
+  double u = static_cast<double>(pos) * inv_freq * kInvPi;
+  u -= 2.0 * rint(0.5 * u);
+  sincospif(static_cast<float>(u), s, c);
+}
+
+// Rotates pair (c1, c2) of heads [h_begin, h_end) of one tensor at (b, s).
+template <typename T>
+__device__ __forceinline__ void rotate_heads(const T* x, T* o, const int64_t (&si)[4], const int64_t (&so)[4],
+                                             int64_t b, int64_t s, int64_t h_begin, int64_t h_end, int64_t c1,
+                                             int64_t c2, float cos1, float cos2, float sin1, float sin2,
+                                             bool backward) {
+  for (int64_t h = h_begin; h < h_end; ++h) {
+    const T* xr = x + b * si[0] + h * si[1] + s * si[2];
+    T* orow = o + b * so[0] + h * so[1] + s * so[2];
+    const float x1 = to_float(xr[c1 * si[3]]);
+    const float x2 = to_float(xr[c2 * si[3]]);
+    float o1, o2;
+    if (backward) {
+      o1 = x1 * cos1 + x2 * sin2;
+      o2 = x2 * cos2 - x1 * sin1;
+    } else {
+      o1 = x1 * cos1 - x2 * sin1;
+      o2 = x2 * cos2 + x1 * sin2;
+    }
+    orow[c1 * so[3]] = from_float<T>(o1);
+    orow[c2 * so[3]] = from_float<T>(o2);
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ void copy_heads(const T* x, T* o, const int64_t (&si)[4], const int64_t (&so)[4],
+                                           int64_t b, int64_t s, int64_t h_begin, int64_t h_end, int64_t col) {
+  for (int64_t h = h_begin; h < h_end; ++h)
+    o[b * so[0] + h * so[1] + s * so[2] + col * so[3]] = x[b * si[0] + h * si[1] + s * si[2] + col * si[3]];
+}
+
+// Block (blockIdx.x, b = blockIdx.y, group = blockIdx.z): positions s = blockIdx.x * blockDim.y +
+// threadIdx.y, pairs p = threadIdx.x, + blockDim.x, ..., heads [group * heads_per_block, ...) of
+// the concatenation q ++ k.
+template <typename T, typename C, bool TABLE>
+__global__ void __launch_bounds__(kThreads) rotary_kernel(const RotaryArgs a) {
+  const int64_t s = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
+  const int64_t b = blockIdx.y;
+  if (s >= a.S) return;
+  const int64_t h0 = static_cast<int64_t>(blockIdx.z) * a.heads_per_block;
+  const int64_t h1 = min_of<int64_t>(h0 + a.heads_per_block, a.HQ + a.HK);
+  const int64_t q_begin = h0, q_end = min_of<int64_t>(h1, a.HQ);
+  const int64_t k_begin = max_of<int64_t>(h0, a.HQ) - a.HQ, k_end = h1 - a.HQ;
+  const T* q = static_cast<const T*>(a.q);
+  const T* k = static_cast<const T*>(a.k);
+  T* qo = static_cast<T*>(a.q_out);
+  T* ko = static_cast<T*>(a.k_out);
+
+  int64_t pos = 0;
+  if (!TABLE) {
+    if (a.pos == nullptr) {
+      pos = a.offset + s;
+    } else {
+      const int64_t i = b * a.spos[0] + s * a.spos[1];
+      pos = a.offset + (a.pos_bits == 64 ? static_cast<const int64_t*>(a.pos)[i]
+                                         : static_cast<int64_t>(static_cast<const int32_t*>(a.pos)[i]));
+    }
+  }
+  for (int64_t p = threadIdx.x; p < a.half; p += blockDim.x) {
+    const int64_t c1 = a.interleaved ? 2 * p : p;
+    const int64_t c2 = a.interleaved ? 2 * p + 1 : p + a.half;
+    float cos1, cos2, sin1, sin2;
+    if (TABLE) {
+      const C* ct = static_cast<const C*>(a.cos) + b * a.scos[0] + s * a.scos[1];
+      const C* st = static_cast<const C*>(a.sin) + b * a.ssin[0] + s * a.ssin[1];
+      cos1 = to_float(ct[c1 * a.scos[2]]);
+      cos2 = to_float(ct[c2 * a.scos[2]]);
+      sin1 = to_float(st[c1 * a.ssin[2]]);
+      sin2 = to_float(st[c2 * a.ssin[2]]);
+    } else {
+      angle_cos_sin(pos, p, a.R, a.log2_theta, &cos1, &sin1);
+      cos2 = cos1;
+      sin2 = sin1;
+    }
+    rotate_heads<T>(q, qo, a.sq, a.sqo, b, s, q_begin, q_end, c1, c2, cos1, cos2, sin1, sin2, a.backward);
+    rotate_heads<T>(k, ko, a.sk, a.sko, b, s, k_begin, k_end, c1, c2, cos1, cos2, sin1, sin2, a.backward);
+  }
+  if (a.copy_pass) {
+    for (int64_t col = a.R + threadIdx.x; col < a.D; col += blockDim.x) {
+      copy_heads<T>(q, qo, a.sq, a.sqo, b, s, q_begin, q_end, col);
+      copy_heads<T>(k, ko, a.sk, a.sko, b, s, k_begin, k_end, col);
+    }
+  }
+}
+
+template <typename F>
+int dispatch_rotary_dtype(int dtype, F&& f) {
+  switch (dtype) {
+    case kFloat32:
+      return f(TypeTag<float>{});
+    case kFloat16:
+      return f(TypeTag<__half>{});
+    case kBFloat16:
+      return f(TypeTag<__nv_bfloat16>{});
+    default:
+      return cudaErrorInvalidValue;
+  }
+}
+
+int rotary_next_pow2(int64_t v) {
+  int p = 1;
+  while (p < v && p < (1 << 30)) p <<= 1;
+  return p;
+}
+
+}  // namespace
+
+int rotary(uintptr_t q, uintptr_t k, uintptr_t q_out, uintptr_t k_out, uintptr_t positions, int pos_bits,
+           uintptr_t cos, uintptr_t sin, int table_dtype, int64_t B, int64_t S, int64_t HQ, int64_t HK, int64_t D,
+           int64_t rotary_dim, const std::vector<int64_t>& strides, int64_t offset, double theta, bool interleaved,
+           bool backward, int dtype, uintptr_t stream) {
+  if (B < 0 || S < 0 || HQ < 0 || HK < 0 || D < 0) return cudaErrorInvalidValue;
+  if (B == 0 || S == 0 || HQ + HK == 0 || D == 0) return cudaSuccess;
+  if (rotary_dim <= 0 || rotary_dim % 2 != 0 || rotary_dim > D) return cudaErrorInvalidValue;
+  if (strides.size() != 24) return cudaErrorInvalidValue;
+  if ((HQ > 0 && (q == 0 || q_out == 0)) || (HK > 0 && (k == 0 || k_out == 0))) return cudaErrorInvalidValue;
+  const bool table = cos != 0 || sin != 0;
+  if (table && (cos == 0 || sin == 0)) return cudaErrorInvalidValue;
+  if (!table && (!(theta > 0.0) || (positions != 0 && pos_bits != 32 && pos_bits != 64))) return cudaErrorInvalidValue;
+  if (B > 65535) return cudaErrorInvalidValue;
+  const auto code_ok = [](int c) { return c == kFloat32 || c == kFloat16 || c == kBFloat16; };
+  if (!code_ok(dtype) || (table && !code_ok(table_dtype))) return cudaErrorInvalidValue;
+
+  RotaryArgs a{};
+  a.q = reinterpret_cast<const void*>(q);
+  a.k = reinterpret_cast<const void*>(k);
+  a.q_out = reinterpret_cast<void*>(q_out);
+  a.k_out = reinterpret_cast<void*>(k_out);
+  a.pos = table ? nullptr : reinterpret_cast<const void*>(positions);
+  a.cos = reinterpret_cast<const void*>(cos);
+  a.sin = reinterpret_cast<const void*>(sin);
+  a.S = S, a.HQ = HQ, a.HK = HK, a.D = D, a.R = rotary_dim, a.half = rotary_dim / 2;
+  for (int i = 0; i < 4; ++i) {
+    a.sq[i] = strides[i];
+    a.sk[i] = strides[4 + i];
+    a.sqo[i] = strides[8 + i];
+    a.sko[i] = strides[12 + i];
+  }
+  a.spos[0] = strides[16], a.spos[1] = strides[17];
+  for (int i = 0; i < 3; ++i) {
+    a.scos[i] = strides[18 + i];
+    a.ssin[i] = strides[21 + i];
+  }
+  a.offset = offset;
+  a.log2_theta = table ? 0.0 : std::log2(theta);
+  a.pos_bits = pos_bits;
+  a.interleaved = interleaved;
+  a.backward = backward;
+  a.copy_pass = rotary_dim < D && (q_out != q || k_out != k);
+
+  const int bx = static_cast<int>(min_of<int64_t>(kThreads, rotary_next_pow2(a.half)));
+  const int by = kThreads / bx;
+  const int64_t sblocks = ceil_div<int64_t>(S, by);
+  if (sblocks > INT32_MAX) return cudaErrorInvalidValue;
+  int sms = 0;
+  cudaError_t err = current_sm_count(&sms);
+  if (err != cudaSuccess) return err;
+  const int64_t H = HQ + HK;
+  const int64_t target = 4 * static_cast<int64_t>(max_of(sms, 1));
+  int64_t groups = min_of<int64_t>(H, max_of<int64_t>(1, ceil_div<int64_t>(target, sblocks * B)));
+  a.heads_per_block = ceil_div<int64_t>(H, groups);
+  groups = ceil_div<int64_t>(H, a.heads_per_block);
+  const dim3 grid(static_cast<unsigned>(sblocks), static_cast<unsigned>(B), static_cast<unsigned>(groups));
+  const dim3 block(bx, by);
+  const cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
+
+  return dispatch_rotary_dtype(dtype, [&](auto tt) -> int {
+    using T = typename decltype(tt)::type;
+    if (!table) return launch(rotary_kernel<T, float, false>, grid, block, st, a);
+    return dispatch_rotary_dtype(table_dtype, [&](auto ct) -> int {
+      using C = typename decltype(ct)::type;
+      return launch(rotary_kernel<T, C, true>, grid, block, st, a);
+    });
+  });
+}
+
+}  // namespace fastlm

@@ -1,0 +1,231 @@
+// Sinusoidal position encoding and the fused token embedding + encoding, forward and backward,
+// fp32/fp16/bf16 outputs, int32/int64 ids and positions.
+//
+//   PE(pos, j)      = sin(pos * base^(-2i/d)) for j = 2i,  cos(pos * base^(-2i/d)) for j = 2i + 1
+//   out[t, s, j]    = weight[ids[t, s], j] * scale + PE(pos[t, s], j)      (or PE alone: the table)
+//   dweight[v, j]   = scale * sum over tokens with ids == v of dout[t, s, j]
+//
+// Trade-off (forward): a block owns kTokens tokens and a thread a column j, so base^(-2i/d) is
+// formed once per column in fp64 and reused for every token; the angle is formed in fp64 and
+// reduced exactly (a / pi mod 2), then one sincospif per element: exact to fp32 at any position.
+// Each weight row slice is read once and each output element written once; consecutive threads
+// take consecutive columns. An id outside [0, V) is never read: its output row is NaN.
+//
+// Backward, two kernels: atomic (a block per kTokens tokens adds its rows into an fp32 gradient;
+// the order of the adds varies between runs), and sorted (ids sorted stably beforehand; a block per
+// (sorted index, column block) that starts a run of equal ids sums the run in order and writes the
+// row once: bit-identical across runs, no atomics). Out-of-range ids contribute nothing.
+
+#include <cmath>
+
+#include "common.h"
+#include "ops.h"
+
+namespace fastlm {
+namespace {
+
+constexpr int kThreads = 128;
+constexpr int kTokens = 16;
+constexpr double kInvPi = 0.3183098861837907;
+
+__device__ __forceinline__ int64_t load_index(const void* p, int bits, int64_t i) {
+  return bits == 64 ? static_cast<const int64_t*>(p)[i] : static_cast<int64_t>(static_cast<const int32_t*>(p)[i]);
+}
+
+struct EmbedArgs {
+  const void* ids;  // (T, S), or null for the table alone
+  const void* weight;  // (V, D)
+  const void* pos;  // (T or 1, S), or null: pos = offset + s
+  void* out;  // (T, S, D)
+  int64_t N, S, D, V;
+  int64_t s_it, s_is, s_w0, s_w1, s_pt, s_ps, s_ot, s_os, s_od;
+  int64_t offset;
+  float scale;
+  double log2_base;
+  int ids_bits, pos_bits;
+  bool has_scale;
+};
+
+// Block (blockIdx.x, blockIdx.y): tokens n in [blockIdx.x * kTokens, + kTokens), columns j =
+// blockIdx.y * blockDim.x + threadIdx.x.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) embed_sinusoidal_fwd_kernel(const EmbedArgs a) {
+  const int64_t j = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
+  if (j >= a.D) return;
+  const double inv_freq_over_pi =
+      exp2(-(2.0 * static_cast<double>(j / 2) / static_cast<double>(a.D)) * a.log2_base) * kInvPi;
+  const double shift = (j & 1) ? 0.5 : 0.0;  // cos(x) = sin(x + pi/2)
+  const int64_t n_end = min_of<int64_t>(static_cast<int64_t>(blockIdx.x + 1) * kTokens, a.N);
+  const T* w = static_cast<const T*>(a.weight);
+  T* out = static_cast<T*>(a.out);
+  for (int64_t n = static_cast<int64_t>(blockIdx.x) * kTokens; n < n_end; ++n) {
+    const int64_t t = n / a.S, s = n - t * a.S;
+    const int64_t pos = a.offset + (a.pos != nullptr ? load_index(a.pos, a.pos_bits, t * a.s_pt + s * a.s_ps) : s);
+    double u = static_cast<double>(pos) * inv_freq_over_pi + shift;
+    u -= 2.0 * rint(0.5 * u);
+    float v = sinpif(static_cast<float>(u));
+    if (a.ids != nullptr) {
+      const int64_t id = load_index(a.ids, a.ids_bits, t * a.s_it + s * a.s_is);
+      if (id >= 0 && id < a.V) {
+        const float x = to_float(w[id * a.s_w0 + j * a.s_w1]);
+        v += a.has_scale ? x * a.scale : x;
+      } else {
+        v = __int_as_float(0x7fc00000);  // NaN
+      }
+    }
+    out[t * a.s_ot + s * a.s_os + j * a.s_od] = from_float<T>(v);
+  }
+}
+
+struct EmbedBwdArgs {
+  const void* dout;  // atomic: (T, S, D) with strides s_ot, s_os, s_od; sorted: (N, D) rows s_on, s_od
+  const void* ids;  // atomic: (T, S) ids; sorted: the sorted int64 ids (N,)
+  const int64_t* order;  // sorted: token index of each sorted id
+  void* dw;  // atomic: fp32 (V, D) contiguous, zeroed; sorted: (V, D) in the gradient dtype, row stride s_w0
+  int64_t N, S, D, V;
+  int64_t s_ot, s_os, s_od, s_it, s_is, s_w0;
+  float scale;
+  int ids_bits;
+  bool has_scale;
+};
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) embed_bwd_atomic_kernel(const EmbedBwdArgs a) {
+  const int64_t j = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
+  if (j >= a.D) return;
+  const int64_t n_end = min_of<int64_t>(static_cast<int64_t>(blockIdx.x + 1) * kTokens, a.N);
+  const T* dout = static_cast<const T*>(a.dout);
+  float* dw = static_cast<float*>(a.dw);
+  for (int64_t n = static_cast<int64_t>(blockIdx.x) * kTokens; n < n_end; ++n) {
+    const int64_t t = n / a.S, s = n - t * a.S;
+    const int64_t id = load_index(a.ids, a.ids_bits, t * a.s_it + s * a.s_is);
+    if (id < 0 || id >= a.V) continue;
+    float g = to_float(dout[t * a.s_ot + s * a.s_os + j * a.s_od]);
+    if (a.has_scale) g *= a.scale;
+    atomicAdd(dw + id * a.D + j, g);
+  }
+}
+
+// Block (i = blockIdx.x, column block blockIdx.y): if sorted index i starts a run of a valid id v,
+// dw[v, j] = scale * sum over the run, in order, of dout[order[r], j].
+template <typename T>
+__global__ void __launch_bounds__(kThreads) embed_bwd_sorted_kernel(const EmbedBwdArgs a) {
+  const int64_t i = blockIdx.x;
+  const int64_t j = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
+  if (j >= a.D) return;
+  const int64_t* sorted = static_cast<const int64_t*>(a.ids);
+  const int64_t v = sorted[i];
+  if ((i > 0 && sorted[i - 1] == v) || v < 0 || v >= a.V) return;
+  const T* dout = static_cast<const T*>(a.dout);
+  float acc = 0.f;
+  for (int64_t r = i; r < a.N && sorted[r] == v; ++r) acc += to_float(dout[a.order[r] * a.s_ot + j * a.s_od]);
+  if (a.has_scale) acc *= a.scale;
+  static_cast<T*>(a.dw)[v * a.s_w0 + j] = from_float<T>(acc);
+}
+
+template <typename F>
+int dispatch_embed_dtype(int dtype, F&& f) {
+  switch (dtype) {
+    case kFloat32:
+      return f(TypeTag<float>{});
+    case kFloat16:
+      return f(TypeTag<__half>{});
+    case kBFloat16:
+      return f(TypeTag<__nv_bfloat16>{});
+    default:
+      return cudaErrorInvalidValue;
+  }
+}
+
+bool grid_ok(int64_t x, int64_t y) { return x <= INT32_MAX && y <= 65535; }
+
+}  // namespace
+
+int embed_sinusoidal_fwd(uintptr_t ids, int ids_bits, uintptr_t weight, uintptr_t positions, int pos_bits,
+                         uintptr_t out, int64_t T, int64_t S, int64_t D, int64_t V, int64_t s_it, int64_t s_is,
+                         int64_t s_w0, int64_t s_w1, int64_t s_pt, int64_t s_ps, int64_t s_ot, int64_t s_os,
+                         int64_t s_od, int64_t offset, double scale, bool has_scale, double base, int dtype,
+                         uintptr_t stream) {
+  if (T < 0 || S < 0 || D < 0 || V < 0) return cudaErrorInvalidValue;
+  const int64_t N = T * S;
+  if (N == 0 || D == 0) return cudaSuccess;
+  if (out == 0 || !(base > 0.0) || ((ids == 0) != (weight == 0))) return cudaErrorInvalidValue;
+  if ((ids != 0 && ids_bits != 32 && ids_bits != 64) || (positions != 0 && pos_bits != 32 && pos_bits != 64))
+    return cudaErrorInvalidValue;
+  EmbedArgs a{};
+  a.ids = reinterpret_cast<const void*>(ids);
+  a.weight = reinterpret_cast<const void*>(weight);
+  a.pos = reinterpret_cast<const void*>(positions);
+  a.out = reinterpret_cast<void*>(out);
+  a.N = N, a.S = S, a.D = D, a.V = V;
+  a.s_it = s_it, a.s_is = s_is, a.s_w0 = s_w0, a.s_w1 = s_w1, a.s_pt = s_pt, a.s_ps = s_ps;
+  a.s_ot = s_ot, a.s_os = s_os, a.s_od = s_od;
+  a.offset = offset;
+  a.scale = static_cast<float>(scale);
+  a.log2_base = std::log2(base);
+  a.ids_bits = ids_bits, a.pos_bits = pos_bits;
+  a.has_scale = has_scale;
+  const int64_t gx = ceil_div<int64_t>(N, kTokens), gy = ceil_div<int64_t>(D, kThreads);
+  if (!grid_ok(gx, gy)) return cudaErrorInvalidValue;
+  const dim3 grid(static_cast<unsigned>(gx), static_cast<unsigned>(gy));
+  const cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
+  return dispatch_embed_dtype(dtype, [&](auto tt) -> int {
+    using TT = typename decltype(tt)::type;
+    return launch(embed_sinusoidal_fwd_kernel<TT>, grid, dim3(kThreads), st, a);
+  });
+}
+
+int embed_sinusoidal_bwd_atomic(uintptr_t dout, uintptr_t ids, int ids_bits, uintptr_t dweight_f32, int64_t T,
+                                int64_t S, int64_t D, int64_t V, int64_t s_ot, int64_t s_os, int64_t s_od,
+                                int64_t s_it, int64_t s_is, double scale, bool has_scale, int dtype,
+                                uintptr_t stream) {
+  if (T < 0 || S < 0 || D < 0 || V < 0) return cudaErrorInvalidValue;
+  const int64_t N = T * S;
+  if (N == 0 || D == 0 || V == 0) return cudaSuccess;
+  if (dout == 0 || ids == 0 || dweight_f32 == 0 || (ids_bits != 32 && ids_bits != 64)) return cudaErrorInvalidValue;
+  EmbedBwdArgs a{};
+  a.dout = reinterpret_cast<const void*>(dout);
+  a.ids = reinterpret_cast<const void*>(ids);
+  a.dw = reinterpret_cast<void*>(dweight_f32);
+  a.N = N, a.S = S, a.D = D, a.V = V;
+  a.s_ot = s_ot, a.s_os = s_os, a.s_od = s_od, a.s_it = s_it, a.s_is = s_is;
+  a.scale = static_cast<float>(scale);
+  a.ids_bits = ids_bits;
+  a.has_scale = has_scale;
+  const int64_t gx = ceil_div<int64_t>(N, kTokens), gy = ceil_div<int64_t>(D, kThreads);
+  if (!grid_ok(gx, gy)) return cudaErrorInvalidValue;
+  const dim3 grid(static_cast<unsigned>(gx), static_cast<unsigned>(gy));
+  const cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
+  return dispatch_embed_dtype(dtype, [&](auto tt) -> int {
+    using TT = typename decltype(tt)::type;
+    return launch(embed_bwd_atomic_kernel<TT>, grid, dim3(kThreads), st, a);
+  });
+}
+
+int embed_sinusoidal_bwd_sorted(uintptr_t dout, uintptr_t sorted_ids, uintptr_t order, uintptr_t dweight, int64_t N,
+                                int64_t D, int64_t V, int64_t s_on, int64_t s_od, int64_t s_w0, double scale,
+                                bool has_scale, int dtype, uintptr_t stream) {
+  if (N < 0 || D < 0 || V < 0) return cudaErrorInvalidValue;
+  if (N == 0 || D == 0 || V == 0) return cudaSuccess;
+  if (dout == 0 || sorted_ids == 0 || order == 0 || dweight == 0) return cudaErrorInvalidValue;
+  EmbedBwdArgs a{};
+  a.dout = reinterpret_cast<const void*>(dout);
+  a.ids = reinterpret_cast<const void*>(sorted_ids);
+  a.order = reinterpret_cast<const int64_t*>(order);
+  a.dw = reinterpret_cast<void*>(dweight);
+  a.N = N, a.S = 1, a.D = D, a.V = V;
+  a.s_ot = s_on, a.s_od = s_od, a.s_w0 = s_w0;
+  a.scale = static_cast<float>(scale);
+  a.ids_bits = 64;
+  a.has_scale = has_scale;
+  const int64_t gy = ceil_div<int64_t>(D, kThreads);
+  if (!grid_ok(N, gy)) return cudaErrorInvalidValue;
+  const dim3 grid(static_cast<unsigned>(N), static_cast<unsigned>(gy));
+  const cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
+  return dispatch_embed_dtype(dtype, [&](auto tt) -> int {
+    using TT = typename decltype(tt)::type;
+    return launch(embed_bwd_sorted_kernel<TT>, grid, dim3(kThreads), st, a);
+  });
+}
+
+}  // namespace fastlm

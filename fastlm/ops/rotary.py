@@ -1,0 +1,311 @@
+"""rotary and apply_rotary_pos_emb: validation, dispatch, autograd, torch.library.
+
+The kernel backends run through custom ops whose launchers come from fastlm/triton/rotary.py or
+fastlm/cuda/rotary.py:
+    fastlm::rotary_fwd, fastlm::rotary_bwd          angles from integer positions, out of place
+    fastlm::rotary_inplace                          the same rotation written into q and k
+                                                    (mutates_args=("q", "k"))
+    fastlm::rotary_table_fwd, fastlm::rotary_table_bwd   cos/sin tables (Hugging Face's form)
+rotary_fwd and rotary_table_fwd carry their backward through register_autograd; the in-place op,
+which torch.library cannot give a formula, goes through an autograd.Function that marks q and k
+dirty and calls rotary_bwd. The torch backend is the reference, differentiated by autograd.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from fastlm import backend as _backend
+from fastlm.ops._common import check_kernel_dtype, check_same_device, check_tensor, launcher
+from fastlm.reference import rotary as ref
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+# ---- angle form -----------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("fastlm::rotary_fwd", mutates_args=())
+def _rotary_fwd(
+    q: Tensor, k: Tensor, positions: Optional[Tensor], offset: int, theta: float, rotary_dim: int,
+    interleaved: bool, backend: str,
+) -> tuple[Tensor, Tensor]:
+    q_out, k_out = torch.empty_like(q), torch.empty_like(k)
+    launcher(backend, "rotary").rotary_fwd(q, k, positions, offset, theta, rotary_dim, interleaved, q_out, k_out)
+    return q_out, k_out
+
+
+@_rotary_fwd.register_fake
+def _(q, k, positions, offset, theta, rotary_dim, interleaved, backend):
+    return torch.empty_like(q), torch.empty_like(k)
+
+
+@torch.library.custom_op("fastlm::rotary_bwd", mutates_args=())
+def _rotary_bwd(
+    dq_out: Tensor, dk_out: Tensor, positions: Optional[Tensor], offset: int, theta: float, rotary_dim: int,
+    interleaved: bool, backend: str,
+) -> tuple[Tensor, Tensor]:
+    dq, dk = torch.empty_like(dq_out), torch.empty_like(dk_out)
+    launcher(backend, "rotary").rotary_bwd(dq_out, dk_out, positions, offset, theta, rotary_dim, interleaved, dq, dk)
+    return dq, dk
+
+
+@_rotary_bwd.register_fake
+def _(dq_out, dk_out, positions, offset, theta, rotary_dim, interleaved, backend):
+    return torch.empty_like(dq_out), torch.empty_like(dk_out)
+
+
+@torch.library.custom_op("fastlm::rotary_inplace", mutates_args=("q", "k"))
+def _rotary_inplace(
+    q: Tensor, k: Tensor, positions: Optional[Tensor], offset: int, theta: float, rotary_dim: int,
+    interleaved: bool, backend: str,
+) -> None:
+    launcher(backend, "rotary").rotary_fwd(q, k, positions, offset, theta, rotary_dim, interleaved, q, k)
+
+
+@_rotary_inplace.register_fake
+def _(q, k, positions, offset, theta, rotary_dim, interleaved, backend):
+    return None
+
+
+def _rotary_setup(ctx, inputs, output):
+    q, k, positions, offset, theta, rotary_dim, interleaved, backend = inputs
+    ctx.save_for_backward(positions)
+    ctx.args = (offset, theta, rotary_dim, interleaved, backend)
+
+
+def _rotary_backward(ctx, dq_out, dk_out):
+    (positions,) = ctx.saved_tensors
+    dq, dk = _rotary_bwd(dq_out, dk_out, positions, *ctx.args)
+    return dq, dk, None, None, None, None, None, None
+
+
+_rotary_fwd.register_autograd(_rotary_backward, setup_context=_rotary_setup)
+
+
+class _RotaryInplace(torch.autograd.Function):
+    """In-place rotation with a gradient: fastlm::rotary_inplace forward, fastlm::rotary_bwd backward."""
+
+    @staticmethod
+    def forward(ctx, q, k, positions, offset, theta, rotary_dim, interleaved, backend):
+        _rotary_inplace(q, k, positions, offset, theta, rotary_dim, interleaved, backend)
+        ctx.mark_dirty(q, k)
+        ctx.save_for_backward(positions)
+        ctx.args = (offset, theta, rotary_dim, interleaved, backend)
+        return q, k
+
+    @staticmethod
+    def backward(ctx, dq_out, dk_out):
+        return _rotary_backward(ctx, dq_out, dk_out)
+
+
+def _check_qk(op: str, q, k) -> None:
+    check_tensor("q", q, op=op, dtypes=FLOAT_DTYPES)
+    check_tensor("k", k, op=op, dtypes=FLOAT_DTYPES)
+    if q.dim() != 4 or k.dim() != 4:
+        raise ValueError(
+            f"fastlm.ops.{op}: q and k must be 4-D (batch, heads, seq, head_dim); got q {list(q.shape)}, "
+            f"k {list(k.shape)}"
+        )
+    if k.dtype != q.dtype:
+        raise TypeError(f"fastlm.ops.{op}: k dtype {k.dtype} != q dtype {q.dtype}")
+    check_same_device(op, "q", q, k=k)
+    if (q.shape[0], q.shape[2], q.shape[3]) != (k.shape[0], k.shape[2], k.shape[3]):
+        raise ValueError(
+            f"fastlm.ops.{op}: q {list(q.shape)} and k {list(k.shape)} must agree in batch, seq and head_dim "
+            "(dims 0, 2, 3; head counts may differ)"
+        )
+
+
+def _check_rotary_dim(op: str, rotary_dim, head_dim: int) -> int:
+    if rotary_dim is None:
+        if head_dim % 2:
+            raise ValueError(f"fastlm.ops.{op}: rotary_dim must be even; it defaults to head_dim, which is {head_dim}")
+        return head_dim
+    if isinstance(rotary_dim, bool) or not isinstance(rotary_dim, numbers.Integral):
+        raise TypeError(f"fastlm.ops.{op}: rotary_dim must be an int or None, got {type(rotary_dim).__name__}")
+    rotary_dim = int(rotary_dim)
+    if rotary_dim <= 0 or rotary_dim % 2:
+        raise ValueError(f"fastlm.ops.{op}: rotary_dim must be even and positive, got {rotary_dim}")
+    if rotary_dim > head_dim:
+        raise ValueError(f"fastlm.ops.{op}: rotary_dim {rotary_dim} must be <= head_dim {head_dim}")
+    return rotary_dim
+
+
+def _check_positions(op: str, positions, q: Tensor) -> tuple[Optional[Tensor], int]:
+    """(positions tensor (S,) or (B|1, S), or None; integer offset)."""
+    B, S = q.shape[0], q.shape[2]
+    if isinstance(positions, numbers.Integral) and not isinstance(positions, bool):
+        return None, int(positions)
+    if not isinstance(positions, torch.Tensor):
+        raise TypeError(
+            f"fastlm.ops.{op}: positions must be an integer tensor of shape (S,) or (B, S), or an int offset; "
+            f"got {type(positions).__name__}"
+        )
+    if positions.is_floating_point() or positions.is_complex() or positions.dtype == torch.bool:
+        raise TypeError(f"fastlm.ops.{op}: positions must be an integer tensor (int32 or int64), got {positions.dtype}")
+    check_same_device(op, "q", q, positions=positions)
+    if positions.dim() == 0:
+        return positions + torch.arange(S, device=positions.device, dtype=positions.dtype), 0
+    ok = (positions.dim() == 1 and positions.shape[0] == S) or (
+        positions.dim() == 2 and positions.shape[1] == S and positions.shape[0] in (1, B)
+    )
+    if not ok:
+        raise ValueError(
+            f"fastlm.ops.{op}: positions must have shape (S,) = ({S},) or (B, S) = ({B}, {S}); got {list(positions.shape)}"
+        )
+    return positions, 0
+
+
+def _check_theta(op: str, theta) -> float:
+    if isinstance(theta, bool) or not isinstance(theta, numbers.Real) or not math.isfinite(theta) or theta <= 0:
+        raise ValueError(f"fastlm.ops.{op}: theta must be a finite number > 0, got {theta!r}")
+    return float(theta)
+
+
+def rotary(q, k, positions, *, theta=10000.0, rotary_dim=None, interleaved=False, inplace=False, backend=None):
+    """Rotary position embedding of q (B, Hq, S, D) and k (B, Hk, S, D) in one launch; returns (q, k).
+
+    Pair p of the first ``rotary_dim`` dims (default D) turns by pos * theta^(-2p/rotary_dim);
+    ``interleaved=False`` pairs (p, p + R/2) (GPT-NeoX / Llama), True pairs (2p, 2p + 1) (GPT-J).
+    ``positions``: an integer tensor (S,) or (B, S) (any order), or an int (or 0-d tensor) offset
+    meaning offset + 0 .. S - 1. Storage (B, S, H, D) is passed as the view q.transpose(1, 2): strides
+    are followed, no copy. ``inplace=True`` writes into q and k and returns them; otherwise q and k are
+    left untouched and new tensors come back with their layout. Angles are fp32-exact at any position.
+    """
+    op = "rotary"
+    _check_qk(op, q, k)
+    D = q.shape[3]
+    rotary_dim = _check_rotary_dim(op, rotary_dim, D)
+    pos, offset = _check_positions(op, positions, q)
+    theta = _check_theta(op, theta)
+    if not isinstance(interleaved, bool) or not isinstance(inplace, bool):
+        raise TypeError(f"fastlm.ops.{op}: interleaved and inplace must be bools")
+    if inplace and q is k:
+        raise ValueError(f"fastlm.ops.{op}: inplace=True needs q and k in separate memory")
+    name = _backend.resolve(backend, q.device, op)
+    if name == "torch":
+        qo, ko = ref.rotary(q, k, pos if pos is not None else offset, theta, rotary_dim, interleaved)
+        if inplace:
+            return q.copy_(qo), k.copy_(ko)
+        return qo, ko
+    check_kernel_dtype(op, name, q=q, k=k)
+    if pos is not None and pos.dtype not in (torch.int32, torch.int64):
+        pos = pos.to(torch.int64)
+    args = (pos, offset, theta, rotary_dim, interleaved, name)
+    if not inplace:
+        return _rotary_fwd(q, k, *args)
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
+        return _RotaryInplace.apply(q, k, *args)
+    _rotary_inplace(q, k, *args)
+    return q, k
+
+
+# ---- table form (Hugging Face) --------------------------------------------------------------------
+
+
+@torch.library.custom_op("fastlm::rotary_table_fwd", mutates_args=())
+def _rotary_table_fwd(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, backend: str) -> tuple[Tensor, Tensor]:
+    q_out, k_out = torch.empty_like(q), torch.empty_like(k)
+    launcher(backend, "rotary").rotary_table_fwd(q, k, cos, sin, q_out, k_out)
+    return q_out, k_out
+
+
+@_rotary_table_fwd.register_fake
+def _(q, k, cos, sin, backend):
+    return torch.empty_like(q), torch.empty_like(k)
+
+
+@torch.library.custom_op("fastlm::rotary_table_bwd", mutates_args=())
+def _rotary_table_bwd(dq_out: Tensor, dk_out: Tensor, cos: Tensor, sin: Tensor, backend: str) -> tuple[Tensor, Tensor]:
+    dq, dk = torch.empty_like(dq_out), torch.empty_like(dk_out)
+    launcher(backend, "rotary").rotary_table_bwd(dq_out, dk_out, cos, sin, dq, dk)
+    return dq, dk
+
+
+@_rotary_table_bwd.register_fake
+def _(dq_out, dk_out, cos, sin, backend):
+    return torch.empty_like(dq_out), torch.empty_like(dk_out)
+
+
+def _table_setup(ctx, inputs, output):
+    q, k, cos, sin, backend = inputs
+    ctx.table_grad = bool(ctx.needs_input_grad[2] or ctx.needs_input_grad[3])
+    ctx.save_for_backward(cos, sin, q if ctx.table_grad else None, k if ctx.table_grad else None)
+    ctx.backend = backend
+
+
+def _table_grads(q, k, dq_out, dk_out, cos):
+    """d cos = sum over heads (and a broadcast batch) of dout * x; d sin = of dout * rotate_half(x),
+    over the first R dims (plain torch reductions: cos/sin rarely need a gradient)."""
+    R = cos.shape[-1]
+    ct = ref.compute_dtype(q)
+    dc = ds = 0
+    for x, g in ((q, dq_out), (k, dk_out)):
+        xr, gr = x[..., :R].to(ct), g[..., :R].to(ct)
+        dc = dc + (gr * xr).sum(1)
+        ds = ds + (gr * ref.rotate_half(xr)).sum(1)
+    if cos.shape[0] == 1 and dc.shape[0] != 1:
+        dc, ds = dc.sum(0, keepdim=True), ds.sum(0, keepdim=True)
+    return dc.to(cos.dtype), ds.to(cos.dtype)
+
+
+def _table_backward(ctx, dq_out, dk_out):
+    cos, sin, q, k = ctx.saved_tensors
+    dq, dk = _rotary_table_bwd(dq_out, dk_out, cos, sin, ctx.backend)
+    dcos = dsin = None
+    if ctx.table_grad:
+        dcos, dsin = _table_grads(q, k, dq_out, dk_out, cos)
+    return dq, dk, dcos, dsin, None
+
+
+_rotary_table_fwd.register_autograd(_table_backward, setup_context=_table_setup)
+
+
+def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1, *, backend=None):
+    """Hugging Face Llama's ``apply_rotary_pos_emb``: q * cos + rotate_half(q) * sin (and for k), with
+    cos/sin unsqueezed at ``unsqueeze_dim`` to broadcast over heads: 1 for q, k of shape
+    (B, H, S, D), 2 for (B, S, H, D). cos, sin: (B, S, R) or (S, R) (read as (1, S, R)), R even and
+    <= D; dims R..D-1 pass through, as in HF's partial-rotary models. Output dtype q's; gradients
+    flow to q, k and (by plain torch reductions) to cos and sin."""
+    op = "apply_rotary_pos_emb"
+    check_tensor("q", q, op=op, dtypes=FLOAT_DTYPES)
+    check_tensor("k", k, op=op, dtypes=FLOAT_DTYPES)
+    check_tensor("cos", cos, op=op, dtypes=FLOAT_DTYPES)
+    check_tensor("sin", sin, op=op, dtypes=FLOAT_DTYPES)
+    if isinstance(unsqueeze_dim, bool) or not isinstance(unsqueeze_dim, numbers.Integral):
+        raise TypeError(f"fastlm.ops.{op}: unsqueeze_dim must be an int, got {type(unsqueeze_dim).__name__}")
+    u = int(unsqueeze_dim) + (4 if unsqueeze_dim < 0 else 0)
+    if u not in (1, 2):
+        raise ValueError(
+            f"fastlm.ops.{op}: unsqueeze_dim must be 1 (q, k as (B, H, S, D)) or 2 ((B, S, H, D)), got {unsqueeze_dim}"
+        )
+    if q.dim() != 4 or k.dim() != 4:
+        raise ValueError(f"fastlm.ops.{op}: q and k must be 4-D; got q {list(q.shape)}, k {list(k.shape)}")
+    qv, kv = (q, k) if u == 1 else (q.transpose(1, 2), k.transpose(1, 2))
+    _check_qk(op, qv, kv)
+    B, _, S, D = qv.shape
+    if cos.shape != sin.shape:
+        raise ValueError(f"fastlm.ops.{op}: cos {list(cos.shape)} and sin {list(sin.shape)} must have the same shape")
+    if cos.dtype != sin.dtype:
+        raise TypeError(f"fastlm.ops.{op}: cos dtype {cos.dtype} != sin dtype {sin.dtype}")
+    check_same_device(op, "q", q, cos=cos, sin=sin)
+    c3, s3 = (cos[None], sin[None]) if cos.dim() == 2 else (cos, sin)
+    if c3.dim() != 3 or c3.shape[1] != S or c3.shape[0] not in (1, B):
+        raise ValueError(
+            f"fastlm.ops.{op}: cos and sin must have shape (B, S, R) = ({B}, {S}, R) or (S, R); got {list(cos.shape)}"
+        )
+    R = c3.shape[2]
+    if R == 0 or R % 2 or R > D:
+        raise ValueError(f"fastlm.ops.{op}: the rotary size cos.shape[-1] = {R} must be even, positive and <= head_dim {D}")
+    name = _backend.resolve(backend, q.device, op)
+    if name == "torch":
+        return ref.apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim)
+    check_kernel_dtype(op, name, q=q, k=k, cos=cos, sin=sin)
+    qo, ko = _rotary_table_fwd(qv, kv, c3, s3, name)
+    return (qo, ko) if u == 1 else (qo.transpose(1, 2), ko.transpose(1, 2))

@@ -1,0 +1,88 @@
+"""Rotary position embedding (RoPE) in plain PyTorch: the oracle for the kernels and the CPU fallback.
+
+For a head vector x of size D whose first ``rotary_dim`` = R dims rotate, pair p = 0 .. R/2 - 1
+turns by the angle  a(pos, p) = pos * theta^(-2p/R):
+    x1' = x1 * cos(a) - x2 * sin(a),   x2' = x2 * cos(a) + x1 * sin(a)
+where (x1, x2) = (x[p], x[p + R/2]) in the GPT-NeoX / Llama half-split pairing (interleaved=False)
+and (x[2p], x[2p + 1]) in the GPT-J interleaved pairing. Dims R .. D - 1 pass through unchanged.
+Angles, cos/sin and the rotation are computed in float32 (float64 for float64 inputs) and the
+result rounded once to the input's dtype, as Hugging Face computes its cos/sin tables in float32.
+
+``apply_rotary_pos_emb`` is Hugging Face's table form: q * cos + rotate_half(q) * sin.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def inv_freq(rotary_dim: int, theta: float, dtype=torch.float32, device=None) -> torch.Tensor:
+    """theta^(-2p/R) for p = 0 .. R/2 - 1, shape (R/2,)."""
+    exponent = torch.arange(0, rotary_dim, 2, dtype=dtype, device=device) / rotary_dim
+    return 1.0 / (theta**exponent)
+
+
+def angles(positions: torch.Tensor, rotary_dim: int, theta: float, dtype=torch.float32) -> torch.Tensor:
+    """a(pos, p) = pos * theta^(-2p/R): shape positions.shape + (R/2,)."""
+    return positions.to(dtype)[..., None] * inv_freq(rotary_dim, theta, dtype, positions.device)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """Hugging Face's rotate_half: (x1, x2) -> (-x2, x1) over the two halves of the last dim."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int, interleaved: bool) -> torch.Tensor:
+    """Rotate the leading rotary_dim dims of x (…, D) by angles with cos/sin of shape (…, R/2)."""
+    xr, xp = x[..., :rotary_dim], x[..., rotary_dim:]
+    if interleaved:
+        x1, x2 = xr[..., 0::2], xr[..., 1::2]
+        out = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
+    else:
+        x1, x2 = xr.chunk(2, dim=-1)
+        out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    return torch.cat((out, xp), dim=-1)
+
+
+def position_ids(positions, batch: int, seq: int, device) -> torch.Tensor:
+    """positions as a (B, S) or (S,) integer tensor: an int or 0-d tensor is an offset."""
+    if isinstance(positions, torch.Tensor) and positions.dim() > 0:
+        return positions
+    return torch.arange(seq, device=device) + positions
+
+
+def rotary(q, k, positions, theta=10000.0, rotary_dim=None, interleaved=False):
+    """q: (B, Hq, S, D), k: (B, Hk, S, D); positions (S,), (B, S), an int or a 0-d tensor offset.
+    Returns new (q, k)."""
+    B, _, S, D = q.shape
+    rotary_dim = D if rotary_dim is None else rotary_dim
+    ct = compute_dtype(q)
+    pos = position_ids(positions, B, S, q.device)
+    a = angles(pos, rotary_dim, theta, ct)  # (S, R/2) or (B, S, R/2)
+    if a.dim() == 3:
+        a = a[:, None]  # broadcast over heads
+    cos, sin = a.cos(), a.sin()
+    out = [_rotate(x.to(ct), cos, sin, rotary_dim, interleaved).to(x.dtype) for x in (q, k)]
+    return out[0], out[1]
+
+
+def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
+    """Hugging Face Llama's helper, in float32 (float64 for float64 inputs), output in q's dtype.
+    cos/sin: (B, S, R) or (S, R) (read as (1, S, R)); R <= head dim, the rest passes through."""
+    ct = compute_dtype(q)
+    if cos.dim() == 2:
+        cos, sin = cos[None], sin[None]
+    cos = cos.to(ct).unsqueeze(unsqueeze_dim)
+    sin = sin.to(ct).unsqueeze(unsqueeze_dim)
+    R = cos.shape[-1]
+
+    def one(x):
+        xr, xp = x.to(ct)[..., :R], x.to(ct)[..., R:]
+        return torch.cat((xr * cos + rotate_half(xr) * sin, xp), dim=-1).to(x.dtype)
+
+    return one(q), one(k)
