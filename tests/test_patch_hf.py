@@ -1,0 +1,423 @@
+"""fastlm.patch on Hugging Face transformers models built from tiny random configs (no network).
+
+Each family is checked the same way: the patched float32 model against the unpatched one, with the
+unpatched model in float64 as the truth and the unpatched float32 model as the baseline (the
+tolerance rule in fastlm.testing), for outputs and every parameter gradient; the Triton launchers
+are counted, so a pass proves the kernels computed the patched model. Works with the transformers
+of the CPU machines (5.23) and of the GPU machine (5.17): only AttentionInterface /
+AttentionMaskInterface, set_attn_implementation and the config classes are used.
+"""
+
+import collections
+import copy
+import warnings
+
+import pytest
+import torch
+from conftest import DEVICE
+
+import fastlm
+from fastlm.patch import HFRMSNorm
+from fastlm.testing import FACTOR, GRAD_FACTOR_ATTENTION, assert_close
+
+tf = pytest.importorskip("transformers")
+import fastlm.hf  # noqa: E402  (registers attn_implementation="fastlm")
+
+HAS_SDPA_OP = hasattr(fastlm.ops, "scaled_dot_product_attention")
+HAS_FILTER_OP = hasattr(fastlm.ops, "top_k_top_p_filter")
+needs_sdpa_op = pytest.mark.xfail(not HAS_SDPA_OP, reason="op not landed yet: fastlm.ops.scaled_dot_product_attention", strict=False)
+needs_filter_op = pytest.mark.xfail(not HAS_FILTER_OP, reason="op not landed yet: fastlm.ops.top_k_top_p_filter", strict=False)
+
+V = 101
+LLAMA_LIKE = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=V, max_position_embeddings=64, initializer_range=0.1)
+
+
+def build(family, layers=2, **over):
+    """A tiny random model of a family, in float32 on DEVICE, attention "sdpa" (transformers' default)."""
+    if family in ("llama", "mistral", "qwen2"):
+        cfg_cls = {"llama": tf.LlamaConfig, "mistral": tf.MistralConfig, "qwen2": tf.Qwen2Config}[family]
+        cfg = cfg_cls(**{**LLAMA_LIKE, "num_hidden_layers": layers, **over})
+        cls = {"llama": tf.LlamaForCausalLM, "mistral": tf.MistralForCausalLM, "qwen2": tf.Qwen2ForCausalLM}[family]
+    elif family == "gpt2":
+        cfg = tf.GPT2Config(n_embd=64, n_layer=layers, n_head=4, vocab_size=V, n_positions=64, resid_pdrop=0.0,
+                            embd_pdrop=0.0, attn_pdrop=0.0, initializer_range=0.1, **over)
+        cls = tf.GPT2LMHeadModel
+    elif family == "bert":
+        cfg = tf.BertConfig(hidden_size=64, num_hidden_layers=layers, num_attention_heads=4, intermediate_size=96,
+                            vocab_size=V, max_position_embeddings=64, hidden_dropout_prob=0.0,
+                            attention_probs_dropout_prob=0.0, initializer_range=0.1, **over)
+        cls = tf.BertModel
+    elif family == "gpt_neox":
+        cfg = tf.GPTNeoXConfig(hidden_size=64, num_hidden_layers=layers, num_attention_heads=4, intermediate_size=96,
+                               vocab_size=V, max_position_embeddings=64, hidden_dropout=0.0, attention_dropout=0.0,
+                               initializer_range=0.1, **over)
+        cls = tf.GPTNeoXForCausalLM
+    else:
+        raise ValueError(family)
+    model = cls(cfg).to(DEVICE)
+    assert model.config._attn_implementation == "sdpa"
+    return model
+
+
+def _out(model, ids, **kw):
+    o = model(ids, **kw)
+    return o.logits if hasattr(o, "logits") else o.last_hidden_state
+
+
+def fwd_bwd(model, ids, dy_seed=1, **kw):
+    model.zero_grad(set_to_none=True)
+    y = _out(model, ids, **kw)
+    g = torch.Generator(device="cpu").manual_seed(dy_seed)
+    y.backward(torch.randn(y.shape, generator=g, dtype=torch.float64).to(device=y.device, dtype=y.dtype))
+    return y.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def references(model, ids, **kw):
+    """(truth, baseline): the unpatched model in float64 and in float32, outputs and gradients."""
+    truth = fwd_bwd(copy.deepcopy(model).double(), ids, **kw)
+    base = fwd_bwd(copy.deepcopy(model), ids, **kw)
+    return truth, base
+
+
+def check(patched, truth, base, grad_factor=FACTOR):
+    assert_close(patched[0], truth[0], base[0], name="output")
+    assert set(patched[1]) == set(truth[1])
+    for n in truth[1]:
+        assert_close(patched[1][n], truth[1][n], base[1][n], name=f"grad {n}", factor=grad_factor)
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """Counts calls of the Triton launchers (the kernels, not the reference)."""
+    counts = collections.Counter()
+
+    def wrap(mod, name):
+        if hasattr(mod, name):
+            f = getattr(mod, name)
+            monkeypatch.setattr(mod, name, lambda *a, **k: (counts.update([name]), f(*a, **k))[1])
+
+    from fastlm.triton import layer_norm as tln
+    from fastlm.triton import rotary as trot
+
+    for n in ("layer_norm_fwd", "layer_norm_bwd"):
+        wrap(tln, n)
+    for n in ("rotary_table_fwd", "rotary_table_bwd"):
+        wrap(trot, n)
+    if HAS_SDPA_OP:
+        from fastlm.triton import attention as tat
+
+        for n in ("attention_fwd", "attention_bwd"):
+            wrap(tat, n)
+    return counts
+
+
+NORMS = {"gpt2": ("layer_norm", 5), "bert": ("layer_norm", 5), "llama": ("rms_norm", 5), "mistral": ("rms_norm", 5), "qwen2": ("rms_norm", 5)}
+ROTARY = {"llama", "mistral", "qwen2"}
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "mistral", "qwen2", "bert"])
+def test_patched_family_matches_unpatched_and_runs_fastlm(family, launches):
+    torch.manual_seed(0)
+    model = build(family)
+    ids = torch.randint(0, V, (2, 12), device=DEVICE)
+    truth, base = references(model, ids)
+    report = fastlm.patch(model)
+    assert report.model_type == family and report.recognised
+    kind, n_norms = NORMS[family]
+    assert report.replaced[kind] == n_norms
+    assert report.replaced["rotary"] == (2 if family in ROTARY else 0)
+    if family not in ROTARY:
+        assert any(what == "rotary" for what, _ in report.left_alone)
+    if HAS_SDPA_OP:
+        assert report.replaced["attention"] == 2 and model.config._attn_implementation == "fastlm"
+    else:
+        assert any("scaled_dot_product_attention is not available" in why for _, why in report.left_alone)
+    with fastlm.use_backend("triton"):
+        out = fwd_bwd(model, ids)
+    assert launches["layer_norm_fwd"] == n_norms and launches["layer_norm_bwd"] == n_norms
+    if family in ROTARY:
+        assert launches["rotary_table_fwd"] == 2 and launches["rotary_table_bwd"] == 2
+        assert report.calls["rotary.fastlm"] == 2
+    if HAS_SDPA_OP:
+        assert report.calls["attention.fastlm"] == 2
+        assert launches["attention_fwd"] >= 2 and launches["attention_bwd"] >= 2
+    check(out, truth, base, GRAD_FACTOR_ATTENTION if report.replaced["attention"] else FACTOR)
+    fastlm.unpatch(model)
+    assert model.config._attn_implementation == "sdpa"
+
+
+@needs_sdpa_op
+@pytest.mark.parametrize("family", ["llama", "bert"])
+def test_attention_runs_on_fastlm_kernels(family, launches):
+    """GQA causal (Llama) and bidirectional (BERT, no padding): every layer on fastlm, none fell back."""
+    torch.manual_seed(0)
+    model = build(family)
+    ids = torch.randint(0, V, (2, 9), device=DEVICE)
+    truth, base = references(model, ids)
+    report = fastlm.patch(model, norm=False, rotary=False)
+    assert report.replaced == {"attention": 2}
+    with fastlm.use_backend("triton"):
+        out = fwd_bwd(model, ids)
+    assert dict(report.calls) == {"attention.fastlm": 2}
+    assert launches["attention_fwd"] >= 2 and launches["attention_bwd"] >= 2
+    check(out, truth, base, GRAD_FACTOR_ATTENTION)
+    fastlm.unpatch(model)
+
+
+@needs_sdpa_op
+@pytest.mark.parametrize("family,why", [("bert", "padding"), ("gpt2", "padding"), ("mistral", "sliding window")])
+def test_masks_fall_back_to_sdpa_visibly(family, why):
+    torch.manual_seed(0)
+    model = build(family, **({"sliding_window": 4} if family == "mistral" else {}))
+    ids = torch.randint(0, V, (2, 10), device=DEVICE)
+    kw = {}
+    if why == "padding":
+        mask = torch.ones(2, 10, dtype=torch.long, device=DEVICE)
+        mask[1, 7:] = 0  # right padding in the second row
+        kw = {"attention_mask": mask}
+    truth, base = references(model, ids, **kw)
+    report = fastlm.patch(model)
+    fastlm.hf._warned.discard("mask")
+    with fastlm.use_backend("triton"), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = fwd_bwd(model, ids, **kw)
+    assert report.calls["attention.fallback.mask"] == 2 and report.calls["attention.fastlm"] == 0
+    assert any(issubclass(w.category, fastlm.hf.FastlmFallbackWarning) for w in caught)
+    check(out, truth, base, GRAD_FACTOR_ATTENTION)
+    fastlm.unpatch(model)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "qwen2"])
+def test_greedy_generate_gives_the_same_tokens(family):
+    torch.manual_seed(0)
+    model = build(family).eval()
+    prompt = torch.randint(1, V, (2, 5), device=DEVICE)  # no pad token (0): no padding mask
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(prompt))
+    with torch.no_grad():
+        expected = model.generate(prompt, **kw)
+        with fastlm.patched(model) as report, fastlm.use_backend("triton"):
+            got = model.generate(prompt, **kw)
+    assert torch.equal(got, expected)
+    if HAS_SDPA_OP:
+        assert report.calls["attention.fastlm"] == 2 * 6  # prefill + 5 decode steps, 2 layers
+    if family in ROTARY:
+        assert report.calls["rotary.fastlm"] == 2 * 6
+
+
+def test_unpatch_restores_modules_functions_and_attention():
+    from transformers.models.llama import modeling_llama
+
+    model = build("llama")
+    original_rotary = modeling_llama.apply_rotary_pos_emb
+    norms = {n: m for n, m in model.named_modules() if type(m).__name__ == "LlamaRMSNorm"}
+    hooks = {n: (len(m._forward_hooks), len(m._forward_pre_hooks)) for n, m in model.named_modules()}
+    params = dict(model.named_parameters())
+    fastlm.patch(model)
+    assert modeling_llama.apply_rotary_pos_emb is not original_rotary
+    assert all(isinstance(m, HFRMSNorm) for n, m in model.named_modules() if n in norms)
+    report = fastlm.unpatch(model)
+    assert report.restored["rms_norm"] == 5 and report.restored["rotary"] == 1
+    assert modeling_llama.apply_rotary_pos_emb is original_rotary
+    assert all(dict(model.named_modules())[n] is m for n, m in norms.items())
+    assert {n: (len(m._forward_hooks), len(m._forward_pre_hooks)) for n, m in model.named_modules()} == hooks
+    assert dict(model.named_parameters()) == params
+    assert model.config._attn_implementation == "sdpa"
+
+
+def test_patching_is_per_model_and_idempotent(launches):
+    """An unpatched model of the same family keeps torch's rotary while another is patched; patching
+    twice changes nothing; the function comes back when the last patched model is unpatched."""
+    from transformers.models.llama import modeling_llama
+
+    original_rotary = modeling_llama.apply_rotary_pos_emb
+    a, b = build("llama", layers=1), build("llama", layers=1)
+    ids = torch.randint(0, V, (1, 6), device=DEVICE)
+    fastlm.patch(a)
+    again = fastlm.patch(a)
+    assert not again.replaced and a.config._attn_implementation == ("fastlm" if HAS_SDPA_OP else "sdpa")
+    with torch.no_grad(), fastlm.use_backend("triton"):
+        b(ids)
+        assert launches["rotary_table_fwd"] == 0 and launches["layer_norm_fwd"] == 0
+        a(ids)
+        assert launches["rotary_table_fwd"] == 1
+    fastlm.patch(b)
+    fastlm.unpatch(a)
+    assert modeling_llama.apply_rotary_pos_emb is not original_rotary, "b still holds it"
+    with torch.no_grad(), fastlm.use_backend("triton"):
+        a(ids)
+        assert launches["rotary_table_fwd"] == 1
+    fastlm.unpatch(b)
+    assert modeling_llama.apply_rotary_pos_emb is original_rotary
+
+
+def test_a_model_not_on_sdpa_keeps_its_attention():
+    model = build("llama", layers=1)
+    model.set_attn_implementation("eager")
+    report = fastlm.patch(model, norm=False, rotary=False)
+    assert not report.replaced and model.config._attn_implementation == "eager"
+    assert any("uses attn_implementation='eager'" in why for _, why in report.left_alone)
+    fastlm.unpatch(model)
+    assert model.config._attn_implementation == "eager"
+
+
+def test_a_patched_model_dropped_without_unpatch_releases_everything():
+    import gc
+    import weakref
+
+    from transformers.models.llama import modeling_llama
+
+    original_rotary = modeling_llama.apply_rotary_pos_emb
+    model = build("llama", layers=1)
+    fastlm.patch(model)
+    assert modeling_llama.apply_rotary_pos_emb is not original_rotary
+    ref = weakref.ref(model)
+    del model
+    gc.collect()
+    assert ref() is None, "fastlm's record must not keep a patched model alive"
+    assert modeling_llama.apply_rotary_pos_emb is original_rotary
+
+
+def test_unknown_model_type_is_patched_for_what_is_recognised(launches):
+    """GPT-NeoX is not in the tested table: its LayerNorms, sdpa attention and partial rotary (the
+    first half of each head rotated, recognised as GPT-NeoX's form) are swapped all the same."""
+    torch.manual_seed(0)
+    model = build("gpt_neox", rotary_pct=0.5)
+    ids = torch.randint(0, V, (2, 8), device=DEVICE)
+    truth, base = references(model, ids)
+    report = fastlm.patch(model)
+    assert report.model_type == "gpt_neox" and not report.recognised
+    assert "not in fastlm's tested table" in str(report)
+    assert report.replaced == {"layer_norm": 5, "attention": 2, "rotary": 2}
+    with fastlm.use_backend("triton"):
+        out = fwd_bwd(model, ids)
+    assert report.calls["attention.fastlm"] == 2 and report.calls["rotary.fastlm"] == 2
+    assert launches["rotary_table_fwd"] == 2 and launches["layer_norm_fwd"] == 5
+    check(out, truth, base, GRAD_FACTOR_ATTENTION)
+    fastlm.unpatch(model)
+
+
+def test_unrecognised_rotary_is_left_alone(monkeypatch):
+    """A model file whose apply_rotary_pos_emb is not a form fastlm computes keeps it, and says so."""
+    from transformers.models.mistral import modeling_mistral
+
+    original = modeling_mistral.apply_rotary_pos_emb
+
+    def custom_rotary(q, k, cos, sin, unsqueeze_dim=1):
+        return original(q, k, cos, sin, unsqueeze_dim)
+
+    monkeypatch.setattr(modeling_mistral, "apply_rotary_pos_emb", custom_rotary)
+    model = build("mistral", layers=1)
+    report = fastlm.patch(model)
+    assert modeling_mistral.apply_rotary_pos_emb is custom_rotary and report.replaced["rotary"] == 0
+    assert any(what.startswith("rotary") and "neither Llama's" in why for what, why in report.left_alone)
+    fastlm.unpatch(model)
+    assert modeling_mistral.apply_rotary_pos_emb is custom_rotary
+
+
+def test_compiled_patched_model_runs():
+    torch.manual_seed(0)
+    model = build("llama", layers=1)
+    ids = torch.randint(0, V, (2, 8), device=DEVICE)
+    fastlm.patch(model)
+    with fastlm.use_backend("triton"):
+        eager = _out(model, ids)
+        compiled = torch.compile(model, backend="aot_eager" if DEVICE == "cpu" else "inductor")
+        out = _out(compiled, ids)
+        out.sum().backward()
+    torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
+    assert model.model.layers[0].self_attn.q_proj.weight.grad is not None
+    fastlm.unpatch(model)
+
+
+def test_convergence_mini_llama():
+    """Liger-style: 30 AdamW steps of a mini Llama, patched vs unpatched, the loss at every step by the
+    tolerance rule (truth: the unpatched run in float64; baseline: the unpatched run in float32)."""
+    torch.manual_seed(0)
+    model = build("llama", layers=1)
+    batch = torch.randint(0, V, (1, 8), device=DEVICE)  # one batch, learned by heart: the loss must fall
+
+    def train(m):
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.01)
+        losses = []
+        for _ in range(30):
+            loss = m(batch, labels=batch).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(loss.detach())
+        return torch.stack(losses)
+
+    truth = train(copy.deepcopy(model).double())
+    base = train(copy.deepcopy(model))
+    with fastlm.patched(model), fastlm.use_backend("triton"):
+        got = train(model)
+    assert truth[-1] < truth[0] - 1.0, "the run must actually learn"
+    assert_close(got, truth, base, name="loss per step")
+
+
+def test_attn_implementation_fastlm_is_registered():
+    assert "fastlm" in tf.AttentionInterface() and "fastlm" in tf.AttentionMaskInterface()
+    cfg = tf.LlamaConfig(**LLAMA_LIKE)
+    model = tf.AutoModelForCausalLM.from_config(cfg, attn_implementation="fastlm")
+    assert model.config._attn_implementation == "fastlm"
+    model.set_attn_implementation("sdpa")
+    model.set_attn_implementation("fastlm")
+    assert model.config._attn_implementation == "fastlm"
+
+
+# --- sampling ------------------------------------------------------------------------------------
+
+
+def _hf_filter(scores, top_k=None, top_p=None, min_p=None):
+    from transformers.generation.logits_process import MinPLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    out = scores.clone()
+    if top_k is not None:
+        out = TopKLogitsWarper(top_k)(None, out)
+    if top_p is not None:
+        out = TopPLogitsWarper(top_p)(None, out)
+    if min_p is not None:
+        out = MinPLogitsWarper(min_p)(None, out)
+    return out
+
+
+def test_sampling_processor_validates():
+    if not HAS_FILTER_OP:
+        with pytest.raises(RuntimeError, match="not available"):
+            fastlm.hf.sampling_processor(top_k=5)
+        return
+    with pytest.raises(ValueError, match="top_k"):
+        fastlm.hf.sampling_processor(top_k=0)
+    with pytest.raises(ValueError, match="top_p"):
+        fastlm.hf.sampling_processor(top_p=1.5)
+    assert isinstance(fastlm.hf.sampling_processor(top_k=5), tf.LogitsProcessor)
+
+
+@needs_filter_op
+@pytest.mark.parametrize("params", [dict(top_k=7), dict(top_p=0.8), dict(min_p=0.2), dict(top_k=20, top_p=0.9)])
+def test_sampling_processor_keeps_the_same_support_as_hf(params):
+    """Sampled tokens are random, so the test is on the support: the tokens left finite are exactly
+    those transformers' own warpers keep, with their logits unchanged (distinct logits: no ties)."""
+    scores = torch.randn(4, V, device=DEVICE, dtype=torch.float32) * 3
+    proc = fastlm.hf.sampling_processor(**params)
+    with fastlm.use_backend("triton"):
+        got = proc(None, scores.clone())
+    want = _hf_filter(scores, **params)
+    assert torch.equal(torch.isfinite(got), torch.isfinite(want))
+    keep = torch.isfinite(want)
+    assert torch.equal(got[keep], scores[keep])
+
+
+@needs_filter_op
+def test_generate_with_sampling_processor():
+    torch.manual_seed(0)
+    model = build("llama", layers=1).eval()
+    prompt = torch.randint(1, V, (2, 4), device=DEVICE)
+    before = fastlm.hf.calls["sampling.fastlm"]
+    with torch.no_grad(), fastlm.use_backend("triton"):
+        greedy = model.generate(prompt, max_new_tokens=5, do_sample=False, pad_token_id=0)
+        top1 = model.generate(prompt, max_new_tokens=5, do_sample=True, pad_token_id=0, top_k=None, top_p=None,
+                              logits_processor=tf.LogitsProcessorList([fastlm.hf.sampling_processor(top_k=1)]))
+    assert torch.equal(top1, greedy), "top_k=1 sampling is greedy decoding"
+    assert fastlm.hf.calls["sampling.fastlm"] - before == 5
