@@ -1,0 +1,577 @@
+"""Fused attention in Triton: FlashAttention-2 forward and backward, and split-KV decode.
+
+Forward: one program owns BLOCK_M query rows of one (batch, query head) and streams the visible
+key/value blocks once, keeping the running row max m, the running sum l and the unnormalised
+output in fp32 registers (online softmax, base 2); the (Sq, Sk) score matrix never reaches memory.
+It writes O and the log-sum-exp LSE (fp32), which is all the backward needs to recompute P.
+
+Backward (recompute from LSE, no atomics, so it is deterministic by construction):
+    delta_i = sum_d dO_id O_id                                   (preprocess kernel)
+    P_ij = exp(scale q_i.k_j - LSE_i),  dS_ij = P_ij (dO_i.v_j - delta_i)   (delta_i - dLSE_i when
+                                                                  the LSE output has a gradient)
+    dV_j = sum_i P_ij dO_i,  dK_j = scale sum_i dS_ij q_i        (one program per key block; for
+                                                                  GQA it loops over the group's
+                                                                  query heads, so the sum over
+                                                                  heads is a plain loop)
+    dQ_i = scale sum_j dS_ij k_j                                 (one program per query block)
+The key-major and query-major passes each own their output rows, so every element is written by
+exactly one program in a fixed order: bit-identical results from run to run. The price is that
+QK^T and dO V^T are computed twice (once per pass), the usual FA2-without-atomics trade.
+
+Masking (bottom-right aligned, off = Sk - Sq): key j is visible to query i iff
+    (not HAS_LEFT or j >= i + off - LEFT) and (not HAS_RIGHT or j <= i + off + RIGHT) and j < Sk.
+Causal is HAS_RIGHT with RIGHT <= 0. Each program splits its block range into blocks that every
+row sees completely (no mask arithmetic) and boundary blocks (masked), so the common interior
+runs the lean loop. A row that sees no key gets O = 0 and LSE = -inf.
+
+Head dims: any multiple of 8 up to 256; BLOCK_D is the next power of two and the tail is masked
+(80 -> 128). fp32 inputs use IEEE dots (no TF32), matching torch's fp32 matmul.
+
+Configs: autotuned on the GPU, keyed on (BLOCK_D, EVEN_D, causal/window flags) plus the tensor
+dtypes (the Triton autotuner adds those); FASTLM_AUTOTUNE=0 uses the first candidate of each table
+row instead (the smallest for fp32). One small fixed config under TRITON_INTERPRET=1, where
+autotuning would only cost time. Sizes and head counts are not specialised on (do_not_specialize),
+so new sequence lengths never trigger a recompile. Decode (a fixed heuristic config, so CUDA-graph
+capture never autotunes) lives in fastlm/triton/decode_attention.py and is re-exported here.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from fastlm.backend import interpreter_on
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+MAX_HEAD_DIM = 256
+
+_INTERPRET = interpreter_on()
+
+
+def block_d(head_dim: int) -> int:
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def resolve_window(causal: bool, window_left: int, window_right: int) -> tuple[bool, int, bool, int]:
+    """(HAS_LEFT, LEFT, HAS_RIGHT, RIGHT) for the kernels; -1 means that side is unbounded and
+    causal caps the right side at 0 (the diagonal)."""
+    has_left = window_left >= 0
+    left = max(window_left, 0)
+    if causal:
+        return has_left, left, True, 0 if window_right < 0 else min(window_right, 0)
+    return has_left, left, window_right >= 0, max(window_right, 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _fwd_blocks(
+    acc, m_i, l_i, q, K, V, stride_kn, stride_vn,  # K, V: base pointers of this (batch, kv head)
+    offs_m, offs_d, lo, hi, Sk, diag, LEFT, RIGHT, qk_scale,
+    MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, EVEN_D: tl.constexpr,
+    HEAD_DIM, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    """Online softmax over key blocks [lo, hi): s = qk_scale q.k (log2 units), m' = max(m, max_j s),
+    p = 2^(s - m'), l' = l 2^(m - m') + sum_j p, acc' = acc 2^(m - m') + p V."""
+    offs_nb = tl.arange(0, BLOCK_N)
+    d_ok = offs_d < HEAD_DIM
+    for start_n in range(lo, hi, BLOCK_N):
+        n0 = tl.cast(start_n, tl.int64)
+        offs_n = start_n + offs_nb
+        kt_ptrs = K + n0 * stride_kn + offs_nb[None, :] * stride_kn + offs_d[:, None]
+        v_ptrs = V + n0 * stride_vn + offs_nb[:, None] * stride_vn + offs_d[None, :]
+        if MASKED:
+            n_ok = offs_n < Sk
+            kt = tl.load(kt_ptrs, mask=d_ok[:, None] & n_ok[None, :], other=0.0)
+            v = tl.load(v_ptrs, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        elif EVEN_D:
+            kt = tl.load(kt_ptrs)
+            v = tl.load(v_ptrs)
+        else:
+            kt = tl.load(kt_ptrs, mask=d_ok[:, None], other=0.0)
+            v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
+        s = tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale
+        if MASKED:
+            ok = offs_n[None, :] < Sk
+            if HAS_RIGHT:
+                ok = ok & (offs_n[None, :] <= offs_m[:, None] + (diag + RIGHT))
+            if HAS_LEFT:
+                ok = ok & (offs_n[None, :] >= offs_m[:, None] + (diag - LEFT))
+            s = tl.where(ok, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _block_ranges(lo, hi, full_lo, full_hi, BLOCK: tl.constexpr):
+    """Split the BLOCK-aligned blocks covering [lo, hi) into masked [lo_blk, a_hi), unmasked
+    [b_lo, b_hi) (blocks inside [full_lo, full_hi), seen completely by every row) and masked
+    [c_lo, hi). An empty unmasked range has b_hi <= b_lo, and then [lo_blk, hi) is all masked."""
+    lo_blk = (lo // BLOCK) * BLOCK
+    b_lo = tl.cdiv(tl.maximum(full_lo, lo_blk), BLOCK) * BLOCK
+    b_hi = (tl.maximum(full_hi, 0) // BLOCK) * BLOCK
+    return lo_blk, tl.minimum(b_lo, hi), b_lo, b_hi, tl.maximum(b_hi, b_lo)
+
+
+@triton.jit(do_not_specialize=["Hq", "GROUP", "Sq", "Sk", "LEFT", "RIGHT", "HEAD_DIM"])
+def _attn_fwd_kernel(
+    Q, K, V, O, LSE,  # q (B, Hq, Sq, D), k/v (B, Hkv, Sk, D), o like q, lse (B, Hq, Sq) fp32; unit D stride
+    stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
+    stride_vb, stride_vh, stride_vs, stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
+    Hq, GROUP, Sq, Sk, LEFT, RIGHT,  # GROUP = Hq // Hkv; LEFT/RIGHT: window bounds (see module doc)
+    qk_scale,  # scale * log2(e)
+    HEAD_DIM, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+    DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """O_i = sum_j softmax_j(scale q_i.k_j) v_j over visible j;  LSE_i = log sum_j exp(scale q_i.k_j)."""
+    pid_m = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    if HAS_RIGHT:  # causal-like: later query blocks see more keys; start those first
+        pid_m = tl.num_programs(0) - 1 - pid_m
+    hk = h // GROUP
+    Q += b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+    O += b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+    K += b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
+    V += b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
+    LSE += b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh
+
+    m0 = pid_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = offs_m < Sq
+    d_ok = offs_d < HEAD_DIM
+    q = tl.load(Q + offs_m[:, None].to(tl.int64) * stride_qs + offs_d[None, :], mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+
+    diag = Sk - Sq
+    m_last = tl.minimum(m0 + BLOCK_M, Sq) - 1
+    lo = 0
+    hi = Sk
+    full_lo = 0
+    full_hi = Sk
+    if HAS_LEFT:
+        lo = tl.maximum(m0 + diag - LEFT, 0)
+        full_lo = tl.maximum(m_last + diag - LEFT, 0)
+    if HAS_RIGHT:
+        hi = tl.minimum(m_last + diag + RIGHT + 1, Sk)
+        full_hi = tl.minimum(m0 + diag + RIGHT + 1, Sk)
+    lo_blk, a_hi, b_lo, b_hi, c_lo = _block_ranges(lo, hi, full_lo, full_hi, BLOCK_N)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    acc, m_i, l_i = _fwd_blocks(acc, m_i, l_i, q, K, V, stride_ks, stride_vs, offs_m, offs_d, lo_blk, a_hi, Sk, diag,
+                                LEFT, RIGHT, qk_scale, True, HAS_LEFT, HAS_RIGHT, EVEN_D, HEAD_DIM, BLOCK_N, DOT_PREC)
+    acc, m_i, l_i = _fwd_blocks(acc, m_i, l_i, q, K, V, stride_ks, stride_vs, offs_m, offs_d, b_lo, b_hi, Sk, diag,
+                                LEFT, RIGHT, qk_scale, False, HAS_LEFT, HAS_RIGHT, EVEN_D, HEAD_DIM, BLOCK_N, DOT_PREC)
+    acc, m_i, l_i = _fwd_blocks(acc, m_i, l_i, q, K, V, stride_ks, stride_vs, offs_m, offs_d, c_lo, hi, Sk, diag,
+                                LEFT, RIGHT, qk_scale, True, HAS_LEFT, HAS_RIGHT, EVEN_D, HEAD_DIM, BLOCK_N, DOT_PREC)
+
+    seen = l_i > 0.0
+    out = acc / tl.where(seen, l_i, 1.0)[:, None]
+    lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+    tl.store(O + offs_m[:, None].to(tl.int64) * stride_os + offs_d[None, :], out.to(O.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+    tl.store(LSE + offs_m, lse, mask=m_ok)
+
+
+# ---------------------------------------------------------------------------------------------
+# Backward
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit(do_not_specialize=["Hq", "Sq", "HEAD_DIM"])
+def _bwd_preprocess_kernel(
+    O, DO, Delta,  # o, do (B, Hq, Sq, D) unit D stride; delta (B, Hq, Sq) fp32 contiguous
+    stride_ob, stride_oh, stride_os, stride_db, stride_dh, stride_ds,
+    Hq, Sq,
+    HEAD_DIM, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """delta_i = sum_d O_id dO_id (fp32)."""
+    pid_m = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_m < Sq)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    o = tl.load(O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + offs_m[:, None].to(tl.int64) * stride_os + offs_d[None, :],
+                mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(DO + b.to(tl.int64) * stride_db + h.to(tl.int64) * stride_dh + offs_m[:, None].to(tl.int64) * stride_ds + offs_d[None, :],
+                 mask=mask, other=0.0).to(tl.float32)
+    tl.store(Delta + (b.to(tl.int64) * Hq + h) * Sq + offs_m, tl.sum(o * do, 1), mask=offs_m < Sq)
+
+
+@triton.jit
+def _bwd_dkdv_blocks(
+    dk, dv, k, v, Q, DO, LSE2, Delta, stride_qs, stride_ds,  # Q/DO/LSE2/Delta: bases of one query head
+    offs_n, offs_d, lo, hi, Sq, Sk, diag, LEFT, RIGHT, qk_scale,
+    MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, EVEN_D: tl.constexpr,
+    HEAD_DIM, BLOCK_M: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    """Over query blocks [lo, hi): P^T = 2^(qk_scale k.q - LSE2), dV += P^T dO,
+    dS^T = P^T (v.dO - delta), dK += dS^T q (scale applied by the caller)."""
+    offs_mb = tl.arange(0, BLOCK_M)
+    d_ok = offs_d < HEAD_DIM
+    for start_m in range(lo, hi, BLOCK_M):
+        m0 = tl.cast(start_m, tl.int64)
+        offs_m = start_m + offs_mb
+        q_ptrs = Q + m0 * stride_qs + offs_mb[:, None] * stride_qs + offs_d[None, :]
+        do_ptrs = DO + m0 * stride_ds + offs_mb[:, None] * stride_ds + offs_d[None, :]
+        if MASKED:
+            m_ok = offs_m < Sq
+            q = tl.load(q_ptrs, mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+            do = tl.load(do_ptrs, mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+            lse2 = tl.load(LSE2 + offs_m, mask=m_ok, other=0.0)
+            delta = tl.load(Delta + offs_m, mask=m_ok, other=0.0)
+        else:
+            if EVEN_D:
+                q = tl.load(q_ptrs)
+                do = tl.load(do_ptrs)
+            else:
+                q = tl.load(q_ptrs, mask=d_ok[None, :], other=0.0)
+                do = tl.load(do_ptrs, mask=d_ok[None, :], other=0.0)
+            lse2 = tl.load(LSE2 + offs_m)
+            delta = tl.load(Delta + offs_m)
+        lse2 = tl.where(lse2 == float("-inf"), float("inf"), lse2)
+        st = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale
+        pt = tl.math.exp2(st - lse2[None, :])
+        if MASKED:
+            ok = (offs_m[None, :] < Sq) & (offs_n[:, None] < Sk)
+            if HAS_RIGHT:
+                ok = ok & (offs_n[:, None] <= offs_m[None, :] + (diag + RIGHT))
+            if HAS_LEFT:
+                ok = ok & (offs_n[:, None] >= offs_m[None, :] + (diag - LEFT))
+            pt = tl.where(ok, pt, 0.0)
+        dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=DOT_PREC)
+        dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+        dst = pt * (dpt - delta[None, :])
+        dk = tl.dot(dst.to(q.dtype), q, dk, input_precision=DOT_PREC)
+    return dk, dv
+
+
+@triton.jit(do_not_specialize=["Hkv", "GROUP", "Sq", "Sk", "LEFT", "RIGHT", "HEAD_DIM"])
+def _attn_bwd_dkdv_kernel(
+    Q, K, V, DO, LSE2, Delta, DK, DV,  # LSE2 = LSE * log2(e) and Delta: (B, Hq, Sq) fp32 contiguous
+    stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
+    stride_db, stride_dh, stride_ds, stride_dkb, stride_dkh, stride_dks, stride_dvb, stride_dvh, stride_dvs,
+    Hkv, GROUP, Sq, Sk, LEFT, RIGHT, qk_scale, sm_scale,
+    HEAD_DIM, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+    DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """dK_j = scale sum_{h in group} sum_i dS_ij q_i;  dV_j = sum_{h in group} sum_i P_ij dO_i."""
+    pid_n = tl.program_id(0)
+    hk = tl.program_id(1)
+    b = tl.program_id(2)
+    n0 = pid_n * BLOCK_N
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    kv_mask = (offs_n < Sk)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    k = tl.load(K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh + offs_n[:, None].to(tl.int64) * stride_ks + offs_d[None, :],
+                mask=kv_mask, other=0.0)
+    v = tl.load(V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh + offs_n[:, None].to(tl.int64) * stride_vs + offs_d[None, :],
+                mask=kv_mask, other=0.0)
+
+    # query i sees key j iff j - diag - RIGHT <= i <= j - diag + LEFT
+    diag = Sk - Sq
+    n_last = tl.minimum(n0 + BLOCK_N, Sk) - 1
+    lo = 0
+    hi = Sq
+    full_lo = 0
+    full_hi = Sq
+    if HAS_RIGHT:
+        lo = tl.maximum(n0 - diag - RIGHT, 0)
+        full_lo = tl.maximum(n_last - diag - RIGHT, 0)
+    if HAS_LEFT:
+        hi = tl.minimum(n_last - diag + LEFT + 1, Sq)
+        full_hi = tl.minimum(n0 - diag + LEFT + 1, Sq)
+    lo_blk, a_hi, b_lo, b_hi, c_lo = _block_ranges(lo, hi, full_lo, full_hi, BLOCK_M)
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    for g in range(0, GROUP):
+        h = (hk * GROUP + g).to(tl.int64)
+        Qh = Q + b.to(tl.int64) * stride_qb + h * stride_qh
+        DOh = DO + b.to(tl.int64) * stride_db + h * stride_dh
+        row = (b.to(tl.int64) * (Hkv * GROUP) + h) * Sq
+        dk, dv = _bwd_dkdv_blocks(dk, dv, k, v, Qh, DOh, LSE2 + row, Delta + row, stride_qs, stride_ds, offs_n, offs_d,
+                                  lo_blk, a_hi, Sq, Sk, diag, LEFT, RIGHT, qk_scale,
+                                  True, HAS_LEFT, HAS_RIGHT, EVEN_D, HEAD_DIM, BLOCK_M, DOT_PREC)
+        dk, dv = _bwd_dkdv_blocks(dk, dv, k, v, Qh, DOh, LSE2 + row, Delta + row, stride_qs, stride_ds, offs_n, offs_d,
+                                  b_lo, b_hi, Sq, Sk, diag, LEFT, RIGHT, qk_scale,
+                                  False, HAS_LEFT, HAS_RIGHT, EVEN_D, HEAD_DIM, BLOCK_M, DOT_PREC)
+        dk, dv = _bwd_dkdv_blocks(dk, dv, k, v, Qh, DOh, LSE2 + row, Delta + row, stride_qs, stride_ds, offs_n, offs_d,
+                                  c_lo, hi, Sq, Sk, diag, LEFT, RIGHT, qk_scale,
+                                  True, HAS_LEFT, HAS_RIGHT, EVEN_D, HEAD_DIM, BLOCK_M, DOT_PREC)
+    dk = dk * sm_scale
+    tl.store(DK + b.to(tl.int64) * stride_dkb + hk.to(tl.int64) * stride_dkh + offs_n[:, None].to(tl.int64) * stride_dks + offs_d[None, :],
+             dk.to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + b.to(tl.int64) * stride_dvb + hk.to(tl.int64) * stride_dvh + offs_n[:, None].to(tl.int64) * stride_dvs + offs_d[None, :],
+             dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _bwd_dq_blocks(
+    dq, q, do, lse2, delta, K, V, stride_kn, stride_vn,
+    offs_m, offs_d, lo, hi, Sk, diag, LEFT, RIGHT, qk_scale,
+    MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, EVEN_D: tl.constexpr,
+    HEAD_DIM, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    """Over key blocks [lo, hi): P = 2^(qk_scale q.k - LSE2), dS = P (dO.v - delta), dQ += dS k."""
+    offs_nb = tl.arange(0, BLOCK_N)
+    d_ok = offs_d < HEAD_DIM
+    for start_n in range(lo, hi, BLOCK_N):
+        n0 = tl.cast(start_n, tl.int64)
+        offs_n = start_n + offs_nb
+        k_ptrs = K + n0 * stride_kn + offs_nb[:, None] * stride_kn + offs_d[None, :]
+        v_ptrs = V + n0 * stride_vn + offs_nb[:, None] * stride_vn + offs_d[None, :]
+        if MASKED:
+            n_ok = offs_n < Sk
+            k = tl.load(k_ptrs, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+            v = tl.load(v_ptrs, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        elif EVEN_D:
+            k = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
+        else:
+            k = tl.load(k_ptrs, mask=d_ok[None, :], other=0.0)
+            v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+        p = tl.math.exp2(s - lse2[:, None])
+        if MASKED:
+            ok = offs_n[None, :] < Sk
+            if HAS_RIGHT:
+                ok = ok & (offs_n[None, :] <= offs_m[:, None] + (diag + RIGHT))
+            if HAS_LEFT:
+                ok = ok & (offs_n[None, :] >= offs_m[:, None] + (diag - LEFT))
+            p = tl.where(ok, p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PREC)
+    return dq
+
+
+@triton.jit(do_not_specialize=["Hq", "GROUP", "Sq", "Sk", "LEFT", "RIGHT", "HEAD_DIM"])
+def _attn_bwd_dq_kernel(
+    Q, K, V, DO, LSE2, Delta, DQ,
+    stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
+    stride_db, stride_dh, stride_ds, stride_dqb, stride_dqh, stride_dqs,
+    Hq, GROUP, Sq, Sk, LEFT, RIGHT, qk_scale, sm_scale,
+    HEAD_DIM, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+    DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """dQ_i = scale sum_j dS_ij k_j."""
+    pid_m = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    if HAS_RIGHT:
+        pid_m = tl.num_programs(0) - 1 - pid_m
+    hk = h // GROUP
+    m0 = pid_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = offs_m < Sq
+    qmask = m_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+    q = tl.load(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh + offs_m[:, None].to(tl.int64) * stride_qs + offs_d[None, :],
+                mask=qmask, other=0.0)
+    do = tl.load(DO + b.to(tl.int64) * stride_db + h.to(tl.int64) * stride_dh + offs_m[:, None].to(tl.int64) * stride_ds + offs_d[None, :],
+                 mask=qmask, other=0.0)
+    row = (b.to(tl.int64) * Hq + h) * Sq
+    lse2 = tl.load(LSE2 + row + offs_m, mask=m_ok, other=0.0)
+    lse2 = tl.where(lse2 == float("-inf"), float("inf"), lse2)
+    delta = tl.load(Delta + row + offs_m, mask=m_ok, other=0.0)
+    Kh = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
+    Vh = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
+
+    diag = Sk - Sq
+    m_last = tl.minimum(m0 + BLOCK_M, Sq) - 1
+    lo = 0
+    hi = Sk
+    full_lo = 0
+    full_hi = Sk
+    if HAS_LEFT:
+        lo = tl.maximum(m0 + diag - LEFT, 0)
+        full_lo = tl.maximum(m_last + diag - LEFT, 0)
+    if HAS_RIGHT:
+        hi = tl.minimum(m_last + diag + RIGHT + 1, Sk)
+        full_hi = tl.minimum(m0 + diag + RIGHT + 1, Sk)
+    lo_blk, a_hi, b_lo, b_hi, c_lo = _block_ranges(lo, hi, full_lo, full_hi, BLOCK_N)
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    dq = _bwd_dq_blocks(dq, q, do, lse2, delta, Kh, Vh, stride_ks, stride_vs, offs_m, offs_d, lo_blk, a_hi, Sk, diag,
+                        LEFT, RIGHT, qk_scale, True, HAS_LEFT, HAS_RIGHT, EVEN_D, HEAD_DIM, BLOCK_N, DOT_PREC)
+    dq = _bwd_dq_blocks(dq, q, do, lse2, delta, Kh, Vh, stride_ks, stride_vs, offs_m, offs_d, b_lo, b_hi, Sk, diag,
+                        LEFT, RIGHT, qk_scale, False, HAS_LEFT, HAS_RIGHT, EVEN_D, HEAD_DIM, BLOCK_N, DOT_PREC)
+    dq = _bwd_dq_blocks(dq, q, do, lse2, delta, Kh, Vh, stride_ks, stride_vs, offs_m, offs_d, c_lo, hi, Sk, diag,
+                        LEFT, RIGHT, qk_scale, True, HAS_LEFT, HAS_RIGHT, EVEN_D, HEAD_DIM, BLOCK_N, DOT_PREC)
+    dq = dq * sm_scale
+    tl.store(DQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh + offs_m[:, None].to(tl.int64) * stride_dqs + offs_d[None, :],
+             dq.to(DQ.dtype.element_ty), mask=qmask)
+
+
+# ---------------------------------------------------------------------------------------------
+# Configs
+# ---------------------------------------------------------------------------------------------
+
+
+def _configs(table):
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+        for (bm, bn, w, s) in sorted({c for cs in table.values() for c in cs})
+    ]
+
+
+def _prune(table):
+    def prune(configs, named_args, **kwargs):
+        bd = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
+        want = table[min((k for k in table if k >= bd), default=max(table))]
+        keep = [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in want]
+        return keep or configs[:1]
+
+    return prune
+
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) candidates per BLOCK_D; the small ones keep fp32 and
+# D=256 within shared memory when the large ones run out (the autotuner skips those).
+_FWD_TABLE = {
+    64: [(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 4), (64, 64, 4, 3), (128, 32, 4, 4), (64, 32, 4, 2)],
+    128: [(128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 8, 3), (64, 32, 4, 2)],
+    256: [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 2), (64, 32, 4, 1), (32, 32, 4, 1)],
+}
+_DKDV_TABLE = {  # BLOCK_N: keys owned; BLOCK_M: query block streamed
+    64: [(32, 128, 4, 3), (64, 128, 8, 3), (32, 64, 4, 3), (64, 64, 4, 2)],
+    128: [(32, 128, 8, 3), (64, 128, 8, 2), (32, 64, 4, 3), (32, 64, 4, 2)],
+    256: [(32, 64, 4, 2), (32, 64, 8, 1), (16, 32, 4, 1)],
+}
+_DQ_TABLE = {  # BLOCK_M: queries owned; BLOCK_N: key block streamed
+    64: [(128, 32, 4, 3), (128, 64, 8, 3), (64, 32, 4, 3), (64, 64, 4, 2)],
+    128: [(128, 32, 8, 3), (128, 64, 8, 2), (64, 32, 4, 3), (64, 32, 4, 2)],
+    256: [(64, 32, 4, 2), (64, 32, 8, 1), (32, 16, 4, 1)],
+}
+_KEY = ["BLOCK_D", "EVEN_D", "HAS_LEFT", "HAS_RIGHT"]
+# Under the interpreter: one fixed config (BLOCK_M != BLOCK_N, so mismatched block boundaries are exercised).
+_INTERP_FWD = dict(BLOCK_M=32, BLOCK_N=16)
+_INTERP_DKDV = dict(BLOCK_M=16, BLOCK_N=32)
+_INTERP_DQ = dict(BLOCK_M=32, BLOCK_N=16)
+
+_fwd_tuned = triton.autotune(_configs(_FWD_TABLE), key=_KEY, prune_configs_by={"early_config_prune": _prune(_FWD_TABLE)})(_attn_fwd_kernel)
+_dkdv_tuned = triton.autotune(_configs(_DKDV_TABLE), key=_KEY, prune_configs_by={"early_config_prune": _prune(_DKDV_TABLE)})(_attn_bwd_dkdv_kernel)
+_dq_tuned = triton.autotune(_configs(_DQ_TABLE), key=_KEY, prune_configs_by={"early_config_prune": _prune(_DQ_TABLE)})(_attn_bwd_dq_kernel)
+
+
+def autotune_enabled() -> bool:
+    """Autotuning runs on CUDA tensors unless FASTLM_AUTOTUNE=0 (read per call; the tests set it
+    to keep the GPU suite's compile count down, the benchmarks leave it on)."""
+    return os.environ.get("FASTLM_AUTOTUNE", "1") not in ("0", "")
+
+
+def default_config(table, bd: int, fp32: bool = False) -> dict:
+    """The config used without autotuning: the first candidate of the table row for BLOCK_D = bd,
+    or for fp32 inputs the last (smallest) one, which fits shared memory at twice the bytes."""
+    row = table[min((k for k in table if k >= bd), default=max(table))]
+    bm, bn, w, s = row[-1] if fp32 else row[0]
+    return dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s)
+
+
+def _launch(tuned, raw, table, interp_cfg, grid_fn, args, meta):
+    if _INTERPRET or not args[0].is_cuda:
+        raw[grid_fn(interp_cfg)](*args, **meta, **interp_cfg)
+    elif autotune_enabled():
+        tuned[lambda m: grid_fn(m)](*args, **meta)
+    else:
+        cfg = default_config(table, meta["BLOCK_D"], meta["DOT_PREC"] == "ieee")
+        raw[grid_fn(cfg)](*args, **meta, **cfg)
+
+
+def _dot_prec(t: torch.Tensor) -> str:
+    return "ieee" if t.dtype == torch.float32 else "tf32"
+
+
+def _check_unit_d(**tensors):
+    for name, t in tensors.items():
+        if t is not None and t.numel() and t.stride(-1) != 1:
+            raise ValueError(f"fastlm.triton.attention: {name} must have unit stride in the head dim (got strides {t.stride()})")
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers
+# ---------------------------------------------------------------------------------------------
+
+
+def attention_fwd(q, k, v, causal, scale, window_left, window_right, out, lse) -> None:
+    """Forward into caller-given out (B, Hq, Sq, D) and lse (B, Hq, Sq) fp32 (unit stride in S).
+    q (B, Hq, Sq, D), k/v (B, Hkv, Sk, D) with Hq % Hkv == 0, unit stride in D; window sides -1 =
+    unbounded; scale multiplies q.k."""
+    _check_unit_d(q=q, k=k, v=v, out=out)
+    B, Hq, Sq, D = q.shape
+    Hkv, Sk = k.shape[1], k.shape[2]
+    if B == 0 or Hq == 0 or Sq == 0:
+        return
+    has_left, left, has_right, right = resolve_window(causal, window_left, window_right)
+    bd = block_d(D)
+    args = (
+        q, k, v, out, lse,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
+        Hq, Hq // Hkv, Sq, Sk, left, right, scale * LOG2E,
+    )
+    meta = dict(HEAD_DIM=D, BLOCK_D=bd, EVEN_D=bd == D, HAS_LEFT=has_left, HAS_RIGHT=has_right, DOT_PREC=_dot_prec(q))
+    _launch(_fwd_tuned, _attn_fwd_kernel, _FWD_TABLE, _INTERP_FWD, lambda m: (triton.cdiv(Sq, m["BLOCK_M"]), Hq, B), args, meta)
+
+
+def attention_bwd(do, dlse, q, k, v, out, lse, causal, scale, window_left, window_right, dq, dk, dv, deterministic=True) -> None:
+    """Backward into caller-given dq (like q), dk, dv (like k, v). lse is the forward's (B, Hq, Sq)
+    fp32; dlse (its upstream gradient, or None) enters as delta_i - dlse_i, since dLSE_i/dS_ij =
+    P_ij. Always deterministic (no atomics): ``deterministic`` is accepted for the interface."""
+    _check_unit_d(do=do, q=q, k=k, v=v, out=out, dq=dq, dk=dk, dv=dv)
+    B, Hq, Sq, D = q.shape
+    Hkv, Sk = k.shape[1], k.shape[2]
+    if B == 0 or Hkv == 0:
+        return
+    if Sq == 0:
+        dk.zero_()
+        dv.zero_()
+        return
+    has_left, left, has_right, right = resolve_window(causal, window_left, window_right)
+    bd = block_d(D)
+    delta = torch.empty((B, Hq, Sq), device=q.device, dtype=torch.float32)
+    pre_m = 64 if not _INTERPRET else 32
+    _bwd_preprocess_kernel[(triton.cdiv(Sq, pre_m), Hq, B)](
+        out, do, delta, out.stride(0), out.stride(1), out.stride(2), do.stride(0), do.stride(1), do.stride(2),
+        Hq, Sq, HEAD_DIM=D, BLOCK_D=bd, EVEN_D=bd == D, BLOCK_M=pre_m,
+    )
+    if dlse is not None:
+        delta -= dlse
+    lse2 = (lse.float() * LOG2E).contiguous()
+    meta = dict(HEAD_DIM=D, BLOCK_D=bd, EVEN_D=bd == D, HAS_LEFT=has_left, HAS_RIGHT=has_right, DOT_PREC=_dot_prec(q))
+    common = (
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+        do.stride(0), do.stride(1), do.stride(2),
+    )
+    if Sk > 0:
+        args = (q, k, v, do, lse2, delta, dk, dv, *common,
+                dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
+                Hkv, Hq // Hkv, Sq, Sk, left, right, scale * LOG2E, scale)
+        _launch(_dkdv_tuned, _attn_bwd_dkdv_kernel, _DKDV_TABLE, _INTERP_DKDV, lambda m: (triton.cdiv(Sk, m["BLOCK_N"]), Hkv, B), args, meta)
+    args = (q, k, v, do, lse2, delta, dq, *common, dq.stride(0), dq.stride(1), dq.stride(2),
+            Hq, Hq // Hkv, Sq, Sk, left, right, scale * LOG2E, scale)
+    _launch(_dq_tuned, _attn_bwd_dq_kernel, _DQ_TABLE, _INTERP_DQ, lambda m: (triton.cdiv(Sq, m["BLOCK_M"]), Hq, B), args, meta)
+
+
+def default_scale(head_dim: int) -> float:
+    return 1.0 / math.sqrt(head_dim)
+
+
+from fastlm.triton.decode_attention import decode_attention_fwd  # noqa: E402,F401  (one launcher module per op name)

@@ -1,0 +1,195 @@
+"""KV-cache decode attention in Triton: split-KV (flash-decoding) plus a combine kernel.
+
+A decode step has few query rows (Sq = 1..16 new tokens per sequence) and a long cache, so one
+program per query block would leave the GPU idle at small batch. Instead the keys of each
+sequence are cut into ``num_splits`` chunks; one program handles one (chunk, batch, kv head,
+row block) and writes an fp32 partial output normalised by its own softmax sum, plus its
+log-sum-exp. The rows of a program are all GROUP * Sq (query head, token) pairs of one kv head,
+so K and V are read once for the whole GQA group (MQA: all heads). The combine kernel merges the
+partials per row:
+    m = max_s lse_s,  w_s = 2^(lse_s - m),  O = sum_s w_s O_s / sum_s w_s,  LSE = m + log2 sum_s w_s
+Cost: an fp32 partial write + read per split (B * Hq * Sq * D * 4 bytes each), small beside the
+cache read when the cache is long; the split count is picked so splits * B * Hkv fills the SMs.
+
+Masking (per sequence b with L_b = cache_seqlens[b] keys, bottom-right aligned, always causal):
+key j is visible to token t iff j < L_b and j <= L_b - Sq + t + RIGHT (RIGHT <= 0) and, with a
+left window, j >= L_b - Sq + t - LEFT. Lengths are clamped to [0, S_max] in the kernel, so a bad
+length can never read outside the cache. No autotuning (a decode step is captured in CUDA graphs,
+where the autotuner's benchmarking cannot run): a fixed config per head dim.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from fastlm.backend import interpreter_on
+
+LOG2E = 1.4426950408889634
+_INTERPRET = interpreter_on()
+
+
+@triton.jit(do_not_specialize=["B", "Hkv", "GROUP", "Sq", "S_max", "num_splits", "LEFT", "RIGHT", "HEAD_DIM"])
+def _decode_split_kernel(
+    Q, K, V, Lens, OP, LP,  # q (B, Hq, Sq, D); k/v cache (B, Hkv, S_max, D); lens (B,) int32; partials
+    stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
+    B, Hkv, GROUP, Sq, S_max, num_splits, LEFT, RIGHT, qk_scale,
+    HEAD_DIM, BLOCK_D: tl.constexpr, HAS_LEFT: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Partial attention of rows (g, t) of kv head hk over keys [split * chunk, (split + 1) * chunk),
+    chunk = ceil(L / num_splits) rounded up to BLOCK_N. OP[split, b, h, t] = sum_j p_j v_j / sum_j p_j
+    (fp32), LP[split, b, h, t] = log2-domain LSE (m + log2 l), -inf when no key was seen."""
+    split = tl.program_id(0)
+    pid_hr = tl.program_id(1)  # kv head * row blocks + row block
+    b = tl.program_id(2)
+    row_blocks = tl.cdiv(GROUP * Sq, BLOCK_M)
+    hk = pid_hr // row_blocks
+    pid_r = pid_hr % row_blocks
+    L = tl.minimum(tl.maximum(tl.load(Lens + b), 0), S_max)
+    chunk = tl.cdiv(tl.cdiv(L, num_splits), BLOCK_N) * BLOCK_N
+    start = split * chunk
+    end = tl.minimum(start + chunk, L)
+
+    rows = pid_r * BLOCK_M + tl.arange(0, BLOCK_M)
+    r_ok = rows < GROUP * Sq
+    g = rows // Sq
+    t = rows % Sq
+    h = hk * GROUP + g
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    q = tl.load(Q + b.to(tl.int64) * stride_qb + h[:, None].to(tl.int64) * stride_qh + t[:, None].to(tl.int64) * stride_qs + offs_d[None, :],
+                mask=r_ok[:, None] & d_ok[None, :], other=0.0)
+    Kb = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
+    Vb = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
+
+    diag = L - Sq + t  # the key aligned with token t
+    lo = start
+    if HAS_LEFT:
+        lo = tl.maximum(start, L - Sq - LEFT)
+    lo = (lo // BLOCK_N) * BLOCK_N
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    offs_nb = tl.arange(0, BLOCK_N)
+    for start_n in range(lo, end, BLOCK_N):
+        n0 = tl.cast(start_n, tl.int64)
+        offs_n = start_n + offs_nb
+        n_ok = offs_n < end
+        kt = tl.load(Kb + n0 * stride_ks + offs_nb[None, :] * stride_ks + offs_d[:, None], mask=d_ok[:, None] & n_ok[None, :], other=0.0)
+        v = tl.load(Vb + n0 * stride_vs + offs_nb[:, None] * stride_vs + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        s = tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale
+        ok = n_ok[None, :] & (offs_n[None, :] <= diag[:, None] + RIGHT)
+        if HAS_LEFT:
+            ok = ok & (offs_n[None, :] >= diag[:, None] - LEFT)
+        s = tl.where(ok, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
+        m_i = m_new
+
+    seen = l_i > 0.0
+    out = acc / tl.where(seen, l_i, 1.0)[:, None]
+    lse = tl.where(seen, m_i + tl.math.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
+    Hq = Hkv * GROUP
+    prow = ((split.to(tl.int64) * B + b) * Hq + h) * Sq + t  # row index in (num_splits, B, Hq, Sq)
+    tl.store(OP + prow[:, None] * BLOCK_D + offs_d[None, :], out, mask=r_ok[:, None])
+    tl.store(LP + prow, lse, mask=r_ok)
+
+
+@triton.jit(do_not_specialize=["Hq", "Sq", "num_rows", "num_splits", "HEAD_DIM"])
+def _decode_combine_kernel(
+    OP, LP, O, LSE,  # partials (num_splits, rows, BLOCK_D) / (num_splits, rows) fp32; o (B, Hq, Sq, D); lse (B, Hq, Sq)
+    stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
+    Hq, Sq, num_rows, num_splits, HEAD_DIM,
+    BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """Per row (b, h, t): O = sum_s 2^(lse_s - m) O_s / sum_s 2^(lse_s - m), m = max_s lse_s;
+    LSE = (m + log2 sum_s 2^(lse_s - m)) ln 2; a row no split saw gets O = 0, LSE = -inf."""
+    row = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)  # b * Hq * Sq + h * Sq + t
+    r_ok = row < num_rows
+    m = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
+    for s in range(0, num_splits):
+        m = tl.maximum(m, tl.load(LP + tl.cast(s, tl.int64) * num_rows + row, mask=r_ok, other=float("-inf")))
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    offs_d = tl.arange(0, BLOCK_D)
+    total = tl.zeros([BLOCK_R], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
+    for s in range(0, num_splits):
+        base = tl.cast(s, tl.int64) * num_rows + row
+        w = tl.math.exp2(tl.load(LP + base, mask=r_ok, other=float("-inf")) - m_safe)
+        o_s = tl.load(OP + base[:, None] * BLOCK_D + offs_d[None, :], mask=r_ok[:, None], other=0.0)
+        total += w
+        acc += o_s * w[:, None]
+    seen = total > 0.0
+    out = acc / tl.where(seen, total, 1.0)[:, None]
+    lse = tl.where(seen, (m + tl.math.log2(tl.where(seen, total, 1.0))) * 0.6931471805599453, float("-inf"))
+    b = row // (Hq * Sq)
+    h = (row // Sq) % Hq
+    t = row % Sq
+    o_ptrs = O + (b * stride_ob + h * stride_oh + t * stride_os)[:, None] + offs_d[None, :]
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=r_ok[:, None] & (offs_d < HEAD_DIM)[None, :])
+    tl.store(LSE + b * stride_lb + h * stride_lh + t, lse, mask=r_ok)
+
+
+def _config(head_dim: int, rows: int) -> dict:
+    bd = max(16, triton.next_power_of_2(head_dim))
+    bm = min(max(16, triton.next_power_of_2(rows)), 64)
+    if _INTERPRET:
+        return dict(BLOCK_D=bd, BLOCK_M=bm, BLOCK_N=16, num_warps=4, num_stages=1)
+    bn = 64 if bd <= 128 else 32
+    return dict(BLOCK_D=bd, BLOCK_M=bm, BLOCK_N=bn, num_warps=4, num_stages=2 if bd <= 128 else 1)
+
+
+def num_splits_for(batch: int, kv_heads: int, row_blocks: int, s_max: int, block_n: int, device: torch.device) -> int:
+    """Splits so that splits * batch * kv_heads * row_blocks programs cover the SMs about twice,
+    never more splits than key blocks (nor than 128)."""
+    max_splits = max(1, triton.cdiv(s_max, block_n))
+    if device.type != "cuda":
+        return min(max_splits, 3)
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    want = triton.cdiv(2 * sms, max(1, batch * kv_heads * row_blocks))
+    return max(1, min(want, max_splits, 128))
+
+
+def decode_attention_fwd(q, k_cache, v_cache, cache_seqlens, scale, window_left, window_right, out, lse, num_splits=None) -> None:
+    """Decode into caller-given out (B, Hq, Sq, D) and lse (B, Hq, Sq) fp32 (unit stride in S).
+    q (B, Hq, Sq, D); caches (B, Hkv, S_max, D), unit stride in D; cache_seqlens (B,) int32: the
+    keys of sequence b are cache[b, :, :L_b], its Sq new tokens being the last Sq of them.
+    window sides -1 = unbounded (the right side is capped at 0: decode is causal)."""
+    for name, t in dict(q=q, k_cache=k_cache, v_cache=v_cache, out=out).items():
+        if t.numel() and t.stride(-1) != 1:
+            raise ValueError(f"fastlm.triton.decode_attention: {name} must have unit stride in the head dim (got strides {t.stride()})")
+    B, Hq, Sq, D = q.shape
+    Hkv, S_max = k_cache.shape[1], k_cache.shape[2]
+    if B == 0 or Hq == 0 or Sq == 0:
+        return
+    group = Hq // Hkv
+    cfg = _config(D, group * Sq)
+    bd, bm, bn = cfg["BLOCK_D"], cfg["BLOCK_M"], cfg["BLOCK_N"]
+    row_blocks = triton.cdiv(group * Sq, bm)
+    splits = num_splits or num_splits_for(B, Hkv, row_blocks, S_max, bn, q.device)
+    right = 0 if window_right < 0 else min(window_right, 0)
+    rows = B * Hq * Sq
+    o_part = torch.empty((splits, rows, bd), device=q.device, dtype=torch.float32)
+    l_part = torch.empty((splits, rows), device=q.device, dtype=torch.float32)
+    lens = cache_seqlens if cache_seqlens.dtype == torch.int32 else cache_seqlens.to(torch.int32)
+    _decode_split_kernel[(splits, Hkv * row_blocks, B)](
+        q, k_cache, v_cache, lens, o_part, l_part,
+        q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        B, Hkv, group, Sq, S_max, splits, max(window_left, 0), right, scale * LOG2E,
+        HEAD_DIM=D, BLOCK_D=bd, HAS_LEFT=window_left >= 0, DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
+        BLOCK_M=bm, BLOCK_N=bn, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    block_r = 64 if _INTERPRET else max(1, 2048 // bd)
+    _decode_combine_kernel[(triton.cdiv(rows, block_r),)](
+        o_part, l_part, out, lse, out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
+        Hq, Sq, rows, splits, D, BLOCK_D=bd, BLOCK_R=block_r, num_warps=4,
+    )
