@@ -1,0 +1,291 @@
+"""The thin GPT on fastlm's fused ops, in one file (nanoGPT / gpt-fast style).
+
+    tokens -> embedding (+ learned | sinusoidal positions, or rotary inside attention)
+           -> n_layer x [ pre-norm -> attention -> residual, pre-norm -> GELU MLP -> residual ]
+           -> final norm -> logits for every next token
+
+Every norm (``fastlm.ops.add_layer_norm`` / ``add_rms_norm``: the residual add fused with the next
+block's norm), attention, positional encoding and sampling call goes through ``fastlm.ops``, so the
+model follows ``fastlm.use_backend``. With ``causal=False`` it is a bidirectional encoder (BERT's
+shape). ``n_kv_head < n_head`` gives grouped-query attention.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fastlm import ops
+from fastlm.nn import LayerNorm, RMSNorm
+
+PRESETS = {
+    "tiny": dict(n_layer=4, n_head=4, n_embd=128, block_size=128, vocab_size=4096),
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50257),
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024, block_size=1024, vocab_size=50257),
+}
+
+
+@dataclasses.dataclass
+class GPTConfig:
+    vocab_size: int = 50257
+    block_size: int = 1024  # the context: the longest sequence the model sees
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    n_kv_head: int | None = None  # None: = n_head; fewer: grouped-query attention
+    norm: str = "layernorm"  # "layernorm" | "rmsnorm"
+    positions: str = "learned"  # "learned" | "sinusoidal" | "rotary"
+    causal: bool = True  # False: a bidirectional encoder
+    tie_embeddings: bool = True
+    bias: bool = True
+    dropout: float = 0.0
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    gelu: str = "tanh"  # "tanh" (GPT-2's gelu_new) | "none" (exact erf)
+
+    def __post_init__(self):
+        if self.n_kv_head is None:
+            self.n_kv_head = self.n_head
+        checks = [
+            (self.norm in ("layernorm", "rmsnorm"), f"norm must be 'layernorm' or 'rmsnorm', got {self.norm!r}"),
+            (self.positions in ("learned", "sinusoidal", "rotary"), f"positions must be 'learned', 'sinusoidal' or 'rotary', got {self.positions!r}"),
+            (self.gelu in ("tanh", "none"), f"gelu must be 'tanh' or 'none', got {self.gelu!r}"),
+            (self.n_embd % self.n_head == 0, f"n_embd {self.n_embd} must be a multiple of n_head {self.n_head}"),
+            (self.n_head % self.n_kv_head == 0, f"n_head {self.n_head} must be a multiple of n_kv_head {self.n_kv_head}"),
+            (min(self.vocab_size, self.block_size, self.n_layer, self.n_head) > 0, "sizes must be positive"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(f"GPTConfig: {msg}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> GPTConfig:
+        if name not in PRESETS:
+            raise ValueError(f"unknown GPT preset {name!r}; presets: {', '.join(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> GPTConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"GPTConfig: unknown field(s) {', '.join(sorted(unknown))}")
+        return cls(**d)
+
+
+def _add_norm(norm: nn.Module, h: torch.Tensor, delta: torch.Tensor | None):
+    """(norm(h + delta), h + delta) in one fused op; (norm(h), h) without a delta."""
+    if delta is None:
+        return norm(h), h
+    delta = delta.to(h.dtype)  # under autocast the branch is bf16 and the residual stream fp32
+    if isinstance(norm, RMSNorm):
+        return ops.add_rms_norm(delta, h, norm.weight, norm.eps)
+    return ops.add_layer_norm(delta, h, norm.weight, norm.bias, norm.eps)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: GPTConfig, layer: int):
+        super().__init__()
+        self.cfg, self.layer = cfg, layer
+        H, Hkv, D = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        self.c_attn = nn.Linear(cfg.n_embd, (H + 2 * Hkv) * D, bias=cfg.bias)
+        self.c_proj = nn.Linear(H * D, cfg.n_embd, bias=cfg.bias)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, positions, cache=None, prefill=False):
+        cfg = self.cfg
+        B, S, _ = x.shape
+        H, Hkv, D = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        q, k, v = self.c_attn(x).split([H * D, Hkv * D, Hkv * D], dim=-1)
+        q = q.view(B, S, H, D).transpose(1, 2)  # (B, H, S, D)
+        k = k.view(B, S, Hkv, D).transpose(1, 2)
+        v = v.view(B, S, Hkv, D).transpose(1, 2)
+        if cfg.positions == "rotary":
+            q, k = ops.rotary(q, k, positions, theta=cfg.rope_theta)
+        if cache is None:
+            y = ops.attention(q, k, v, causal=cfg.causal)
+        else:
+            y = cache.attend(self.layer, q, k, v, positions, prefill)
+        y = y.transpose(1, 2).reshape(B, S, H * D)
+        return self.drop(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
+        self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.approximate = cfg.gelu
+
+    def forward(self, x):
+        return self.drop(self.c_proj(F.gelu(self.c_fc(x), approximate=self.approximate)))
+
+
+def _make_norm(cfg: GPTConfig) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
+    return LayerNorm(cfg.n_embd, eps=cfg.norm_eps, bias=cfg.bias)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GPTConfig, layer: int):
+        super().__init__()
+        self.ln_1, self.attn, self.ln_2, self.mlp = _make_norm(cfg), Attention(cfg, layer), _make_norm(cfg), MLP(cfg)
+
+    def forward(self, h, delta, positions, cache=None, prefill=False):
+        """h: the residual stream; delta: the previous block's MLP output, not yet added to it."""
+        y, h = _add_norm(self.ln_1, h, delta)
+        a = self.attn(y, positions, cache, prefill)
+        y, h = _add_norm(self.ln_2, h, a)
+        return h, self.mlp(y)
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = cfg = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(cfg.vocab_size, cfg.n_embd),
+            drop=nn.Dropout(cfg.dropout),
+            h=nn.ModuleList([Block(cfg, i) for i in range(cfg.n_layer)]),
+            ln_f=_make_norm(cfg),
+        ))
+        if cfg.positions == "learned":
+            self.transformer["wpe"] = nn.Embedding(cfg.block_size, cfg.n_embd)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.transformer.wte.weight
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):  # GPT-2: residual projections scaled by 1/sqrt(2 L)
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    @staticmethod
+    def _init_weights(m):
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, mean=0.0, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, mean=0.0, std=0.02)
+
+    def num_params(self, non_embedding=True) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding and "wpe" in self.transformer:
+            n -= self.transformer.wpe.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token: 6 N + 12 L H D T (PaLM appendix B, as nanoGPT counts them)."""
+        c = self.config
+        return 6 * self.num_params() + 12 * c.n_layer * c.n_head * c.head_dim * seq_len
+
+    def embed(self, idx, positions, generating=False):
+        wte, cfg = self.transformer.wte, self.config
+        if cfg.positions == "sinusoidal":
+            x = ops.embed_sinusoidal(idx, wte.weight, positions=positions, check=not generating)
+        elif cfg.positions == "learned":
+            x = wte(idx) + self.transformer.wpe(positions)
+        else:
+            x = wte(idx)
+        return self.transformer.drop(x)
+
+    def forward(self, idx, targets=None, *, cache=None, prefill=False, positions=None):
+        """Logits (B, S, V) for idx (B, S), and the mean next-token cross-entropy if targets are given.
+
+        With a KV cache (fastlm.generation.KVCache) the tokens are appended at each sequence's
+        cache length (the positions follow from it); ``prefill`` says the cache starts empty.
+        """
+        B, S = idx.shape
+        if cache is None and S > self.config.block_size:
+            raise ValueError(f"sequence length {S} is longer than the context (block_size {self.config.block_size})")
+        if positions is None:
+            if cache is not None and not prefill:
+                positions = cache.seqlens.long()[:, None] + torch.arange(S, device=idx.device)
+            else:
+                positions = torch.arange(S, device=idx.device)
+        h, delta = self.embed(idx, positions, cache is not None), None
+        for block in self.transformer.h:
+            h, delta = block(h, delta, positions, cache, prefill)
+        y, _ = _add_norm(self.transformer.ln_f, h, delta)
+        logits = self.lm_head(y)
+        if cache is not None:
+            cache.advance(S)
+        if targets is None:
+            return logits
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+        return logits, loss
+
+    @torch.no_grad()
+    def generate(self, prompts, max_new_tokens: int = 64, **kwargs):
+        """Continue each prompt (token ids; a batch may mix lengths). See fastlm.generation.generate."""
+        from fastlm.generation import generate
+
+        return generate(self, prompts, max_new_tokens, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, path, **overrides) -> GPT:
+        """A local Hugging Face GPT-2 checkpoint directory, or a fastlm checkpoint directory."""
+        path = Path(path)
+        hf = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
+        if hf.get("model_type") != "gpt2":
+            from fastlm.training import load_model
+
+            return load_model(path)
+        act = hf.get("activation_function", "gelu_new")
+        if act not in ("gelu_new", "gelu_pytorch_tanh", "gelu"):
+            raise ValueError(f"{path}: activation_function {act!r} is not supported (gelu_new or gelu)")
+        cfg = GPTConfig(
+            vocab_size=hf["vocab_size"], block_size=hf["n_positions"], n_layer=hf["n_layer"], n_head=hf["n_head"],
+            n_embd=hf["n_embd"], norm_eps=hf.get("layer_norm_epsilon", 1e-5), gelu="none" if act == "gelu" else "tanh",
+            tie_embeddings=hf.get("tie_word_embeddings", True), **overrides,
+        )
+        sd = _read_hf_weights(path)
+        conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+        ours = {}
+        for k, v in sd.items():
+            if k.endswith((".attn.bias", ".attn.masked_bias")):
+                continue  # causal-mask buffers of older transformers
+            k = k.removeprefix("transformer.")
+            k = k if k.startswith("lm_head.") else "transformer." + k
+            ours[k] = v.t() if k.endswith(conv1d) else v  # HF Conv1D stores (in, out)
+        model = cls(cfg)
+        if cfg.tie_embeddings:
+            ours.pop("lm_head.weight", None)
+        missing, unexpected = model.load_state_dict(ours, strict=False)
+        missing = [m for m in missing if not (cfg.tie_embeddings and m == "lm_head.weight")]
+        if missing or unexpected:
+            raise ValueError(f"{path}: weights do not match GPT-2: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        return model
+
+
+def _read_hf_weights(path: Path) -> dict:
+    if (path / "model.safetensors").is_file():
+        from safetensors.torch import load_file
+
+        return load_file(str(path / "model.safetensors"))
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        from safetensors.torch import load_file
+
+        sd = {}
+        for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
+            sd.update(load_file(str(path / shard)))
+        return sd
+    if (path / "pytorch_model.bin").is_file():
+        return torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    raise FileNotFoundError(f"{path}: no model.safetensors or pytorch_model.bin")
