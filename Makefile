@@ -28,10 +28,12 @@ test: install
 	@if [ -n "$(NVCC)" ]; then $(MAKE) --no-print-directory cuda-check; else echo "make test: cuda-check skipped: nvcc not found, fastlm._C not built"; fi
 	$(PY) -m pytest tests -q -n 2 --durations=15 $(PYTEST_ARGS)
 
+# The tiny GPT trained on this Python's own standard library (nothing downloaded), then sampled.
+# --time-limit bounds the training on a slow machine; the checkpoint, metrics.jsonl and loss.png land in out/demo.
 demo: install
 	$(PY) -m fastlm info
-	$(PY) -m fastlm bench layer_norm --quick
-	$(PY) -m fastlm bench rms_norm --quick
+	$(PY) -m fastlm train --preset tiny --steps 1000 --batch-size 8 --lr 3e-3 --warmup 30 --eval-interval 100 --time-limit 180 --out out/demo
+	$(PY) -m fastlm generate --checkpoint out/demo --prompt "def " --max-new-tokens 120 --temperature 0.8 --seed 0
 
 bench: install
 	mkdir -p benchmarks/results

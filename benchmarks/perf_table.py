@@ -46,7 +46,7 @@ def table(doc) -> str:
         others = [r for r in ok if not r["impl"].startswith("fastlm-")]
         other = min(others, key=lambda r: r["ms"]) if others else None
         cell = lambda r: f"{_rate(r)[1]}" if r else "n/a"
-        find = lambda name: next((r for r in ok if r["impl"] == name), None)
+        find = lambda name, ok=ok: next((r for r in ok if r["impl"] == name), None)
         best_cell = f"{best['impl'][7:]}: {cell(best)}" if best else "failed: " + ", ".join(failed)
         ratio = f"{other['ms'] / best['ms']:.2f}x" if best and other else ""
         lines.append(f"| {op} | {mode} | {dtype} | {case} | {best_cell} | {cell(find('torch-eager'))} | "

@@ -13,6 +13,15 @@ from fastlm.backend import (  # noqa: E402
     current_backend,
     use_backend,
 )
+from fastlm.patch import (  # noqa: E402  (fastlm.patch is the function from here on; transformers loads only for HF models)
+    PatchReport,
+    patch,
+    patch_sdpa,
+    patched,
+    patched_sdpa,
+    unpatch,
+    unpatch_sdpa,
+)
 
 __all__ = [
     "__version__",
@@ -22,4 +31,11 @@ __all__ = [
     "available_backends",
     "current_backend",
     "BackendUnavailableError",
+    "patch",
+    "unpatch",
+    "patched",
+    "PatchReport",
+    "patch_sdpa",
+    "unpatch_sdpa",
+    "patched_sdpa",
 ]

@@ -1,4 +1,4 @@
-"""The `fastlm` command: info, check, bench (train and generate join with the GPT)."""
+"""The `fastlm` command: info, check, bench, train, generate."""
 
 from __future__ import annotations
 
@@ -23,7 +23,6 @@ def _cmd_info(args) -> int:
 def _cmd_check(args) -> int:
     """Validate every op and available backend against the references; non-zero exit on failure."""
     import torch
-
     from rich.console import Console
     from rich.table import Table
 
@@ -117,6 +116,99 @@ def _cmd_bench(args) -> int:
     return 1 if any(r["status"] == "failed" for r in results) else 0
 
 
+def _parse_sets(items) -> dict:
+    import dataclasses
+
+    from fastlm.models.gpt import GPTConfig
+
+    types = {f.name: f.type for f in dataclasses.fields(GPTConfig)}
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or key not in types:
+            raise ValueError(f"--set {item!r}: expected KEY=VALUE with KEY one of {', '.join(types)}")
+        t = str(types[key])
+        if "bool" in t:
+            out[key] = value.lower() in ("1", "true", "yes", "on")
+        elif "int" in t:
+            out[key] = None if value.lower() == "none" else int(value)
+        elif "float" in t:
+            out[key] = float(value)
+        else:
+            out[key] = value
+    return out
+
+
+def _cmd_train(args) -> int:
+    from fastlm.training import TrainConfig, train
+
+    try:
+        tc = TrainConfig(
+            data=args.data, preset=args.preset, model=_parse_sets(args.set), steps=args.steps, batch_size=args.batch_size,
+            seq_len=args.seq_len, grad_accum=args.grad_accum, lr=args.lr, min_lr=args.min_lr, warmup=args.warmup,
+            decay_steps=args.decay_steps, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
+            eval_interval=args.eval_interval, eval_iters=args.eval_iters, log_interval=args.log_interval,
+            ckpt_interval=args.ckpt_interval, out=args.out, resume=args.resume, seed=args.seed,
+            vocab_size=args.vocab_size, tokenizer=args.tokenizer, device=args.device, dtype=args.dtype,
+            backend=args.backend, compile=args.compile, progress=not args.no_progress, time_limit=args.time_limit,
+        )
+        summary = train(tc)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"fastlm train: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    return 130 if summary["interrupted"] else 0
+
+
+def _cmd_generate(args) -> int:
+    import torch
+
+    import fastlm
+    from fastlm.models import GPT
+    from fastlm.tokenizer import StreamDecoder, Tokenizer
+    from fastlm.training import find_checkpoint
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    try:
+        model = GPT.from_pretrained(args.checkpoint).to(device=device, dtype=dtype)
+        tokenizer = Tokenizer.load(find_checkpoint(args.checkpoint) or args.checkpoint)
+        ids = tokenizer.encode(args.prompt) if args.prompt else [tokenizer.eos_id if tokenizer.eos_id is not None else 0]
+        context = model.config.block_size
+        if len(ids) > context:
+            raise ValueError(f"the prompt is {len(ids)} tokens, longer than the model's context of {context} tokens")
+        n = min(args.max_new_tokens, context - len(ids))
+        if n < args.max_new_tokens:
+            print(f"fastlm generate: generating {n} tokens, the room left in the {context}-token context", file=sys.stderr)
+        stream = StreamDecoder(tokenizer, ids)
+        sys.stdout.write(args.prompt)
+        sys.stdout.flush()
+
+        def on_token(step, tok):
+            sys.stdout.write(stream.push(int(tok[0])))
+            sys.stdout.flush()
+
+        backend = fastlm.use_backend(args.backend) if args.backend else _nullcontext()
+        with backend:
+            model.generate(ids, n, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                           seed=args.seed, stream=on_token)
+        sys.stdout.write("\n")
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"fastlm generate: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _nullcontext():
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fastlm", description="Triton and CUDA kernels for PyTorch transformers.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -140,6 +232,49 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--plot", metavar="PATH")
     s.add_argument("--quick", action="store_true", help="small sizes; on a CPU: a harness check, not a performance figure")
     s.set_defaults(func=_cmd_bench)
+    s = sub.add_parser("train", help="train the GPT (default: the tiny preset on the Python standard library)")
+    s.add_argument("--data", nargs="+", metavar="PATH", help="text files or directories (default: this Python's standard library .py files)")
+    s.add_argument("--preset", default="tiny", help="tiny | gpt2 | gpt2-medium")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a GPTConfig field, e.g. --set norm=rmsnorm --set positions=rotary")
+    s.add_argument("--steps", type=int, default=500)
+    s.add_argument("--batch-size", type=int, default=16, help="sequences per process and micro-step")
+    s.add_argument("--seq-len", type=int, help="default: the preset's context")
+    s.add_argument("--grad-accum", type=int, default=1)
+    s.add_argument("--lr", type=float, default=1e-3)
+    s.add_argument("--min-lr", type=float)
+    s.add_argument("--warmup", type=int)
+    s.add_argument("--decay-steps", type=int, help="length of the cosine decay (default: --steps)")
+    s.add_argument("--weight-decay", type=float, default=0.1)
+    s.add_argument("--grad-clip", type=float, default=1.0)
+    s.add_argument("--eval-interval", type=int, default=100)
+    s.add_argument("--eval-iters", type=int, default=8)
+    s.add_argument("--log-interval", type=int, default=10)
+    s.add_argument("--ckpt-interval", type=int, default=0, help="also checkpoint every N steps (default: at the end and on Ctrl-C)")
+    s.add_argument("--vocab-size", type=int, help="of the byte-level BPE trained on the data (default: the preset's)")
+    s.add_argument("--tokenizer", metavar="PATH", help="tokenizer.json, or a directory with vocab.json + merges.txt")
+    s.add_argument("--out", default="out", help="output directory: checkpoint/, metrics.jsonl, loss.png")
+    s.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
+    s.add_argument("--seed", type=int, default=1337)
+    s.add_argument("--device")
+    s.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="autocast dtype (default bfloat16 on CUDA, float32 on CPU)")
+    s.add_argument("--backend", choices=["torch", "triton", "cuda"])
+    s.add_argument("--compile", action="store_true")
+    s.add_argument("--no-progress", action="store_true")
+    s.add_argument("--time-limit", type=float, metavar="SECONDS", help="stop (with a checkpoint) after this much training time")
+    s.set_defaults(func=_cmd_train)
+    s = sub.add_parser("generate", help="generate text from a checkpoint, streaming it")
+    s.add_argument("--checkpoint", required=True, metavar="DIR", help="a `fastlm train` output or checkpoint directory, or a Hugging Face GPT-2 directory")
+    s.add_argument("--prompt", default="", help="text to continue (default: start from the end-of-text token)")
+    s.add_argument("--max-new-tokens", type=int, default=200)
+    s.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
+    s.add_argument("--top-k", type=int)
+    s.add_argument("--top-p", type=float)
+    s.add_argument("--min-p", type=float)
+    s.add_argument("--seed", type=int)
+    s.add_argument("--device")
+    s.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="default bfloat16 on CUDA, float32 on CPU")
+    s.add_argument("--backend", choices=["torch", "triton", "cuda"])
+    s.set_defaults(func=_cmd_generate)
     return p
 
 

@@ -12,6 +12,8 @@ import torch
 HAS_GPU = torch.cuda.is_available()
 if not HAS_GPU:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    # The suite runs as 2 xdist workers on 2 cores: one intra-op thread each, or tiny ops thrash.
+    torch.set_num_threads(1)
 
 import fastlm  # noqa: E402,F401
 

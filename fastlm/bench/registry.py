@@ -13,7 +13,8 @@ implementation whose error sets the tolerance (torch eager in the same dtype).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 MODES = ("fwd", "bwd", "full")
 Prepare = Callable[[dict], Callable[[], Any]]

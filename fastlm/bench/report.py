@@ -82,7 +82,7 @@ def write_plot(doc, path) -> None:
             groups.setdefault((r["op"], r["mode"], r["dtype"]), []).append(r)
     n = max(1, len(groups))
     fig, axes = plt.subplots(n, 1, figsize=(7, 3.2 * n), squeeze=False)
-    for ax, ((op, mode, dtype), rs) in zip(axes[:, 0], sorted(groups.items())):
+    for ax, ((op, mode, dtype), rs) in zip(axes[:, 0], sorted(groups.items()), strict=False):
         key = "tflops" if any("tflops" in r for r in rs) else "gbps"
         for impl in sorted({r["impl"] for r in rs}):
             pts = sorted((r["size"], r[key]) for r in rs if r["impl"] == impl and key in r)
@@ -127,8 +127,10 @@ def print_table(doc, console=None) -> None:
             rate, pct = f"{r['gbps']:.0f}", f"{r['pct_of_copy']:.0f}%"
         else:
             rate, pct = "", ""
+        if "tokens_per_s" in r:
+            rate += f" ({r['tokens_per_s']:,.0f} tok/s)"
         sp = r.get("speedup", {})
-        fmt = lambda k: f"{sp[k]:.2f}x" if k in sp else ""
+        fmt = lambda k, sp=sp: f"{sp[k]:.2f}x" if k in sp else ""
         check = f"ok ({r['error_ratio']:.2f})" if "error_ratio" in r else "baseline"
         table.add_row(r["op"], r["mode"], r["dtype"], r["case"], r["impl"], f"{r['ms']:.4f}", rate, pct,
                       fmt("torch-eager"), fmt("torch-compile"), check)

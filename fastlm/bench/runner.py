@@ -53,7 +53,6 @@ def measure_ceilings(device, quick=False) -> dict:
     b = torch.randn(n, n, device=dev, dtype=mm_dtype)
     ms = time_ms(lambda: a @ b, dev, quick=quick)
     tflops = 2 * n**3 / (ms * 1e-3) / 1e12
-    del src, dst, a, b
     return {"copy_gbps": copy_gbps, "matmul_tflops": tflops, "matmul_dtype": str(mm_dtype).replace("torch.", "")}
 
 
@@ -75,7 +74,7 @@ def validate(out, truth, baseline, factor) -> float:
     if not (len(outs) == len(truths) == len(bases)):
         raise AssertionError(f"{len(outs)} outputs, {len(truths)} in the truth, {len(bases)} in the baseline")
     worst = 0.0
-    for i, (o, t, b) in enumerate(zip(outs, truths, bases)):
+    for i, (o, t, b) in enumerate(zip(outs, truths, bases, strict=True)):
         if not o.is_floating_point():
             if not torch.equal(o.cpu(), t.cpu()):
                 raise AssertionError(f"output {i}: integer result differs from the reference")
@@ -120,6 +119,8 @@ def run_case(entry: Entry, case: Case, mode: str, device, backends, quick, ceili
         if case.flops:
             r["tflops"] = case.flops / (ms * 1e-3) / 1e12
             r["pct_of_matmul"] = 100 * r["tflops"] / ceilings["matmul_tflops"]
+        if case.params.get("tokens"):  # whole-model entries (fastlm/bench/gpt.py)
+            r["tokens_per_s"] = case.params["tokens"] / (ms * 1e-3)
         results.append(r)
     by_name = {r["impl"]: r for r in results if r.get("ms")}
     for r in results:

@@ -12,8 +12,10 @@ from __future__ import annotations
 import dataclasses
 import importlib
 
-OPS = ("layer_norm", "rms_norm")
-_MODULE = {"layer_norm": "layer_norm", "rms_norm": "layer_norm"}
+OPS = ("attention", "decode_attention", "layer_norm", "rms_norm", "rotary", "apply_rotary_pos_emb", "sinusoidal_position_encoding", "embed_sinusoidal", "sample", "top_k_top_p_filter")
+_MODULE = {"attention": "attention", "decode_attention": "attention", "layer_norm": "layer_norm", "rms_norm": "layer_norm", "rotary": "rotary", "apply_rotary_pos_emb": "rotary",
+           "sinusoidal_position_encoding": "sinusoidal", "embed_sinusoidal": "sinusoidal",
+           "sample": "sampling", "top_k_top_p_filter": "sampling"}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -89,7 +89,7 @@ def check(case: Case, backend: str) -> dict[str, float]:
     x, r, w, b, dy, dh = _inputs(case, g)
     originals = [t.clone() for t in (x, r, w, b) if t is not None]
     got = _run(case.op, x, r, w, b, dy, dh, backend)
-    for orig, t in zip(originals, [t for t in (x, r, w, b) if t is not None]):
+    for orig, t in zip(originals, [t for t in (x, r, w, b) if t is not None], strict=True):
         if not torch.equal(orig, t):
             raise AssertionError(f"{case.op}: an input was modified in place")
     base = _run(case.op, x, r, w, b, dy, dh, None)
