@@ -22,7 +22,7 @@ install: $(VENV)/.installed
 # Build fastlm._C with nvcc (no GPU needed) and import it; a launch without a GPU returns an error code.
 cuda-check: install
 	@if [ -z "$(NVCC)" ]; then echo "cuda-check: skipped: nvcc not found (PATH or CUDA_HOME); the CUDA backend is optional"; exit 0; fi; \
-	PATH="$$(dirname $(NVCC)):$$PATH" $(PY) setup.py -q build_ext --inplace && $(PY) -m fastlm.cuda
+	PATH="$$(dirname $(NVCC)):$$PATH" $(PY) setup.py -q build_ext --inplace && $(PY) -m fastlm.cuda && $(PY) -m pytest tests/test_cuda_build.py -q -p no:cacheprovider
 
 test: install
 	@if [ -n "$(NVCC)" ]; then $(MAKE) --no-print-directory cuda-check; else echo "make test: cuda-check skipped: nvcc not found, fastlm._C not built"; fi

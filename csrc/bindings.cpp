@@ -1,0 +1,114 @@
+// The fastlm._C module: pybind11 bindings of the launchers declared in ops.h, plus build and
+// runtime information. Pointers and streams cross as Python ints; launchers return CUDA error codes
+// that fastlm.cuda.check turns into exceptions. A new op adds its section of m.def lines below.
+
+#include <string>
+#include <vector>
+
+#include <cuda_runtime.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include "ops.h"
+
+#ifndef FASTLM_BUILT_ARCHS
+#define FASTLM_BUILT_ARCHS ""
+#endif
+
+namespace py = pybind11;
+
+namespace {
+
+std::vector<std::string> built_archs() {
+  std::vector<std::string> archs;
+  std::string item;
+  for (const char* p = FASTLM_BUILT_ARCHS;; ++p) {
+    if (*p == ',' || *p == '\0') {
+      if (!item.empty()) archs.push_back(item);
+      item.clear();
+      if (*p == '\0') break;
+    } else {
+      item += *p;
+    }
+  }
+  return archs;
+}
+
+int cuda_runtime_version() {
+  int v = 0;
+  return cudaRuntimeGetVersion(&v) == cudaSuccess ? v : 0;
+}
+
+int device_count() {
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess) {
+    cudaGetLastError();
+    return 0;
+  }
+  return n;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "fastlm CUDA kernels (plain CUDA launchers; links only the CUDA runtime)";
+
+  m.def("error_string", [](int code) { return std::string(cudaGetErrorString(static_cast<cudaError_t>(code))); },
+        py::arg("code"), "cudaGetErrorString(code)");
+  m.def("built_archs", &built_archs, "CUDA architectures this module was compiled for, e.g. ['80', '90a']");
+  m.def("cuda_runtime_version", &cuda_runtime_version, "cudaRuntimeGetVersion (e.g. 13000), 0 if unknown");
+  m.def("device_count", &device_count, "number of visible CUDA devices; 0 without a GPU or driver");
+
+  // ---- layer_norm (csrc/layer_norm.cu) ----
+  m.def("layer_norm_fwd", &fastlm::layer_norm_fwd, py::arg("x"), py::arg("residual"), py::arg("weight"),
+        py::arg("bias"), py::arg("y"), py::arg("h"), py::arg("mean"), py::arg("rstd"), py::arg("M"), py::arg("N"),
+        py::arg("stride_x"), py::arg("stride_r"), py::arg("stride_y"), py::arg("stride_h"), py::arg("eps"),
+        py::arg("is_rms"), py::arg("x_dtype"), py::arg("w_dtype"), py::arg("stream"));
+  m.def("layer_norm_bwd", &fastlm::layer_norm_bwd, py::arg("dy"), py::arg("dh"), py::arg("x"), py::arg("weight"),
+        py::arg("mean"), py::arg("rstd"), py::arg("dx"), py::arg("dweight"), py::arg("dbias"), py::arg("workspace"),
+        py::arg("M"), py::arg("N"), py::arg("stride_dy"), py::arg("stride_dh"), py::arg("stride_x"),
+        py::arg("stride_dx"), py::arg("is_rms"), py::arg("x_dtype"), py::arg("w_dtype"), py::arg("stream"));
+  m.def("layer_norm_bwd_workspace_size", &fastlm::layer_norm_bwd_workspace_size, py::arg("M"), py::arg("N"),
+        "bytes of fp32 workspace layer_norm_bwd needs on the current device (-1 if it cannot be queried)");
+
+  // ---- rotary (csrc/rotary.cu) ----
+  m.def("rotary", &fastlm::rotary, py::arg("q"), py::arg("k"), py::arg("q_out"), py::arg("k_out"),
+        py::arg("positions"), py::arg("pos_bits"), py::arg("cos"), py::arg("sin"), py::arg("table_dtype"),
+        py::arg("B"), py::arg("S"), py::arg("HQ"), py::arg("HK"), py::arg("D"), py::arg("rotary_dim"),
+        py::arg("strides"), py::arg("offset"), py::arg("theta"), py::arg("interleaved"), py::arg("backward"),
+        py::arg("dtype"), py::arg("stream"));
+
+  // ---- sinusoidal (csrc/sinusoidal.cu) ----
+  m.def("embed_sinusoidal_fwd", &fastlm::embed_sinusoidal_fwd, py::arg("ids"), py::arg("ids_bits"),
+        py::arg("weight"), py::arg("positions"), py::arg("pos_bits"), py::arg("out"), py::arg("T"), py::arg("S"),
+        py::arg("D"), py::arg("V"), py::arg("s_it"), py::arg("s_is"), py::arg("s_w0"), py::arg("s_w1"),
+        py::arg("s_pt"), py::arg("s_ps"), py::arg("s_ot"), py::arg("s_os"), py::arg("s_od"), py::arg("offset"),
+        py::arg("scale"), py::arg("has_scale"), py::arg("base"), py::arg("dtype"), py::arg("stream"));
+  m.def("embed_sinusoidal_bwd_atomic", &fastlm::embed_sinusoidal_bwd_atomic, py::arg("dout"), py::arg("ids"),
+        py::arg("ids_bits"), py::arg("dweight_f32"), py::arg("T"), py::arg("S"), py::arg("D"), py::arg("V"),
+        py::arg("s_ot"), py::arg("s_os"), py::arg("s_od"), py::arg("s_it"), py::arg("s_is"), py::arg("scale"),
+        py::arg("has_scale"), py::arg("dtype"), py::arg("stream"));
+  m.def("embed_sinusoidal_bwd_sorted", &fastlm::embed_sinusoidal_bwd_sorted, py::arg("dout"),
+        py::arg("sorted_ids"), py::arg("order"), py::arg("dweight"), py::arg("N"), py::arg("D"), py::arg("V"),
+        py::arg("s_on"), py::arg("s_od"), py::arg("s_w0"), py::arg("scale"), py::arg("has_scale"), py::arg("dtype"),
+        py::arg("stream"));
+
+  // ---- attention (csrc/attention.cu) ----
+  m.def("attention_fwd_supported", &fastlm::attention_fwd_supported, py::arg("D"), py::arg("dtype"));
+  m.def("attention_fwd", &fastlm::attention_fwd, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"),
+        py::arg("lse"), py::arg("B"), py::arg("Hq"), py::arg("Hkv"), py::arg("Sq"), py::arg("Sk"), py::arg("D"),
+        py::arg("strides"), py::arg("scale"), py::arg("causal"), py::arg("dtype"), py::arg("stream"));
+  m.def("decode_attention_supported", &fastlm::decode_attention_supported, py::arg("D"), py::arg("dtype"));
+  m.def("decode_attention_fwd", &fastlm::decode_attention_fwd, py::arg("q"), py::arg("k_cache"),
+        py::arg("v_cache"), py::arg("cache_seqlens"), py::arg("out"), py::arg("lse"), py::arg("o_part"),
+        py::arg("lse_part"), py::arg("B"), py::arg("Hq"), py::arg("Hkv"), py::arg("Sq"), py::arg("S_max"),
+        py::arg("D"), py::arg("strides"), py::arg("num_splits"), py::arg("scale"), py::arg("window_left"),
+        py::arg("window_right"), py::arg("dtype"), py::arg("stream"));
+
+  // ---- sampling (csrc/sampling.cu) ----
+  m.def("sampling", &fastlm::sampling, py::arg("logits"), py::arg("B"), py::arg("V"), py::arg("stride_x"),
+        py::arg("dtype"), py::arg("temperature"), py::arg("top_k"), py::arg("top_p"), py::arg("min_p"),
+        py::arg("t_val"), py::arg("k_val"), py::arg("p_val"), py::arg("mp_val"), py::arg("use_k"), py::arg("use_p"),
+        py::arg("use_mp"), py::arg("seed"), py::arg("tokens"), py::arg("logprobs"), py::arg("out"),
+        py::arg("stride_o"), py::arg("stream"));
+}

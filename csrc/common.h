@@ -1,0 +1,190 @@
+// Shared helpers for the fastlm CUDA kernels: dtype codes and dispatch, fp16/bf16 conversion,
+// vectorized loads and stores, warp and block sums, and the launch helper every launcher uses.
+// Plain CUDA: no torch headers, so the extension never depends on the torch ABI.
+#pragma once
+
+#include <cstdint>
+#include <type_traits>
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+namespace fastlm {
+
+// Dtype codes shared with fastlm/cuda/__init__.py (DTYPE_CODE).
+enum DTypeCode : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+
+template <typename T>
+struct TypeTag {
+  using type = T;
+};
+
+template <typename T>
+__host__ __device__ constexpr T ceil_div(T a, T b) {
+  return (a + b - 1) / b;
+}
+
+template <typename T>
+__host__ __device__ constexpr T min_of(T a, T b) {
+  return a < b ? a : b;
+}
+
+template <typename T>
+__host__ __device__ constexpr T max_of(T a, T b) {
+  return a < b ? b : a;
+}
+
+inline bool aligned_to(uintptr_t p, uintptr_t bytes) { return p % bytes == 0; }
+
+// Calls f(TypeTag<T>{}, TypeTag<W>{}) for the input dtype T and weight dtype W, where W is T or
+// float. Returns f's result, or cudaErrorInvalidValue for an unsupported pair.
+template <typename F>
+int dispatch_input_weight(int x_dtype, int w_dtype, F&& f) {
+  switch (x_dtype) {
+    case kFloat32:
+      if (w_dtype == kFloat32) return f(TypeTag<float>{}, TypeTag<float>{});
+      break;
+    case kFloat16:
+      if (w_dtype == kFloat16) return f(TypeTag<__half>{}, TypeTag<__half>{});
+      if (w_dtype == kFloat32) return f(TypeTag<__half>{}, TypeTag<float>{});
+      break;
+    case kBFloat16:
+      if (w_dtype == kBFloat16) return f(TypeTag<__nv_bfloat16>{}, TypeTag<__nv_bfloat16>{});
+      if (w_dtype == kFloat32) return f(TypeTag<__nv_bfloat16>{}, TypeTag<float>{});
+      break;
+    default:
+      break;
+  }
+  return cudaErrorInvalidValue;
+}
+
+// Calls f(std::integral_constant<bool, b>{}) so a runtime flag becomes a template argument.
+template <typename F>
+int dispatch_bool(bool b, F&& f) {
+  if (b) return f(std::true_type{});
+  return f(std::false_type{});
+}
+
+// Conversions: fp32 arithmetic everywhere, round-to-nearest-even on the way out (as torch does).
+__device__ __forceinline__ float to_float(float v) { return v; }
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T>
+__device__ __forceinline__ T from_float(float v);
+template <>
+__device__ __forceinline__ float from_float<float>(float v) {
+  return v;
+}
+template <>
+__device__ __forceinline__ __half from_float<__half>(float v) {
+  return __float2half_rn(v);
+}
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+
+// N elements of T moved as one aligned access (N * sizeof(T) <= 16 bytes: one 128-bit load at most).
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Pack {
+  T v[N];
+};
+
+// Largest element count of T that fits one 16-byte access.
+template <typename T>
+constexpr int kMaxVec = static_cast<int>(16 / sizeof(T));
+
+// Reads VEC elements at p into fp32. p must be aligned to min(16, VEC * sizeof(T)) bytes; wider
+// reads (fp32 weights beside 8-wide fp16 inputs) are split into 16-byte pieces.
+template <typename T, int VEC>
+__device__ __forceinline__ void load_float(const T* p, float (&out)[VEC]) {
+  constexpr int P = VEC < kMaxVec<T> ? VEC : kMaxVec<T>;
+#pragma unroll
+  for (int i = 0; i < VEC; i += P) {
+    const Pack<T, P> pk = *reinterpret_cast<const Pack<T, P>*>(p + i);
+#pragma unroll
+    for (int j = 0; j < P; ++j) out[i + j] = to_float(pk.v[j]);
+  }
+}
+
+// Writes VEC fp32 values to p as T, with the alignment rule of load_float.
+template <typename T, int VEC>
+__device__ __forceinline__ void store_float(T* p, const float (&in)[VEC]) {
+  constexpr int P = VEC < kMaxVec<T> ? VEC : kMaxVec<T>;
+#pragma unroll
+  for (int i = 0; i < VEC; i += P) {
+    Pack<T, P> pk;
+#pragma unroll
+    for (int j = 0; j < P; ++j) pk.v[j] = from_float<T>(in[i + j]);
+    *reinterpret_cast<Pack<T, P>*>(p + i) = pk;
+  }
+}
+
+// Sum over the 32 lanes of a full warp, returned to every lane. The xor butterfly applies the same
+// tree on every lane and fp32 addition is commutative, so all lanes get bit-identical results.
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+__device__ __forceinline__ float2 warp_sum(float2 v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    v.x += __shfl_xor_sync(0xffffffffu, v.x, o);
+    v.y += __shfl_xor_sync(0xffffffffu, v.y, o);
+  }
+  return v;
+}
+
+// Sum of v over a 1-D block of any size (the last warp may be partial), returned to every thread
+// in a fixed order, so the result is deterministic. smem holds at least 32 floats; it may be
+// reused as soon as this returns.
+__device__ __forceinline__ float block_sum(float v, float* smem) {
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int nwarps = (blockDim.x + 31) >> 5;
+  const int lanes = min_of<int>(32, blockDim.x - warp * 32);
+  const unsigned mask = lanes == 32 ? 0xffffffffu : (1u << lanes) - 1u;
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    const float other = __shfl_down_sync(mask, v, o);
+    if (lane + o < lanes) v += other;
+  }
+  if (lane == 0) smem[warp] = v;
+  __syncthreads();
+  float total = 0.f;
+  for (int w = 0; w < nwarps; ++w) total += smem[w];
+  __syncthreads();
+  return total;
+}
+
+// The SM count of the current device (a launch plan input), or the CUDA error.
+inline cudaError_t current_sm_count(int* sms) {
+#if defined(FASTLM_HOST_EMULATION)
+  return emulation::sm_count(sms);
+#else
+  int dev = 0;
+  cudaError_t err = cudaGetDevice(&dev);
+  if (err != cudaSuccess) return err;
+  return cudaDeviceGetAttribute(sms, cudaDevAttrMultiProcessorCount, dev);
+#endif
+}
+
+// Launches kernel<<<grid, block, 0, stream>>>(args...) and returns cudaGetLastError(). Under
+// FASTLM_HOST_EMULATION (a desk-check harness that runs kernels as host threads) it runs there.
+template <typename... KArgs, typename... Args>
+inline cudaError_t launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, cudaStream_t stream,
+                          Args... args) {
+#if defined(FASTLM_HOST_EMULATION)
+  (void)stream;
+  return emulation::launch(kernel, grid, block, static_cast<KArgs>(args)...);
+#else
+  kernel<<<grid, block, 0, stream>>>(static_cast<KArgs>(args)...);
+  return cudaGetLastError();
+#endif
+}
+
+}  // namespace fastlm

@@ -1,0 +1,89 @@
+// Declarations of every launcher in csrc/*.cu, one section per op; csrc/bindings.cpp binds them.
+// A launcher takes raw device pointers (0 for an absent tensor), sizes, element strides, dtype codes
+// (0 fp32, 1 fp16, 2 bf16), and a cudaStream_t as an integer; it returns a cudaError_t code (0 on
+// success, cudaErrorInvalidValue for bad arguments) and never throws.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+namespace fastlm {
+
+// ---- layer_norm (csrc/layer_norm.cu) ----
+// Forward: y = norm(x + residual) * weight + bias; h = x + residual; mean, rstd per row (fp32).
+int layer_norm_fwd(uintptr_t x, uintptr_t residual, uintptr_t weight, uintptr_t bias, uintptr_t y, uintptr_t h,
+                   uintptr_t mean, uintptr_t rstd, int64_t M, int64_t N, int64_t stride_x, int64_t stride_r,
+                   int64_t stride_y, int64_t stride_h, double eps, bool is_rms, int x_dtype, int w_dtype,
+                   uintptr_t stream);
+// Backward: dx (plus dh), and dweight/dbias through an fp32 workspace of
+// layer_norm_bwd_workspace_size(M, N) bytes (-1 when the current device cannot be queried).
+int layer_norm_bwd(uintptr_t dy, uintptr_t dh, uintptr_t x, uintptr_t weight, uintptr_t mean, uintptr_t rstd,
+                   uintptr_t dx, uintptr_t dweight, uintptr_t dbias, uintptr_t workspace, int64_t M, int64_t N,
+                   int64_t stride_dy, int64_t stride_dh, int64_t stride_x, int64_t stride_dx, bool is_rms,
+                   int x_dtype, int w_dtype, uintptr_t stream);
+int64_t layer_norm_bwd_workspace_size(int64_t M, int64_t N);
+
+// ---- rotary (csrc/rotary.cu) ----
+// Rotates q (B, HQ, S, D) and k (B, HK, S, D) into q_out, k_out (which may be q, k: in place) by
+// pos * theta^(-2p/R) (angle form: positions int32/int64 (pos_bits 32/64) with (b, s) strides, or
+// 0 for pos = offset + s; cos = sin = 0), or by cos/sin tables (B or 1, S, R) of table_dtype (table
+// form; positions and theta ignored). backward: the transposed map (rotation by -angle). strides:
+// 24 element strides: q, k, q_out, k_out as (b, h, s, d), positions (b, s), cos (b, s, d),
+// sin (b, s, d); 0 on a broadcast batch. Dims R..D-1 are copied unless q_out == q and k_out == k.
+int rotary(uintptr_t q, uintptr_t k, uintptr_t q_out, uintptr_t k_out, uintptr_t positions, int pos_bits,
+           uintptr_t cos, uintptr_t sin, int table_dtype, int64_t B, int64_t S, int64_t HQ, int64_t HK, int64_t D,
+           int64_t rotary_dim, const std::vector<int64_t>& strides, int64_t offset, double theta, bool interleaved,
+           bool backward, int dtype, uintptr_t stream);
+
+// ---- sinusoidal (csrc/sinusoidal.cu) ----
+// out (T, S, D) = weight[ids] * scale + PE(pos), PE(pos, 2i) = sin(pos base^(-2i/D)), PE(pos, 2i+1) =
+// cos(...); ids and weight 0 for the table alone; positions (T or 1, S) (s_pt 0 when broadcast) or
+// 0 for pos = offset + s. Out-of-range ids give NaN rows and are never read.
+int embed_sinusoidal_fwd(uintptr_t ids, int ids_bits, uintptr_t weight, uintptr_t positions, int pos_bits,
+                         uintptr_t out, int64_t T, int64_t S, int64_t D, int64_t V, int64_t s_it, int64_t s_is,
+                         int64_t s_w0, int64_t s_w1, int64_t s_pt, int64_t s_ps, int64_t s_ot, int64_t s_os,
+                         int64_t s_od, int64_t offset, double scale, bool has_scale, double base, int dtype,
+                         uintptr_t stream);
+// dweight_f32 (V, D) fp32, contiguous, zeroed by the caller: += scale * dout rows per valid id (atomic).
+int embed_sinusoidal_bwd_atomic(uintptr_t dout, uintptr_t ids, int ids_bits, uintptr_t dweight_f32, int64_t T,
+                                int64_t S, int64_t D, int64_t V, int64_t s_ot, int64_t s_os, int64_t s_od,
+                                int64_t s_it, int64_t s_is, double scale, bool has_scale, int dtype,
+                                uintptr_t stream);
+// Deterministic: sorted_ids (N,) int64 sorted stably and order (N,) int64 their token indices;
+// dweight (V, D) in dtype, zeroed by the caller, gets each run's in-order sum times scale.
+int embed_sinusoidal_bwd_sorted(uintptr_t dout, uintptr_t sorted_ids, uintptr_t order, uintptr_t dweight, int64_t N,
+                                int64_t D, int64_t V, int64_t s_on, int64_t s_od, int64_t s_w0, double scale,
+                                bool has_scale, int dtype, uintptr_t stream);
+
+// ---- sampling (csrc/sampling.cu) ----
+// One token per row of logits (B, V) (out == 0), or the filtered logits into out (B, V) (out != 0;
+// tokens then receives the row status). Per-row parameters: temperature, top_p, min_p fp32 and
+// top_k int64 (B,) tensors, or 0 to use t_val, k_val, p_val, mp_val; use_k/use_p/use_mp say whether
+// any row may filter. seed: int64 [seed, offset] on the device (sampling). tokens (B,) int64: the
+// token or a negative row status; logprobs (B,) fp32 or 0. V <= 2^22. See fastlm/reference/sampling.py.
+int sampling(uintptr_t logits, int64_t B, int64_t V, int64_t stride_x, int dtype, uintptr_t temperature,
+             uintptr_t top_k, uintptr_t top_p, uintptr_t min_p, double t_val, int64_t k_val, double p_val,
+             double mp_val, bool use_k, bool use_p, bool use_mp, uintptr_t seed, uintptr_t tokens, uintptr_t logprobs,
+             uintptr_t out, int64_t stride_o, uintptr_t stream);
+
+// ---- attention (csrc/attention.cu) ----
+// Forward, FlashAttention-2 style: out (B, Hq, Sq, D) and lse (B, Hq, Sq) fp32 from q (B, Hq, Sq, D),
+// k/v (B, Hkv, Sk, D); causal aligns bottom-right (query i sees keys j <= i + Sk - Sq). fp16/bf16,
+// D = 64 or 128 (attention_fwd_supported), B * Hq <= 65535. strides: 14 element strides: q, k, v, out
+// as (b, h, s) (multiples of 8; d unit-stride), lse (b, h) (s unit-stride); pointers 16-byte aligned.
+bool attention_fwd_supported(int64_t D, int dtype);
+int attention_fwd(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, uintptr_t lse, int64_t B, int64_t Hq,
+                  int64_t Hkv, int64_t Sq, int64_t Sk, int64_t D, const std::vector<int64_t>& strides, double scale,
+                  bool causal, int dtype, uintptr_t stream);
+// Decode (split-KV + combine): q (B, Hq, Sq <= 16, D) over caches (B, Hkv, S_max, D) with lengths
+// cache_seqlens (B,) int32 (clamped to [0, S_max]); causal within each sequence, optional left
+// window (window_left >= 0; window_right is capped at 0). o_part (num_splits, B, Hq, Sq, D) and
+// lse_part (num_splits, B, Hq, Sq) fp32 workspaces. fp16/bf16, D = 64, 128, 256
+// (decode_attention_supported); strides as for attention_fwd (k/v (b, h, s) 16-byte multiples).
+bool decode_attention_supported(int64_t D, int dtype);
+int decode_attention_fwd(uintptr_t q, uintptr_t k_cache, uintptr_t v_cache, uintptr_t cache_seqlens, uintptr_t out,
+                         uintptr_t lse, uintptr_t o_part, uintptr_t lse_part, int64_t B, int64_t Hq, int64_t Hkv,
+                         int64_t Sq, int64_t S_max, int64_t D, const std::vector<int64_t>& strides, int64_t num_splits,
+                         double scale, int64_t window_left, int64_t window_right, int dtype, uintptr_t stream);
+
+}  // namespace fastlm
