@@ -155,13 +155,24 @@ def _cmd_train(args) -> int:
         summary = train(tc)
     except (FileNotFoundError, ValueError) as exc:
         print(f"fastlm train: {exc}", file=sys.stderr)
+        _end_distributed(ok=False)
         return 2
-    finally:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+    _end_distributed(ok=True)
     return 130 if summary["interrupted"] else 0
+
+
+def _end_distributed(ok: bool) -> None:
+    """Tear the process group down only after every rank has let go of its DDP model and reached
+    the same point: a rank that destroys gloo while a peer still talks to it aborts the process."""
+    import gc
+
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        gc.collect()
+        if ok:
+            dist.barrier()
+        dist.destroy_process_group()
 
 
 def _cmd_generate(args) -> int:
