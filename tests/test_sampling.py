@@ -396,3 +396,15 @@ def test_torch_compile_fullgraph(backend):
     got, want = compiled(x, _seed(9), k), f(x, _seed(9), k)
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b)
+
+
+def test_cuda_backend_rejects_vocab_beyond_its_limit():
+    """csrc/sampling.cu keeps int64 fixed-point masses: a vocabulary over 2^22 is refused with a
+    clear error before any launch (no GPU needed to check it), and 2^22 itself is accepted."""
+    from fastlm.cuda import sampling as cs
+
+    too_big = torch.zeros(1, 1).expand(1, cs.MAX_VOCAB + 1)
+    with pytest.raises(ValueError, match=r"vocabulary of at most 4194304, got 4194305"):
+        cs.sample(too_big, None, None, None, None, None, torch.empty(1, dtype=torch.int64), None)
+    empty = torch.zeros(0, cs.MAX_VOCAB)
+    cs.sample(empty, None, None, None, None, None, torch.empty(0, dtype=torch.int64), None)

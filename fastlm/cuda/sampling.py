@@ -11,6 +11,9 @@ import torch
 
 from fastlm.cuda import check, dtype_code, lib, ptr, stream_handle
 
+CUDA_COVERAGE = ("sample and top_k_top_p_filter on fp32/fp16/bf16 logits, vocab up to 2^22 "
+                 "(sampling has no backward; the filter's gradient is a masked copy of the upstream one)")
+
 
 def _params(V: int, temperature, top_k, top_p, min_p):
     def split(v, default, dtype):
@@ -26,8 +29,13 @@ def _params(V: int, temperature, top_k, top_p, min_p):
     return (T, K, P, MP), (float(t_val), int(min(k_val, 2**62)), float(p_val), float(mp_val)), flags
 
 
+MAX_VOCAB = 1 << 22  # the int64 fixed-point masses of a row must not overflow
+
+
 def _launch(logits, params, seed, tokens, logprobs, out, what) -> None:
     B, V = logits.shape
+    if V > MAX_VOCAB:
+        raise ValueError(f"fastlm.ops.{what}: the cuda backend takes a vocabulary of at most {MAX_VOCAB}, got {V}; use backend='triton'")
     if B == 0:
         return
     tensors, vals, flags = params
