@@ -385,7 +385,7 @@ def train(tc: TrainConfig, on_step=None, log=print) -> dict:
     if main and tc.progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=tc.steps, initial=step, desc="train", dynamic_ncols=True)
+        bar = tqdm(total=tc.steps, initial=step, desc="train", dynamic_ncols=True, disable=None)  # no bar when not a terminal
         log = bar.write
     summary = {"start_step": step}
     interrupted = False

@@ -60,7 +60,7 @@ def test_bench_without_gpu_says_so():
 
 def test_bench_quick_json_validates_against_schema(tmp_path):
     out = tmp_path / "r.json"
-    r = _run("bench", "rms_norm", "--quick", "--mode", "full", "--json", str(out), "--csv", str(tmp_path / "r.csv"), "--plot", str(tmp_path / "r.png"))
+    r = _run("bench", "all", "--quick", "--json", str(out), "--csv", str(tmp_path / "r.csv"), "--plot", str(tmp_path / "r.png"))
     assert r.returncode == 0, r.stdout + r.stderr
     doc = json.loads(out.read_text())
     schema = json.loads((ROOT / "fastlm" / "bench" / "schema.json").read_text())
@@ -68,6 +68,9 @@ def test_bench_quick_json_validates_against_schema(tmp_path):
     impls = {x["impl"] for x in doc["results"] if x["status"] == "ok"}
     assert {"torch-eager", "fastlm-triton"} <= impls
     assert all(x["status"] != "failed" for x in doc["results"])
+    import fastlm.bench
+
+    assert {x["op"] for x in doc["results"]} == set(fastlm.bench.REGISTRY)  # every entry ran
     assert (tmp_path / "r.png").stat().st_size > 0
     assert (tmp_path / "r.csv").read_text().startswith("op,mode")
     if not doc["performance_figure"]:
