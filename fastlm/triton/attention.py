@@ -128,6 +128,28 @@ def _block_ranges(lo, hi, full_lo, full_hi, BLOCK: tl.constexpr):
     return lo_blk, tl.minimum(b_lo, hi), b_lo, b_hi, tl.maximum(b_hi, b_lo)
 
 
+@triton.jit
+def _query_block_key_ranges(m0, Sq, Sk, LEFT, RIGHT, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The keys query rows [m0, m0 + BLOCK_M) may see: row i sees keys j with
+    i + diag - LEFT <= j <= i + diag + RIGHT (diag = Sk - Sq, bottom-right alignment). Returns
+    _block_ranges' split of [lo, hi) and hi itself."""
+    diag = Sk - Sq
+    m_last = tl.minimum(m0 + BLOCK_M, Sq) - 1
+    lo = 0
+    hi = Sk
+    full_lo = 0
+    full_hi = Sk
+    if HAS_LEFT:
+        lo = tl.maximum(m0 + diag - LEFT, 0)
+        full_lo = tl.maximum(m_last + diag - LEFT, 0)
+    if HAS_RIGHT:
+        hi = tl.minimum(m_last + diag + RIGHT + 1, Sk)
+        full_hi = tl.minimum(m0 + diag + RIGHT + 1, Sk)
+    lo_blk, a_hi, b_lo, b_hi, c_lo = _block_ranges(lo, hi, full_lo, full_hi, BLOCK_N)
+    return lo_blk, a_hi, b_lo, b_hi, c_lo, hi
+
+
 @triton.jit(do_not_specialize=["Hq", "GROUP", "Sq", "Sk", "LEFT", "RIGHT", "HEAD_DIM"])
 def _attn_fwd_kernel(
     Q, K, V, O, LSE,  # q (B, Hq, Sq, D), k/v (B, Hkv, Sk, D), o like q, lse (B, Hq, Sq) fp32; unit D stride
@@ -159,18 +181,7 @@ def _attn_fwd_kernel(
     q = tl.load(Q + offs_m[:, None].to(tl.int64) * stride_qs + offs_d[None, :], mask=m_ok[:, None] & d_ok[None, :], other=0.0)
 
     diag = Sk - Sq
-    m_last = tl.minimum(m0 + BLOCK_M, Sq) - 1
-    lo = 0
-    hi = Sk
-    full_lo = 0
-    full_hi = Sk
-    if HAS_LEFT:
-        lo = tl.maximum(m0 + diag - LEFT, 0)
-        full_lo = tl.maximum(m_last + diag - LEFT, 0)
-    if HAS_RIGHT:
-        hi = tl.minimum(m_last + diag + RIGHT + 1, Sk)
-        full_hi = tl.minimum(m0 + diag + RIGHT + 1, Sk)
-    lo_blk, a_hi, b_lo, b_hi, c_lo = _block_ranges(lo, hi, full_lo, full_hi, BLOCK_N)
+    lo_blk, a_hi, b_lo, b_hi, c_lo, hi = _query_block_key_ranges(m0, Sq, Sk, LEFT, RIGHT, HAS_LEFT, HAS_RIGHT, BLOCK_M, BLOCK_N)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -396,18 +407,7 @@ def _attn_bwd_dq_kernel(
     Vh = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
 
     diag = Sk - Sq
-    m_last = tl.minimum(m0 + BLOCK_M, Sq) - 1
-    lo = 0
-    hi = Sk
-    full_lo = 0
-    full_hi = Sk
-    if HAS_LEFT:
-        lo = tl.maximum(m0 + diag - LEFT, 0)
-        full_lo = tl.maximum(m_last + diag - LEFT, 0)
-    if HAS_RIGHT:
-        hi = tl.minimum(m_last + diag + RIGHT + 1, Sk)
-        full_hi = tl.minimum(m0 + diag + RIGHT + 1, Sk)
-    lo_blk, a_hi, b_lo, b_hi, c_lo = _block_ranges(lo, hi, full_lo, full_hi, BLOCK_N)
+    lo_blk, a_hi, b_lo, b_hi, c_lo, hi = _query_block_key_ranges(m0, Sq, Sk, LEFT, RIGHT, HAS_LEFT, HAS_RIGHT, BLOCK_M, BLOCK_N)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     dq = _bwd_dq_blocks(dq, q, do, lse2, delta, Kh, Vh, stride_ks, stride_vs, offs_m, offs_d, lo_blk, a_hi, Sk, diag,
