@@ -1,6 +1,7 @@
 """Turn a `fastlm bench --json` results file into the README's performance table (never typed by hand).
 
     python benchmarks/perf_table.py benchmarks/results/bench-<device>-<date>.json [--print] [--readme README.md]
+    python benchmarks/perf_table.py --merge OUT.json PART.json...   # one document from per-entry runs
 
 The table has one row per (op, mode, case) with the best fastlm backend's rate and % of the
 measured peak beside torch eager, torch.compile and the best other baseline in the same run.
@@ -54,13 +55,29 @@ def table(doc) -> str:
     return "\n".join(lines)
 
 
+def merge(parts: list[dict], command: str) -> dict:
+    """One results document from several runs on the same machine (the first run's ceilings)."""
+    if not parts:
+        raise SystemExit("nothing to merge")
+    doc = dict(parts[0])
+    doc["command"] = command
+    doc["results"] = [r for p in parts for r in p["results"]]
+    doc["performance_figure"] = all(p["performance_figure"] for p in parts)
+    return doc
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("results")
+    ap.add_argument("results", nargs="+")
     ap.add_argument("--print", action="store_true")
     ap.add_argument("--readme", help="replace the table between the perf-table markers in this file")
+    ap.add_argument("--merge", metavar="OUT", help="write the given result files as one document to OUT")
     a = ap.parse_args()
-    doc = json.loads(Path(a.results).read_text())
+    if a.merge:
+        parts = [json.loads(Path(p).read_text()) for p in a.results if Path(p).exists()]
+        Path(a.merge).write_text(json.dumps(merge(parts, "make gpu-check (fastlm bench per entry)"), indent=1))
+        return
+    doc = json.loads(Path(a.results[0]).read_text())
     t = table(doc)
     if a.print or not a.readme:
         print(t)

@@ -32,6 +32,7 @@ def test_attention_matches_reference(case, backend):
 
 
 @pytest.mark.gpu
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize(
     "case", [c for c in cases.cases("attention", "cuda", full=True) if c not in cases.cases("attention", "cuda")], ids=lambda c: c.id
@@ -371,6 +372,7 @@ def test_race_stress_gpu(backend):
 
 
 @pytest.mark.gpu
+@pytest.mark.slow
 @pytest.mark.parametrize("kernel", ["fwd", "dkdv", "dq"])
 def test_every_config_gpu(kernel, monkeypatch):
     """Each autotune candidate computes the same result (the tests otherwise run the first one)."""

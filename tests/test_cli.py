@@ -71,6 +71,17 @@ def test_bench_quick_json_validates_against_schema(tmp_path):
     import fastlm.bench
 
     assert {x["op"] for x in doc["results"]} == set(fastlm.bench.REGISTRY)  # every entry ran
+    # benchmarks/perf_table.py: merged per-entry runs stay valid, and the README table is regenerated
+    table = [sys.executable, str(ROOT / "benchmarks" / "perf_table.py")]
+    merged = tmp_path / "merged.json"
+    subprocess.run([*table, "--merge", str(merged), str(out), str(out)], check=True)
+    jsonschema.validate(json.loads(merged.read_text()), schema)
+    assert len(json.loads(merged.read_text())["results"]) == 2 * len(doc["results"])
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- perf-table:begin -->\nold\n<!-- perf-table:end -->\nrest\n")
+    subprocess.run([*table, str(out), "--readme", str(readme)], check=True)
+    text = readme.read_text()
+    assert "old" not in text and "| rms_norm | fwd |" in text and "not a performance figure" in text and text.endswith("rest\n")
     assert (tmp_path / "r.png").stat().st_size > 0
     assert (tmp_path / "r.csv").read_text().startswith("op,mode")
     if not doc["performance_figure"]:

@@ -173,6 +173,7 @@ def _grads(x, w, b, dy, dh, eps, rms, dtype):
 
 @pytest.mark.gpu
 class TestLayerNormLaunchersOnGPU:
+    @pytest.mark.slow
     @pytest.mark.parametrize("M", MS)
     @pytest.mark.parametrize("N", NS)
     @pytest.mark.parametrize("dtype,residual,rms,w_fp32,has_b", VARIANTS)
