@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 from fastlm.backend import interpreter_on
+from fastlm.triton._online_softmax import _online_softmax_step
 
 LOG2E = 1.4426950408889634
 _INTERPRET = interpreter_on()
@@ -85,14 +86,7 @@ def _decode_split_kernel(
         if HAS_LEFT:
             ok = ok & (offs_n[None, :] >= diag[:, None] - LEFT)
         s = tl.where(ok, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
-        m_i = m_new
+        acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, s, v, DOT_PREC)
 
     seen = l_i > 0.0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
