@@ -31,6 +31,7 @@
 // shared memory and write an fp32 partial (normalised O and log2-domain LSE); the combine kernel
 // merges the splits per row: O = sum_s 2^(lse_s - M) O_s / sum_s 2^(lse_s - M).
 
+#include <array>
 #include <cmath>
 #include <cstring>
 #include <vector>
@@ -160,8 +161,22 @@ struct FwdParams {
   int64_t sq[3], sk[3], sv[3], so[3];  // (b, h, s) element strides; d is unit-stride
   int64_t sl[2];                       // lse (b, h); s is unit-stride
   int Hq, group, Sq, Sk;
+  int mblocks;       // query blocks per (batch, head): ceil(Sq / kBM)
   float scale_log2;  // scale * log2(e)
 };
+
+// The forward's blocks lie on grid x (2^31 - 1 blocks; y and z stop at 65535): block index
+// (b * Hq + h) * mblocks + i owns query block i of (b, h), or mblocks - 1 - i when causal (the
+// longest key ranges start first).
+struct FwdBlock {
+  int b, h, mblk;
+};
+
+__host__ __device__ __forceinline__ FwdBlock fwd_block(int index, int Hq, int mblocks, bool causal) {
+  const int bh = index / mblocks;
+  const int i = index - bh * mblocks;
+  return {bh / Hq, bh % Hq, causal ? mblocks - 1 - i : i};
+}
 
 // Rows [row0, row0 + ROWS) of a (S, D) matrix with row stride `stride` into shared memory with row
 // stride LD, 16 bytes per access; rows at or beyond S are zero-filled.
@@ -182,8 +197,10 @@ __device__ __forceinline__ void load_tile(T* dst, const T* src, int64_t stride, 
   }
 }
 
+// At least 1 block per SM: registers up to 255. ptxas's default target (128 at D = 64 on sm_90a)
+// spilled; the tile needs about 160 (D = 64, 3 blocks per SM) or 215 (D = 128, 2 blocks).
 template <typename T, int D, bool CAUSAL>
-__global__ void __launch_bounds__(kFwdThreads) attention_fwd_kernel(FwdParams p) {
+__global__ void __launch_bounds__(kFwdThreads, 1) attention_fwd_kernel(FwdParams p) {
   constexpr int LD = D + 8;  // padded row stride: rows 16 bytes apart modulo 128, no bank conflicts
   constexpr int KC = D / 16;  // k16 chunks of the head dim
   constexpr int NT = kBN / 8;  // n8 tiles of S
@@ -197,12 +214,11 @@ __global__ void __launch_bounds__(kFwdThreads) attention_fwd_kernel(FwdParams p)
   const int lane = threadIdx.x % 32;
   const int g = lane >> 2;
   const int c = lane & 3;
-  const int bh = blockIdx.y;
-  const int b = bh / p.Hq;
-  const int h = bh % p.Hq;
+  const FwdBlock blk = fwd_block(static_cast<int>(blockIdx.x), p.Hq, p.mblocks, CAUSAL);
+  const int b = blk.b;
+  const int h = blk.h;
   const int hk = h / p.group;
-  const int mblk = CAUSAL ? static_cast<int>(gridDim.x) - 1 - static_cast<int>(blockIdx.x) : static_cast<int>(blockIdx.x);
-  const int m0 = mblk * kBM;
+  const int m0 = blk.mblk * kBM;
 
   const T* Q = static_cast<const T*>(p.q) + b * p.sq[0] + h * p.sq[1];
   const T* K = static_cast<const T*>(p.k) + b * p.sk[0] + hk * p.sk[1];
@@ -340,17 +356,36 @@ struct DecodeParams {
   float scale_log2;
 };
 
+// Split blocks: grid x = b * Hq + h (2^31 - 1 blocks), grid y = the split (at most 65535).
+struct DecodeBlock {
+  int b, h;
+};
+
+__host__ __device__ __forceinline__ DecodeBlock decode_block(int index, int Hq) {
+  return {index / Hq, index % Hq};
+}
+
+// Resident blocks per SM the split kernel is compiled for; ptxas then caps the registers at
+// 65536 / (128 n): 64 at SQ = 1; 96 (D = 64) or 128 at SQ = 4; 168 (D = 64) or 255 at SQ = 16 (acc
+// alone holds SQ * D / 32 floats). Each instantiation fits its cap without spilling, where ptxas's
+// own default target spilled some.
+template <int D, int SQ>
+constexpr int decode_min_blocks() {
+  return SQ == 1 ? 8 : SQ <= 4 ? (D == 64 ? 5 : 4) : (D == 64 ? 3 : 1);
+}
+
 template <typename T, int D, int SQ>
-__global__ void __launch_bounds__(kDecThreads) decode_split_kernel(DecodeParams p) {
+__global__ void __launch_bounds__(kDecThreads, decode_min_blocks<D, SQ>()) decode_split_kernel(DecodeParams p) {
   constexpr int CPL = D / 32;  // output columns per lane
   __shared__ __align__(16) float qs[SQ][D];
   __shared__ __align__(16) float buf[SQ][D];
   __shared__ float wm[kDecWarps][SQ];
   __shared__ float wl[kDecWarps][SQ];
 
-  const int h = blockIdx.x;
-  const int b = blockIdx.y;
-  const int split = blockIdx.z;
+  const DecodeBlock blk = decode_block(static_cast<int>(blockIdx.x), p.Hq);
+  const int b = blk.b;
+  const int h = blk.h;
+  const int split = blockIdx.y;
   const int hk = h / p.group;
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
@@ -389,7 +424,7 @@ __global__ void __launch_bounds__(kDecThreads) decode_split_kernel(DecodeParams 
     for (int t = 0; t < SQ; ++t) s[t] = 0.f;
     if (key < end) {
       const T* kr = K + static_cast<int64_t>(key) * p.sk[2];
-#pragma unroll
+#pragma unroll 4
       for (int d0 = 0; d0 < D; d0 += 8) {
         float kv[8];
         load_float<T, 8>(kr + d0, kv);
@@ -400,7 +435,6 @@ __global__ void __launch_bounds__(kDecThreads) decode_split_kernel(DecodeParams 
         }
       }
     }
-    float pr[SQ];
 #pragma unroll
     for (int t = 0; t < SQ; ++t) {
       if (t >= Sq) break;
@@ -410,8 +444,8 @@ __global__ void __launch_bounds__(kDecThreads) decode_split_kernel(DecodeParams 
       const float m_new = fmaxf(m[t], warp_max(x));
       const float m_use = m_new == kNegInf ? 0.f : m_new;
       const float alpha = exp2f(m[t] - m_use);
-      pr[t] = exp2f(x - m_use);
-      lsum[t] = lsum[t] * alpha + pr[t];
+      s[t] = exp2f(x - m_use);  // s now holds the probabilities
+      lsum[t] = lsum[t] * alpha + s[t];
       m[t] = m_new;
 #pragma unroll
       for (int e = 0; e < CPL; ++e) acc[t][e] *= alpha;
@@ -423,7 +457,7 @@ __global__ void __launch_bounds__(kDecThreads) decode_split_kernel(DecodeParams 
 #pragma unroll
       for (int t = 0; t < SQ; ++t) {
         if (t >= Sq) break;
-        const float pk = __shfl_sync(0xffffffffu, pr[t], kk);
+        const float pk = __shfl_sync(0xffffffffu, s[t], kk);
 #pragma unroll
         for (int e = 0; e < CPL; ++e) acc[t][e] = fmaf(pk, vv[e], acc[t][e]);
       }
@@ -484,13 +518,10 @@ struct CombineParams {
   int64_t rows;
 };
 
-// One warp per row (b, h, t): merge the split partials.
+// Merges the split partials of row (b, h, t) = `row`; one warp, lane `lane`.
 template <typename T, int D>
-__global__ void __launch_bounds__(kDecThreads) decode_combine_kernel(CombineParams p) {
+__device__ __forceinline__ void combine_row(const CombineParams& p, int64_t row, int lane) {
   constexpr int CPL = D / 32;
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * kDecWarps + threadIdx.x / 32;
-  const int lane = threadIdx.x % 32;
-  if (row >= p.rows) return;
   float mm = kNegInf;
   for (int s = 0; s < p.splits; ++s) mm = fmaxf(mm, p.l_part[s * p.rows + row]);
   const float m_use = mm == kNegInf ? 0.f : mm;
@@ -517,6 +548,20 @@ __global__ void __launch_bounds__(kDecThreads) decode_combine_kernel(CombinePara
   if (lane == 0) p.lse[b * p.sl[0] + h * p.sl[1] + t] = total > 0.f ? (mm + log2f(total)) * kLn2 : kNegInf;
 }
 
+// One warp per row, grid-stride over the rows (B * Hq * Sq may exceed kDecWarps * (2^31 - 1)).
+template <typename T, int D>
+__global__ void __launch_bounds__(kDecThreads) decode_combine_kernel(CombineParams p) {
+  const int lane = threadIdx.x % 32;
+  for (int64_t row = static_cast<int64_t>(blockIdx.x) * kDecWarps + threadIdx.x / 32; row < p.rows;
+       row += static_cast<int64_t>(gridDim.x) * kDecWarps) {
+    combine_row<T, D>(p, row, lane);
+  }
+}
+
+dim3 to_dim3(const std::array<int64_t, 3>& g) {
+  return dim3(static_cast<unsigned>(g[0]), static_cast<unsigned>(g[1]), static_cast<unsigned>(g[2]));
+}
+
 template <typename F>
 int dispatch_half(int dtype, F&& f) {
   if (dtype == kFloat16) return f(TypeTag<__half>{});
@@ -540,12 +585,42 @@ bool decode_attention_supported(int64_t D, int dtype) {
   return (D == 64 || D == 128 || D == 256) && (dtype == kFloat16 || dtype == kBFloat16);
 }
 
+std::vector<std::array<int64_t, 3>> attention_fwd_grids(int64_t B, int64_t Hq, int64_t Sq) {
+  if (B < 1 || Hq < 1 || Sq < 1 || Sq > INT32_MAX - 2 * kBM) return {};
+  const int64_t blocks = mul_within(mul_within(B, Hq, kMaxGridX), ceil_div<int64_t>(Sq, kBM), kMaxGridX);
+  if (blocks < 0) return {};
+  return {{blocks, 1, 1}};
+}
+
+std::array<int64_t, 3> attention_fwd_block(int64_t index, int64_t Hq, int64_t Sq, bool causal) {
+  if (index < 0 || index > kMaxGridX || Hq < 1 || Hq > kMaxGridX || Sq < 1 || Sq > INT32_MAX - 2 * kBM) {
+    return {-1, -1, -1};
+  }
+  const FwdBlock blk = fwd_block(static_cast<int>(index), static_cast<int>(Hq),
+                                 static_cast<int>(ceil_div<int64_t>(Sq, kBM)), causal);
+  return {blk.b, blk.h, blk.mblk};
+}
+
+std::vector<std::array<int64_t, 3>> decode_attention_grids(int64_t B, int64_t Hq, int64_t Sq, int64_t num_splits) {
+  if (B < 1 || Hq < 1 || Sq < 1 || Sq > 16 || num_splits < 1 || num_splits > kMaxGridYZ) return {};
+  const int64_t bh = mul_within(B, Hq, kMaxGridX);
+  if (bh < 0) return {};
+  return {{bh, num_splits, 1}, {min_of(ceil_div<int64_t>(bh * Sq, kDecWarps), kMaxGridX), 1, 1}};
+}
+
+std::array<int64_t, 2> decode_attention_block(int64_t index, int64_t Hq) {
+  if (index < 0 || index > kMaxGridX || Hq < 1 || Hq > kMaxGridX) return {-1, -1};
+  const DecodeBlock blk = decode_block(static_cast<int>(index), static_cast<int>(Hq));
+  return {blk.b, blk.h};
+}
+
 int attention_fwd(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, uintptr_t lse, int64_t B, int64_t Hq,
                   int64_t Hkv, int64_t Sq, int64_t Sk, int64_t D, const std::vector<int64_t>& strides, double scale,
                   bool causal, int dtype, uintptr_t stream) {
   if (strides.size() != 14 || Hkv <= 0 || Hq % Hkv != 0 || !attention_fwd_supported(D, dtype)) return cudaErrorInvalidValue;
   if (B == 0 || Hq == 0 || Sq == 0) return cudaSuccess;
-  if (Sq > INT32_MAX - 2 * kBM || Sk > INT32_MAX - 2 * kBN || B * Hq > 65535) return cudaErrorInvalidValue;
+  const auto grids = attention_fwd_grids(B, Hq, Sq);
+  if (grids.empty() || Sk > INT32_MAX - 2 * kBN) return cudaErrorInvalidValue;
   for (int i = 0; i < 12; ++i) {
     if (strides[i] % 8 != 0) return cudaErrorInvalidValue;  // 16-byte rows for the vector loads
   }
@@ -570,8 +645,9 @@ int attention_fwd(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, uintptr_
   p.group = static_cast<int>(Hq / Hkv);
   p.Sq = static_cast<int>(Sq);
   p.Sk = static_cast<int>(Sk);
+  p.mblocks = static_cast<int>(ceil_div<int64_t>(Sq, kBM));
   p.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
-  const dim3 grid(static_cast<unsigned>(ceil_div<int64_t>(Sq, kBM)), static_cast<unsigned>(B * Hq));
+  const dim3 grid = to_dim3(grids[0]);
   const dim3 block(kFwdThreads);
   const auto st = reinterpret_cast<cudaStream_t>(stream);
   return dispatch_half(dtype, [&](auto tt) -> int {
@@ -594,7 +670,8 @@ int decode_attention_fwd(uintptr_t q, uintptr_t k_cache, uintptr_t v_cache, uint
       num_splits > 65535 || !decode_attention_supported(D, dtype))
     return cudaErrorInvalidValue;
   if (B == 0 || Hq == 0) return cudaSuccess;
-  if (Hq > INT32_MAX || B > 65535 || S_max > INT32_MAX / 2) return cudaErrorInvalidValue;
+  const auto grids = decode_attention_grids(B, Hq, Sq, num_splits);
+  if (grids.empty() || S_max > INT32_MAX / 2) return cudaErrorInvalidValue;
   for (int i = 3; i < 9; ++i) {
     if (strides[i] % 8 != 0) return cudaErrorInvalidValue;  // 16-byte K/V rows
   }
@@ -636,8 +713,8 @@ int decode_attention_fwd(uintptr_t q, uintptr_t k_cache, uintptr_t v_cache, uint
   cp.splits = p.splits;
   cp.rows = B * Hq * Sq;
   const auto st = reinterpret_cast<cudaStream_t>(stream);
-  const dim3 grid(static_cast<unsigned>(Hq), static_cast<unsigned>(B), static_cast<unsigned>(num_splits));
-  const dim3 cgrid(static_cast<unsigned>(ceil_div<int64_t>(cp.rows, kDecWarps)));
+  const dim3 grid = to_dim3(grids[0]);
+  const dim3 cgrid = to_dim3(grids[1]);
   return dispatch_half(dtype, [&](auto tt) -> int {
     using T = typename decltype(tt)::type;
     return dispatch_dim<64, 128, 256>(D, [&](auto dd) -> int {

@@ -77,6 +77,10 @@ PYBIND11_MODULE(_C, m) {
         py::arg("B"), py::arg("S"), py::arg("HQ"), py::arg("HK"), py::arg("D"), py::arg("rotary_dim"),
         py::arg("strides"), py::arg("offset"), py::arg("theta"), py::arg("interleaved"), py::arg("backward"),
         py::arg("dtype"), py::arg("stream"));
+  m.def("rotary_grids", &fastlm::rotary_grids, py::arg("B"), py::arg("S"), py::arg("HQ"), py::arg("HK"),
+        py::arg("rotary_dim"), py::arg("sms"), "the launch grid (x, y, z) rotary uses; [] when it exceeds the limits");
+  m.def("rotary_block", &fastlm::rotary_block, py::arg("index"), py::arg("B"), py::arg("S"), py::arg("HQ"),
+        py::arg("HK"), py::arg("rotary_dim"), py::arg("sms"), "(position block, b, head group) of block index");
 
   // ---- sinusoidal (csrc/sinusoidal.cu) ----
   m.def("embed_sinusoidal_fwd", &fastlm::embed_sinusoidal_fwd, py::arg("ids"), py::arg("ids_bits"),
@@ -98,7 +102,15 @@ PYBIND11_MODULE(_C, m) {
   m.def("attention_fwd", &fastlm::attention_fwd, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"),
         py::arg("lse"), py::arg("B"), py::arg("Hq"), py::arg("Hkv"), py::arg("Sq"), py::arg("Sk"), py::arg("D"),
         py::arg("strides"), py::arg("scale"), py::arg("causal"), py::arg("dtype"), py::arg("stream"));
+  m.def("attention_fwd_grids", &fastlm::attention_fwd_grids, py::arg("B"), py::arg("Hq"), py::arg("Sq"),
+        "the launch grid (x, y, z) attention_fwd uses; [] when it exceeds the limits");
+  m.def("attention_fwd_block", &fastlm::attention_fwd_block, py::arg("index"), py::arg("Hq"), py::arg("Sq"),
+        py::arg("causal"), "(b, h, query block) of forward block index");
   m.def("decode_attention_supported", &fastlm::decode_attention_supported, py::arg("D"), py::arg("dtype"));
+  m.def("decode_attention_grids", &fastlm::decode_attention_grids, py::arg("B"), py::arg("Hq"), py::arg("Sq"),
+        py::arg("num_splits"), "the grids (split, combine) decode_attention_fwd uses; [] when they exceed the limits");
+  m.def("decode_attention_block", &fastlm::decode_attention_block, py::arg("index"), py::arg("Hq"),
+        "(b, h) of split block index");
   m.def("decode_attention_fwd", &fastlm::decode_attention_fwd, py::arg("q"), py::arg("k_cache"),
         py::arg("v_cache"), py::arg("cache_seqlens"), py::arg("out"), py::arg("lse"), py::arg("o_part"),
         py::arg("lse_part"), py::arg("B"), py::arg("Hq"), py::arg("Hkv"), py::arg("Sq"), py::arg("S_max"),

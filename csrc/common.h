@@ -37,6 +37,17 @@ __host__ __device__ constexpr T max_of(T a, T b) {
 
 inline bool aligned_to(uintptr_t p, uintptr_t bytes) { return p % bytes == 0; }
 
+// Launch grid limits: x up to 2^31 - 1 blocks, y and z up to 65535. Launchers put products of
+// batch and heads on x and split blockIdx.x in the kernel.
+constexpr int64_t kMaxGridX = INT32_MAX;
+constexpr int64_t kMaxGridYZ = 65535;
+
+// a * b for a, b >= 0, or -1 when it exceeds limit (never overflows).
+inline int64_t mul_within(int64_t a, int64_t b, int64_t limit) {
+  if (a < 0 || b < 0 || (b != 0 && a > limit / b)) return -1;
+  return a * b;
+}
+
 // Calls f(TypeTag<T>{}, TypeTag<W>{}) for the input dtype T and weight dtype W, where W is T or
 // float. Returns f's result, or cudaErrorInvalidValue for an unsupported pair.
 template <typename F>

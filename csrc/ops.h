@@ -4,6 +4,7 @@
 // success, cudaErrorInvalidValue for bad arguments) and never throws.
 #pragma once
 
+#include <array>
 #include <cstdint>
 #include <vector>
 
@@ -34,6 +35,12 @@ int rotary(uintptr_t q, uintptr_t k, uintptr_t q_out, uintptr_t k_out, uintptr_t
            uintptr_t cos, uintptr_t sin, int table_dtype, int64_t B, int64_t S, int64_t HQ, int64_t HK, int64_t D,
            int64_t rotary_dim, const std::vector<int64_t>& strides, int64_t offset, double theta, bool interleaved,
            bool backward, int dtype, uintptr_t stream);
+// The grid rotary launches (one kernel) on a device with `sms` SMs, or none when it would exceed
+// 2^31 - 1 blocks; rotary_block: the (position block, b, head group) of block `index`, for tests.
+std::vector<std::array<int64_t, 3>> rotary_grids(int64_t B, int64_t S, int64_t HQ, int64_t HK, int64_t rotary_dim,
+                                                 int64_t sms);
+std::array<int64_t, 3> rotary_block(int64_t index, int64_t B, int64_t S, int64_t HQ, int64_t HK, int64_t rotary_dim,
+                                    int64_t sms);
 
 // ---- sinusoidal (csrc/sinusoidal.cu) ----
 // out (T, S, D) = weight[ids] * scale + PE(pos), PE(pos, 2i) = sin(pos base^(-2i/D)), PE(pos, 2i+1) =
@@ -69,9 +76,15 @@ int sampling(uintptr_t logits, int64_t B, int64_t V, int64_t stride_x, int dtype
 // ---- attention (csrc/attention.cu) ----
 // Forward, FlashAttention-2 style: out (B, Hq, Sq, D) and lse (B, Hq, Sq) fp32 from q (B, Hq, Sq, D),
 // k/v (B, Hkv, Sk, D); causal aligns bottom-right (query i sees keys j <= i + Sk - Sq). fp16/bf16,
-// D = 64 or 128 (attention_fwd_supported), B * Hq <= 65535. strides: 14 element strides: q, k, v, out
+// D = 64 or 128 (attention_fwd_supported), B * Hq * ceil(Sq / 64) <= 2^31 - 1 blocks
+// (attention_fwd_grids). strides: 14 element strides: q, k, v, out
 // as (b, h, s) (multiples of 8; d unit-stride), lse (b, h) (s unit-stride); pointers 16-byte aligned.
 bool attention_fwd_supported(int64_t D, int dtype);
+// Launch grids: the (x, y, z) of each kernel the launcher runs for these sizes, in launch order, or
+// none when the sizes exceed the grid limits (the launcher then returns cudaErrorInvalidValue).
+// *_block: the coordinates the kernel derives from its block index (blockIdx.x), for tests.
+std::vector<std::array<int64_t, 3>> attention_fwd_grids(int64_t B, int64_t Hq, int64_t Sq);
+std::array<int64_t, 3> attention_fwd_block(int64_t index, int64_t Hq, int64_t Sq, bool causal);  // (b, h, q block)
 int attention_fwd(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, uintptr_t lse, int64_t B, int64_t Hq,
                   int64_t Hkv, int64_t Sq, int64_t Sk, int64_t D, const std::vector<int64_t>& strides, double scale,
                   bool causal, int dtype, uintptr_t stream);
@@ -79,8 +92,11 @@ int attention_fwd(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, uintptr_
 // cache_seqlens (B,) int32 (clamped to [0, S_max]); causal within each sequence, optional left
 // window (window_left >= 0; window_right is capped at 0). o_part (num_splits, B, Hq, Sq, D) and
 // lse_part (num_splits, B, Hq, Sq) fp32 workspaces. fp16/bf16, D = 64, 128, 256
-// (decode_attention_supported); strides as for attention_fwd (k/v (b, h, s) 16-byte multiples).
+// (decode_attention_supported), B * Hq <= 2^31 - 1, num_splits <= 65535 (decode_attention_grids);
+// strides as for attention_fwd (k/v (b, h, s) 16-byte multiples).
 bool decode_attention_supported(int64_t D, int dtype);
+std::vector<std::array<int64_t, 3>> decode_attention_grids(int64_t B, int64_t Hq, int64_t Sq, int64_t num_splits);
+std::array<int64_t, 2> decode_attention_block(int64_t index, int64_t Hq);  // (b, h) of a split block
 int decode_attention_fwd(uintptr_t q, uintptr_t k_cache, uintptr_t v_cache, uintptr_t cache_seqlens, uintptr_t out,
                          uintptr_t lse, uintptr_t o_part, uintptr_t lse_part, int64_t B, int64_t Hq, int64_t Hkv,
                          int64_t Sq, int64_t S_max, int64_t D, const std::vector<int64_t>& strides, int64_t num_splits,

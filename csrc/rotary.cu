@@ -17,6 +17,7 @@
 // the inputs (in place): every element is read before it is written, by the same thread. Dims
 // R..D-1 are copied when the output is not the input.
 
+#include <array>
 #include <cmath>
 #include <vector>
 
@@ -43,6 +44,7 @@ struct RotaryArgs {
   int64_t scos[3], ssin[3];              // (b, s, d); b stride 0 when broadcast
   int64_t offset;
   int64_t heads_per_block;
+  int B, sblocks;  // batch, position blocks
   double log2_theta;
   int pos_bits;
   bool interleaved, backward, copy_pass;
@@ -90,15 +92,28 @@ __device__ __forceinline__ void copy_heads(const T* x, T* o, const int64_t (&si)
     o[b * so[0] + h * so[1] + s * so[2] + col * so[3]] = x[b * si[0] + h * si[1] + s * si[2] + col * si[3]];
 }
 
-// Block (blockIdx.x, b = blockIdx.y, group = blockIdx.z): positions s = blockIdx.x * blockDim.y +
-// threadIdx.y, pairs p = threadIdx.x, + blockDim.x, ..., heads [group * heads_per_block, ...) of
-// the concatenation q ++ k.
+// The blocks lie on grid x (2^31 - 1 blocks; y and z stop at 65535): block index
+// (group * B + b) * sblocks + sblock.
+struct RotaryBlock {
+  int sblock, b, group;
+};
+
+__host__ __device__ __forceinline__ RotaryBlock rotary_block_of(int index, int B, int sblocks) {
+  const int gb = index / sblocks;
+  return {index - gb * sblocks, gb % B, gb / B};
+}
+
+// Block (sblock, b, group): positions s = sblock * blockDim.y + threadIdx.y, pairs p = threadIdx.x,
+// + blockDim.x, ..., heads [group * heads_per_block, ...) of the concatenation q ++ k.
+// At least 4 blocks per SM: registers capped at 128, where the instantiations fit without spilling;
+// ptxas's default target (96) spilled.
 template <typename T, typename C, bool TABLE>
-__global__ void __launch_bounds__(kThreads) rotary_kernel(const RotaryArgs a) {
-  const int64_t s = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
-  const int64_t b = blockIdx.y;
+__global__ void __launch_bounds__(kThreads, 4) rotary_kernel(const RotaryArgs a) {
+  const RotaryBlock blk = rotary_block_of(static_cast<int>(blockIdx.x), a.B, a.sblocks);
+  const int64_t s = static_cast<int64_t>(blk.sblock) * blockDim.y + threadIdx.y;
+  const int64_t b = blk.b;
   if (s >= a.S) return;
-  const int64_t h0 = static_cast<int64_t>(blockIdx.z) * a.heads_per_block;
+  const int64_t h0 = static_cast<int64_t>(blk.group) * a.heads_per_block;
   const int64_t h1 = min_of<int64_t>(h0 + a.heads_per_block, a.HQ + a.HK);
   const int64_t q_begin = h0, q_end = min_of<int64_t>(h1, a.HQ);
   const int64_t k_begin = max_of<int64_t>(h0, a.HQ) - a.HQ, k_end = h1 - a.HQ;
@@ -164,7 +179,51 @@ int rotary_next_pow2(int64_t v) {
   return p;
 }
 
+// Launch shape: threads (bx pairs, by positions), bx * by = kThreads; sblocks position blocks and
+// enough head groups that the grid covers about 4 blocks per SM. blocks = 0 when the grid does not
+// fit (more than 2^31 - 1 blocks).
+struct RotaryPlan {
+  int bx, by;
+  int64_t sblocks, groups, heads_per_block, blocks;
+};
+
+RotaryPlan plan_rotary(int64_t B, int64_t S, int64_t H, int64_t rotary_dim, int64_t sms) {
+  RotaryPlan r{};
+  r.bx = static_cast<int>(min_of<int64_t>(kThreads, rotary_next_pow2(rotary_dim / 2)));
+  r.by = kThreads / r.bx;
+  r.sblocks = ceil_div<int64_t>(S, r.by);
+  const int64_t sb = mul_within(r.sblocks, B, kMaxGridX);
+  if (sb < 0) return r;
+  const int64_t target = 4 * max_of<int64_t>(sms, 1);
+  r.groups = min_of<int64_t>(H, max_of<int64_t>(1, ceil_div<int64_t>(target, sb)));
+  r.heads_per_block = ceil_div<int64_t>(H, r.groups);
+  r.groups = ceil_div<int64_t>(H, r.heads_per_block);
+  r.blocks = max_of<int64_t>(mul_within(sb, r.groups, kMaxGridX), 0);
+  return r;
+}
+
+bool rotary_sizes_ok(int64_t B, int64_t S, int64_t HQ, int64_t HK, int64_t rotary_dim) {
+  return B >= 1 && S >= 1 && HQ >= 0 && HK >= 0 && HQ + HK >= 1 && rotary_dim >= 2;
+}
+
 }  // namespace
+
+std::vector<std::array<int64_t, 3>> rotary_grids(int64_t B, int64_t S, int64_t HQ, int64_t HK, int64_t rotary_dim,
+                                                 int64_t sms) {
+  if (!rotary_sizes_ok(B, S, HQ, HK, rotary_dim)) return {};
+  const RotaryPlan r = plan_rotary(B, S, HQ + HK, rotary_dim, sms);
+  if (r.blocks == 0) return {};
+  return {{r.blocks, 1, 1}};
+}
+
+std::array<int64_t, 3> rotary_block(int64_t index, int64_t B, int64_t S, int64_t HQ, int64_t HK, int64_t rotary_dim,
+                                    int64_t sms) {
+  if (!rotary_sizes_ok(B, S, HQ, HK, rotary_dim)) return {-1, -1, -1};
+  const RotaryPlan r = plan_rotary(B, S, HQ + HK, rotary_dim, sms);
+  if (index < 0 || index >= r.blocks) return {-1, -1, -1};
+  const RotaryBlock blk = rotary_block_of(static_cast<int>(index), static_cast<int>(B), static_cast<int>(r.sblocks));
+  return {blk.sblock, blk.b, blk.group};
+}
 
 int rotary(uintptr_t q, uintptr_t k, uintptr_t q_out, uintptr_t k_out, uintptr_t positions, int pos_bits,
            uintptr_t cos, uintptr_t sin, int table_dtype, int64_t B, int64_t S, int64_t HQ, int64_t HK, int64_t D,
@@ -178,7 +237,6 @@ int rotary(uintptr_t q, uintptr_t k, uintptr_t q_out, uintptr_t k_out, uintptr_t
   const bool table = cos != 0 || sin != 0;
   if (table && (cos == 0 || sin == 0)) return cudaErrorInvalidValue;
   if (!table && (!(theta > 0.0) || (positions != 0 && pos_bits != 32 && pos_bits != 64))) return cudaErrorInvalidValue;
-  if (B > 65535) return cudaErrorInvalidValue;
   const auto code_ok = [](int c) { return c == kFloat32 || c == kFloat16 || c == kBFloat16; };
   if (!code_ok(dtype) || (table && !code_ok(table_dtype))) return cudaErrorInvalidValue;
 
@@ -209,20 +267,16 @@ int rotary(uintptr_t q, uintptr_t k, uintptr_t q_out, uintptr_t k_out, uintptr_t
   a.backward = backward;
   a.copy_pass = rotary_dim < D && (q_out != q || k_out != k);
 
-  const int bx = static_cast<int>(min_of<int64_t>(kThreads, rotary_next_pow2(a.half)));
-  const int by = kThreads / bx;
-  const int64_t sblocks = ceil_div<int64_t>(S, by);
-  if (sblocks > INT32_MAX) return cudaErrorInvalidValue;
   int sms = 0;
   cudaError_t err = current_sm_count(&sms);
   if (err != cudaSuccess) return err;
-  const int64_t H = HQ + HK;
-  const int64_t target = 4 * static_cast<int64_t>(max_of(sms, 1));
-  int64_t groups = min_of<int64_t>(H, max_of<int64_t>(1, ceil_div<int64_t>(target, sblocks * B)));
-  a.heads_per_block = ceil_div<int64_t>(H, groups);
-  groups = ceil_div<int64_t>(H, a.heads_per_block);
-  const dim3 grid(static_cast<unsigned>(sblocks), static_cast<unsigned>(B), static_cast<unsigned>(groups));
-  const dim3 block(bx, by);
+  const RotaryPlan r = plan_rotary(B, S, HQ + HK, rotary_dim, sms);
+  if (r.blocks == 0) return cudaErrorInvalidValue;
+  a.heads_per_block = r.heads_per_block;
+  a.B = static_cast<int>(B);
+  a.sblocks = static_cast<int>(r.sblocks);
+  const dim3 grid(static_cast<unsigned>(r.blocks));
+  const dim3 block(r.bx, r.by);
   const cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
 
   return dispatch_rotary_dtype(dtype, [&](auto tt) -> int {

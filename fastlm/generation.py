@@ -115,11 +115,12 @@ class _Decoder:
         self.graph = graph
 
     def __call__(self, tok):
+        """The next tokens, a fresh tensor every step (a replay overwrites the graph's static_out)."""
         if self.graph is None:
             return self._step(tok)
         self.static_tok.copy_(tok)
         self.graph.replay()
-        return self.static_out
+        return self.static_out.clone()
 
 
 @torch.no_grad()

@@ -42,7 +42,16 @@ def collect() -> dict:
         "backends": {b: backend.why_unavailable(b) for b in backend.BACKENDS},
         "selected": backend.current_backend(),
         "default_cuda": dict(backend.DEFAULT_CUDA_BACKEND),
+        "notes": list(NOTES),
     }
+
+
+# What a user should know before choosing a dtype or a head dim (the README says the same).
+NOTES = (
+    "triton attention in float32: 3xTF32 tensor-core dots (fp32-level accuracy) for head dims up to 128 and "
+    "IEEE FMA dots above, on small tiles (no larger fp32 tile fits the registers without spilling): several "
+    "times slower than bfloat16/float16, which use full-size tiles",
+)
 
 
 def render(info: dict) -> str:
@@ -67,4 +76,6 @@ def render(info: dict) -> str:
         "Selected: default (CUDA tensors: fastest measured, Triton unless benchmarks/results say otherwise; "
         "CPU tensors: the reference" + (", Triton under the interpreter)" if info["interpreter"] else ")")
     )
+    for note in info.get("notes", ()):
+        lines.append(f"Note: {note}")
     return "\n".join(lines)

@@ -5,6 +5,7 @@ imported. Tests marked ``gpu`` are skipped, with that reason, when torch sees no
 """
 
 import os
+import shutil
 
 import pytest
 import torch
@@ -42,3 +43,24 @@ def device():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def nvcc_available() -> bool:
+    """nvcc where setup.py and the Makefile look: PATH, else ${CUDA_HOME:-/usr/local/cuda}/bin."""
+    home = os.environ.get("CUDA_HOME") or "/usr/local/cuda"
+    return shutil.which("nvcc") is not None or os.access(os.path.join(home, "bin", "nvcc"), os.X_OK)
+
+
+@pytest.fixture(scope="module")
+def C():
+    """fastlm._C; skipped (with the reason) only where it cannot be built here."""
+    import fastlm.cuda as fcuda
+
+    err = fcuda.load_error()
+    if err is not None:
+        if not nvcc_available():
+            pytest.skip(f"nvcc is absent and fastlm._C is not built: {err}")
+        if os.environ.get("FASTLM_SKIP_CUDA_BUILD", "0") not in ("", "0"):
+            pytest.skip(f"FASTLM_SKIP_CUDA_BUILD is set and fastlm._C is not built: {err}")
+        pytest.fail(f"nvcc is present but fastlm._C does not import (run `make cuda-check`): {err}")
+    return fcuda.lib()

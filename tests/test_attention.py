@@ -378,7 +378,7 @@ def test_every_config_gpu(kernel, monkeypatch):
     """Each autotune candidate computes the same result (the tests otherwise run the first one)."""
     import fastlm.triton.attention as T
 
-    table = {"fwd": T._FWD_TABLE, "dkdv": T._DKDV_TABLE, "dq": T._DQ_TABLE}[kernel]
+    table = T._TABLES[kernel][False]
     original = T.default_config
     for bd, configs in table.items():
         d = {64: 64, 128: 96, 256: 256}[bd]
@@ -392,7 +392,7 @@ def test_every_config_gpu(kernel, monkeypatch):
         b_out.backward(do)
         for bm, bn, w, s in configs:
             cfg = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s)
-            monkeypatch.setattr(T, "default_config", lambda table_, bd_, fp32=False, _c=cfg: _c if table_ is table else original(table_, bd_, fp32))
+            monkeypatch.setattr(T, "default_config", lambda kind_, bd_, fp32=False, _c=cfg: _c if kind_ == kernel else original(kind_, bd_, fp32))
             ts = [t.detach().clone().requires_grad_() for t in (q, k, v)]
             try:
                 out = fastlm.ops.attention(*ts, causal=True, backend="triton")

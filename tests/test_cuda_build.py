@@ -7,9 +7,6 @@ runs in `make gpu-check`.
 
 from __future__ import annotations
 
-import os
-import shutil
-
 import pytest
 import torch
 
@@ -20,22 +17,6 @@ from fastlm.testing import assert_all_written, assert_close, poison_like
 CUDA_ERROR_INVALID_VALUE = 1
 
 
-def _nvcc_available() -> bool:
-    """nvcc where setup.py and the Makefile look: PATH, else ${CUDA_HOME:-/usr/local/cuda}/bin."""
-    home = os.environ.get("CUDA_HOME") or "/usr/local/cuda"
-    return shutil.which("nvcc") is not None or os.access(os.path.join(home, "bin", "nvcc"), os.X_OK)
-
-
-@pytest.fixture(scope="module")
-def C():
-    err = fcuda.load_error()
-    if err is not None:
-        if not _nvcc_available():
-            pytest.skip(f"nvcc is absent and fastlm._C is not built: {err}")
-        if os.environ.get("FASTLM_SKIP_CUDA_BUILD", "0") not in ("", "0"):
-            pytest.skip(f"FASTLM_SKIP_CUDA_BUILD is set and fastlm._C is not built: {err}")
-        pytest.fail(f"nvcc is present but fastlm._C does not import (run `make cuda-check`): {err}")
-    return fcuda.lib()
 
 
 def _null_fwd(C, M=1, N=1):

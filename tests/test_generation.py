@@ -139,3 +139,48 @@ def test_generate_bf16_on_gpu_follows_backend():
         ref = model.generate([[1, 2, 3]], 6, temperature=0, cuda_graph=False)
     out = model.generate([[1, 2, 3]], 6, temperature=0)
     assert len(out[0]) == len(ref[0]) == 6
+
+
+class _FakeGraph:
+    """Stands in for a captured CUDA graph on the CPU: replay() runs the step into the static buffer."""
+
+    def __init__(self, replay):
+        self.replay = replay
+
+
+def test_cuda_graph_decode_returns_a_fresh_tensor_each_step():
+    """Regression: the graph path returned its static output buffer, so a token tensor kept from one
+    step was overwritten by the next replay."""
+    from fastlm.generation import _Decoder
+
+    dec = _Decoder(model=None, cache=None, sample_kw={}, generator=None, use_graph=False)
+    dec.static_tok = torch.zeros(3, dtype=torch.long)
+    dec.static_out = torch.zeros(3, dtype=torch.long)
+    dec.graph = _FakeGraph(lambda: dec.static_out.copy_(dec.static_tok * 10 + 1))
+    first = dec(torch.tensor([1, 2, 3]))
+    second = dec(torch.tensor([4, 5, 6]))
+    assert first.tolist() == [11, 21, 31]
+    assert second.tolist() == [41, 51, 61]
+    assert first.data_ptr() != dec.static_out.data_ptr() != second.data_ptr()
+
+
+def test_cuda_graph_decode_streamed_tokens_are_not_overwritten(monkeypatch):
+    """generate() on the graph path (a fake capture replaying the eager step into static buffers):
+    the tensors handed to stream() keep their step's tokens, and the result matches eager decoding."""
+    from fastlm.generation import _Decoder
+
+    def fake_capture(self):
+        self.static_tok = torch.zeros(self.cache.batch, dtype=torch.long, device=DEVICE)
+        self.static_out = torch.zeros_like(self.static_tok)
+        self.graph = _FakeGraph(lambda: self.static_out.copy_(self._step(self.static_tok)))
+
+    monkeypatch.setattr(_Decoder, "_capture", fake_capture)
+    model = _model()
+    prompts = [[5, 17, 3, 99], [64, 2]]
+    eager = model.generate(prompts, 6, temperature=0, cuda_graph=False)
+    kept = []
+    graphed = model.generate(prompts, 6, temperature=0, cuda_graph=True, stream=lambda i, tok: kept.append(tok))
+    assert any(d.graph is not None for d in model.__dict__["_fastlm_kv_cache"].graphs.values())
+    assert len(set(zip(*eager, strict=True))) > 1, "the tokens must differ between steps"
+    assert graphed == eager
+    assert [[int(t[b]) for t in kept] for b in range(2)] == eager

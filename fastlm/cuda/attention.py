@@ -3,12 +3,12 @@
 What runs as CUDA and what does not (the cuda backend never fails on a valid call: it hands what
 its kernels do not cover to the Triton launcher, which computes the same thing):
 - attention forward: CUDA for fp16/bf16, head dim 64 or 128, causal or not, any GQA ratio, no
-  sliding window, B * Hq <= 65535, 16-byte aligned rows; anything else (fp32, other head dims, a
-  window) runs the Triton forward.
+  sliding window, B * Hq * ceil(Sq / 64) <= 2^31 - 1 blocks (``_C.attention_fwd_grids``), 16-byte
+  aligned rows; anything else (fp32, other head dims, a window) runs the Triton forward.
 - attention backward: always the Triton backward (there is no CUDA backward yet).
 - decode_attention: CUDA for fp16/bf16 at head dim 64, 128 or 256 (with or without a left
-  window), 16-byte aligned cache rows, batch <= 65535; anything else (fp32, other head dims) runs
-  the Triton decode.
+  window), 16-byte aligned cache rows, B * Hq <= 2^31 - 1 (``_C.decode_attention_grids``); anything
+  else (fp32, other head dims) runs the Triton decode.
 ``CUDA_COVERAGE`` says this in one line for ``fastlm info``.
 """
 
@@ -54,7 +54,7 @@ def fwd_runs_cuda(q, k, v, causal, window_left, window_right, out) -> bool:
     return (
         not window
         and bool(lib().attention_fwd_supported(D, dtype_code(q)))
-        and B * Hq <= 65535
+        and bool(lib().attention_fwd_grids(max(B, 1), max(Hq, 1), max(q.shape[2], 1)))
         and _rows_aligned(q, k, v, out, elems=8)
     )
 
@@ -83,7 +83,7 @@ def decode_runs_cuda(q, k_cache, v_cache) -> bool:
     """True when decode_attention_fwd runs the CUDA kernels for these arguments (else Triton)."""
     return (
         bool(lib().decode_attention_supported(q.shape[-1], dtype_code(q)))
-        and q.shape[0] <= 65535
+        and bool(lib().decode_attention_grids(max(q.shape[0], 1), max(q.shape[1], 1), 1, 1))  # B * Hq fits
         and _rows_aligned(k_cache, v_cache, elems=8)
     )
 

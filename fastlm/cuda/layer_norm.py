@@ -7,8 +7,6 @@ on a non-zero CUDA error code. Importable without the extension: _C is loaded on
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
 from fastlm.cuda import DTYPE_CODE, check, dtype_code, lib, ptr, stream_handle
@@ -60,13 +58,6 @@ def _check_device(x: torch.Tensor) -> None:
     dtype_code(x)
 
 
-def _on(device: torch.device):
-    """Makes device current for the launch (the launchers use the current device's SM count)."""
-    if device.index is None or device.index == torch.cuda.current_device():
-        return contextlib.nullcontext()
-    return torch.cuda.device(device)
-
-
 def layer_norm_fwd(x, residual, weight, bias, eps, is_rms, y, h, mean, rstd) -> None:
     """y = norm(x + residual) * weight + bias; h = x + residual (rounded to x's dtype, and the value
     normalized); mean (M,) fp32 (None when is_rms), rstd (M,) fp32. x, residual, y, h: (M, N) with
@@ -87,13 +78,11 @@ def layer_norm_fwd(x, residual, weight, bias, eps, is_rms, y, h, mean, rstd) -> 
     _vector("rstd", rstd, M, torch.float32, dev)
     if M == 0 or N == 0:
         return
-    C = lib()
-    with _on(dev):
-        code = C.layer_norm_fwd(
-            ptr(x), ptr(residual), ptr(weight), ptr(bias), ptr(y), ptr(h), ptr(mean), ptr(rstd),
-            M, N, sx, sr, sy, sh, float(eps), bool(is_rms),
-            dtype_code(x), DTYPE_CODE[wdt], stream_handle(x),
-        )
+    code = lib().layer_norm_fwd(
+        ptr(x), ptr(residual), ptr(weight), ptr(bias), ptr(y), ptr(h), ptr(mean), ptr(rstd),
+        M, N, sx, sr, sy, sh, float(eps), bool(is_rms),
+        dtype_code(x), DTYPE_CODE[wdt], stream_handle(x),
+    )
     check(code, "layer_norm_fwd")
 
 
@@ -129,18 +118,17 @@ def layer_norm_bwd(dy, dh, x, weight, mean, rstd, is_rms, dx, dweight, dbias) ->
                 g.zero_()
         return
     C = lib()
-    with _on(dev):
-        workspace = None
-        if dweight is not None or dbias is not None:
-            nbytes = C.layer_norm_bwd_workspace_size(M, N)
-            if nbytes < 0:
-                raise RuntimeError(f"cuda layer_norm: cannot query the SM count of {dev}")
-            workspace = torch.empty(nbytes // 4, dtype=torch.float32, device=dev)
-        code = C.layer_norm_bwd(
-            ptr(dy), ptr(dh), ptr(x), ptr(weight), ptr(None if is_rms else mean), ptr(rstd),
-            ptr(dx), ptr(dweight), ptr(dbias), ptr(workspace),
-            M, N, sdy, sdh, sx, sdx, bool(is_rms),
-            dtype_code(x), DTYPE_CODE[wdt], stream_handle(x),
-        )
+    workspace = None
+    if dweight is not None or dbias is not None:
+        nbytes = C.layer_norm_bwd_workspace_size(M, N)
+        if nbytes < 0:
+            raise RuntimeError(f"cuda layer_norm: cannot query the SM count of {dev}")
+        workspace = torch.empty(nbytes // 4, dtype=torch.float32, device=dev)
+    code = C.layer_norm_bwd(
+        ptr(dy), ptr(dh), ptr(x), ptr(weight), ptr(None if is_rms else mean), ptr(rstd),
+        ptr(dx), ptr(dweight), ptr(dbias), ptr(workspace),
+        M, N, sdy, sdh, sx, sdx, bool(is_rms),
+        dtype_code(x), DTYPE_CODE[wdt], stream_handle(x),
+    )
     check(code, "layer_norm_bwd")
 

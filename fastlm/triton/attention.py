@@ -25,14 +25,23 @@ row sees completely (no mask arithmetic) and boundary blocks (masked), so the co
 runs the lean loop. A row that sees no key gets O = 0 and LSE = -inf.
 
 Head dims: any multiple of 8 up to 256; BLOCK_D is the next power of two and the tail is masked
-(80 -> 128). fp32 inputs use IEEE dots (no TF32), matching torch's fp32 matmul.
+(80 -> 128). HEAD_DIM is a constexpr, so the compiler sees the mask's 16-byte groups and keeps
+vector loads and cp.async for every head dim (one compile per head dim). fp32 inputs run 3xTF32
+dots on tensor cores (fp32-level accuracy) up to BLOCK_D 128 and IEEE FMA dots above (see
+dot_precision): both on small tiles, several times slower than 16-bit inputs.
 
-Configs: autotuned on the GPU, keyed on (BLOCK_D, EVEN_D, causal/window flags) plus the tensor
-dtypes (the Triton autotuner adds those); FASTLM_AUTOTUNE=0 uses the first candidate of each table
-row instead (the smallest for fp32). One small fixed config under TRITON_INTERPRET=1, where
-autotuning would only cost time. Sizes and head counts are not specialised on (do_not_specialize),
-so new sequence lengths never trigger a recompile. Decode (a fixed heuristic config, so CUDA-graph
-capture never autotunes) lives in fastlm/triton/decode_attention.py and is re-exported here.
+Grids are one-dimensional (blocks x heads x batch on grid x, which allows 2^31 - 1 programs;
+y and z allow only 65535); each kernel splits program_id(0) again, query/key blocks fastest.
+
+Configs: the tables below, per kernel, BLOCK_D row, dtype class and target (sm_80 rows where
+sm_90a's spill); the compile tier (tests/test_static_triton.py, `fastlm audit`) proves every
+default compiles without spills on both targets. On the GPU the autotuner picks among a row's
+candidates, keyed on the constexprs and a sequence-length bucket (seq_bucket); FASTLM_AUTOTUNE=0
+uses each row's first candidate. Under TRITON_INTERPRET=1 one small fixed config, or the GPU
+defaults inside fastlm.triton._configs.gpu_configs(). Sizes and head counts are not specialised on
+(do_not_specialize), so new sequence lengths never trigger a recompile. Decode (a fixed heuristic
+config, so CUDA-graph capture never autotunes) lives in fastlm/triton/decode_attention.py and is
+re-exported here.
 """
 
 from __future__ import annotations
@@ -45,13 +54,13 @@ import triton
 import triton.language as tl
 
 from fastlm.backend import interpreter_on
+from fastlm.triton._configs import capability, small_configs
 from fastlm.triton._online_softmax import _online_softmax_step
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 MAX_HEAD_DIM = 256
 
-_INTERPRET = interpreter_on()
 
 
 def block_d(head_dim: int) -> int:
@@ -78,7 +87,7 @@ def _fwd_blocks(
     acc, m_i, l_i, q, K, V, stride_kn, stride_vn,  # K, V: base pointers of this (batch, kv head)
     offs_m, offs_d, lo, hi, Sk, diag, LEFT, RIGHT, qk_scale,
     MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, EVEN_D: tl.constexpr,
-    HEAD_DIM, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     """Online softmax over key blocks [lo, hi): s = qk_scale q.k (log2 units), m' = max(m, max_j s),
     p = 2^(s - m'), l' = l 2^(m - m') + sum_j p, acc' = acc 2^(m - m') + p V."""
@@ -144,22 +153,25 @@ def _query_block_key_ranges(m0, Sq, Sk, LEFT, RIGHT, HAS_LEFT: tl.constexpr, HAS
     return lo_blk, a_hi, b_lo, b_hi, c_lo, hi
 
 
-@triton.jit(do_not_specialize=["Hq", "GROUP", "Sq", "Sk", "LEFT", "RIGHT", "HEAD_DIM"])
+@triton.jit(do_not_specialize=["Hq", "GROUP", "Sq", "Sk", "LEFT", "RIGHT", "SEQ_BUCKET"])
 def _attn_fwd_kernel(
     Q, K, V, O, LSE,  # q (B, Hq, Sq, D), k/v (B, Hkv, Sk, D), o like q, lse (B, Hq, Sq) fp32; unit D stride
     stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
     stride_vb, stride_vh, stride_vs, stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
     Hq, GROUP, Sq, Sk, LEFT, RIGHT,  # GROUP = Hq // Hkv; LEFT/RIGHT: window bounds (see module doc)
     qk_scale,  # scale * log2(e)
-    HEAD_DIM, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+    SEQ_BUCKET,  # seq_bucket(Sq, Sk): unused by the code, a key of the autotuner
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """O_i = sum_j softmax_j(scale q_i.k_j) v_j over visible j;  LSE_i = log sum_j exp(scale q_i.k_j)."""
-    pid_m = tl.program_id(0)
-    h = tl.program_id(1)
-    b = tl.program_id(2)
+    num_m = tl.cdiv(Sq, BLOCK_M)
+    pid_m = tl.program_id(0) % num_m
+    bh = tl.program_id(0) // num_m
+    h = bh % Hq
+    b = bh // Hq
     if HAS_RIGHT:  # causal-like: later query blocks see more keys; start those first
-        pid_m = tl.num_programs(0) - 1 - pid_m
+        pid_m = num_m - 1 - pid_m
     hk = h // GROUP
     Q += b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
     O += b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
@@ -199,17 +211,18 @@ def _attn_fwd_kernel(
 # ---------------------------------------------------------------------------------------------
 
 
-@triton.jit(do_not_specialize=["Hq", "Sq", "HEAD_DIM"])
+@triton.jit(do_not_specialize=["Hq", "Sq"])
 def _bwd_preprocess_kernel(
     O, DO, Delta,  # o, do (B, Hq, Sq, D) unit D stride; delta (B, Hq, Sq) fp32 contiguous
     stride_ob, stride_oh, stride_os, stride_db, stride_dh, stride_ds,
     Hq, Sq,
-    HEAD_DIM, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     """delta_i = sum_d O_id dO_id (fp32)."""
-    pid_m = tl.program_id(0)
-    h = tl.program_id(1)
-    b = tl.program_id(2)
+    num_m = tl.cdiv(Sq, BLOCK_M)
+    pid_m = tl.program_id(0) % num_m
+    h = (tl.program_id(0) // num_m) % Hq
+    b = tl.program_id(0) // num_m // Hq
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     mask = (offs_m < Sq)[:, None] & (offs_d < HEAD_DIM)[None, :]
@@ -225,7 +238,7 @@ def _bwd_dkdv_blocks(
     dk, dv, k, v, Q, DO, LSE2, Delta, stride_qs, stride_ds,  # Q/DO/LSE2/Delta: bases of one query head
     offs_n, offs_d, lo, hi, Sq, Sk, diag, LEFT, RIGHT, qk_scale,
     MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, EVEN_D: tl.constexpr,
-    HEAD_DIM, BLOCK_M: tl.constexpr, DOT_PREC: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     """Over query blocks [lo, hi): P^T = 2^(qk_scale k.q - LSE2), dV += P^T dO,
     dS^T = P^T (v.dO - delta), dK += dS^T q (scale applied by the caller)."""
@@ -268,19 +281,20 @@ def _bwd_dkdv_blocks(
     return dk, dv
 
 
-@triton.jit(do_not_specialize=["Hkv", "GROUP", "Sq", "Sk", "LEFT", "RIGHT", "HEAD_DIM"])
+@triton.jit(do_not_specialize=["Hkv", "GROUP", "Sq", "Sk", "LEFT", "RIGHT", "SEQ_BUCKET"])
 def _attn_bwd_dkdv_kernel(
     Q, K, V, DO, LSE2, Delta, DK, DV,  # LSE2 = LSE * log2(e) and Delta: (B, Hq, Sq) fp32 contiguous
     stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
     stride_db, stride_dh, stride_ds, stride_dkb, stride_dkh, stride_dks, stride_dvb, stride_dvh, stride_dvs,
-    Hkv, GROUP, Sq, Sk, LEFT, RIGHT, qk_scale, sm_scale,
-    HEAD_DIM, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+    Hkv, GROUP, Sq, Sk, LEFT, RIGHT, qk_scale, sm_scale, SEQ_BUCKET,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dK_j = scale sum_{h in group} sum_i dS_ij q_i;  dV_j = sum_{h in group} sum_i P_ij dO_i."""
-    pid_n = tl.program_id(0)
-    hk = tl.program_id(1)
-    b = tl.program_id(2)
+    num_n = tl.cdiv(Sk, BLOCK_N)
+    pid_n = tl.program_id(0) % num_n
+    hk = (tl.program_id(0) // num_n) % Hkv
+    b = tl.program_id(0) // num_n // Hkv
     n0 = pid_n * BLOCK_N
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -333,7 +347,7 @@ def _bwd_dq_blocks(
     dq, q, do, lse2, delta, K, V, stride_kn, stride_vn,
     offs_m, offs_d, lo, hi, Sk, diag, LEFT, RIGHT, qk_scale,
     MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, EVEN_D: tl.constexpr,
-    HEAD_DIM, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     """Over key blocks [lo, hi): P = 2^(qk_scale q.k - LSE2), dS = P (dO.v - delta), dQ += dS k."""
     offs_nb = tl.arange(0, BLOCK_N)
@@ -368,21 +382,22 @@ def _bwd_dq_blocks(
     return dq
 
 
-@triton.jit(do_not_specialize=["Hq", "GROUP", "Sq", "Sk", "LEFT", "RIGHT", "HEAD_DIM"])
+@triton.jit(do_not_specialize=["Hq", "GROUP", "Sq", "Sk", "LEFT", "RIGHT", "SEQ_BUCKET"])
 def _attn_bwd_dq_kernel(
     Q, K, V, DO, LSE2, Delta, DQ,
     stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
     stride_db, stride_dh, stride_ds, stride_dqb, stride_dqh, stride_dqs,
-    Hq, GROUP, Sq, Sk, LEFT, RIGHT, qk_scale, sm_scale,
-    HEAD_DIM, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+    Hq, GROUP, Sq, Sk, LEFT, RIGHT, qk_scale, sm_scale, SEQ_BUCKET,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dQ_i = scale sum_j dS_ij k_j."""
-    pid_m = tl.program_id(0)
-    h = tl.program_id(1)
-    b = tl.program_id(2)
+    num_m = tl.cdiv(Sq, BLOCK_M)
+    pid_m = tl.program_id(0) % num_m
+    h = (tl.program_id(0) // num_m) % Hq
+    b = tl.program_id(0) // num_m // Hq
     if HAS_RIGHT:
-        pid_m = tl.num_programs(0) - 1 - pid_m
+        pid_m = num_m - 1 - pid_m
     hk = h // GROUP
     m0 = pid_m * BLOCK_M
     offs_m = m0 + tl.arange(0, BLOCK_M)
@@ -419,50 +434,121 @@ def _attn_bwd_dq_kernel(
 # Configs
 # ---------------------------------------------------------------------------------------------
 
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) candidates per BLOCK_D, the first being the default
+# without autotuning. Every candidate compiles for sm_90a and sm_80 without spilling and within
+# shared memory (the compile tier, tests/test_static_triton.py, checks the defaults on every commit
+# and `make static-check` all of them). fp32 inputs run 3xTF32 dots (three tensor-core products
+# per fp32 product, fp32-level accuracy) and have rows of their own: their tiles are twice the bytes
+# and their dots three times the registers.
+_TABLES = {
+    "fwd": {
+        False: {
+            64: [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3)],
+            128: [(128, 64, 8, 3), (128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 4, 3)],
+            256: [(128, 32, 8, 2), (64, 32, 4, 1)],
+        },
+        True: {
+            64: [(32, 32, 8, 1), (16, 32, 8, 1), (16, 16, 4, 1)],
+            128: [(16, 32, 8, 1), (16, 16, 4, 1)],
+            256: [(16, 16, 4, 1)],
+        },
+    },
+    "dkdv": {  # BLOCK_N: keys owned; BLOCK_M: query block streamed
+        False: {
+            64: [(32, 128, 8, 3), (64, 128, 8, 3), (32, 64, 4, 3), (32, 128, 8, 2), (32, 64, 4, 2)],
+            128: [(16, 64, 8, 2), (16, 64, 8, 3), (16, 32, 4, 2)],
+            256: [(16, 16, 4, 1)],
+        },
+        True: {
+            64: [(16, 16, 8, 1), (32, 16, 8, 1), (16, 32, 8, 1), (16, 16, 4, 1)],
+            128: [(16, 16, 8, 1), (16, 16, 4, 1)],
+            256: [(16, 16, 8, 1)],
+        },
+    },
+    "dq": {  # BLOCK_M: queries owned; BLOCK_N: key block streamed
+        False: {
+            64: [(128, 32, 4, 3), (128, 64, 8, 3), (64, 32, 4, 3), (64, 64, 4, 2), (128, 32, 8, 3), (64, 32, 4, 2)],
+            128: [(128, 32, 8, 3), (64, 32, 4, 3), (64, 32, 4, 2), (64, 64, 8, 2), (128, 32, 8, 2)],
+            256: [(32, 32, 4, 2), (32, 16, 4, 2), (64, 16, 4, 2), (32, 32, 4, 1), (32, 16, 4, 1)],
+        },
+        True: {
+            64: [(16, 16, 4, 1), (16, 16, 8, 1), (64, 16, 8, 1)],
+            128: [(16, 16, 8, 1), (16, 16, 4, 1)],
+            256: [(16, 16, 8, 1)],
+        },
+    },
+}
+# Head dims that are not a power of two (80, 96, 112 in the 128 row) mask the padded columns and
+# need fewer registers per tile: their own rows where the even ones spill.
+_UNEVEN = {
+    "fwd": {False: {128: [(128, 32, 8, 3)]}},
+    "dkdv": {False: {128: [(16, 32, 8, 2)]}},
+}
+# sm_80 (A100): where the sm_90a rows spill.
+_SM80 = {
+    "fwd": {False: {256: [(64, 32, 8, 2), (32, 32, 4, 2)]}},
+    "dkdv": {False: {64: [(32, 32, 4, 2), (16, 32, 4, 2)], 128: [(16, 64, 8, 2), (32, 32, 8, 2), (16, 32, 8, 2)],
+                     256: [(16, 16, 4, 1), (16, 32, 8, 1)]}},
+    "dq": {False: {64: [(128, 32, 8, 3), (64, 32, 4, 2), (64, 64, 4, 2), (128, 32, 4, 3)],
+                   128: [(128, 32, 8, 3), (64, 32, 4, 2), (64, 64, 8, 2), (128, 32, 8, 2)],
+                   256: [(32, 32, 4, 2), (32, 16, 4, 2), (32, 32, 4, 1), (32, 16, 4, 1)]},
+           True: {256: [(32, 16, 4, 1)]}},
+}
+_KEY = ["BLOCK_D", "EVEN_D", "HAS_LEFT", "HAS_RIGHT", "DOT_PREC", "SEQ_BUCKET"]
+# Under the interpreter: one small fixed config (BLOCK_M != BLOCK_N, so mismatched block boundaries
+# are exercised); inside fastlm.triton._configs.gpu_configs() the GPU defaults instead.
+_INTERP = {"fwd": dict(BLOCK_M=32, BLOCK_N=16), "dkdv": dict(BLOCK_M=16, BLOCK_N=32), "dq": dict(BLOCK_M=32, BLOCK_N=16)}
 
-def _configs(table):
-    return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-        for (bm, bn, w, s) in sorted({c for cs in table.values() for c in cs})
-    ]
+
+def table_row(kind: str, bd: int, fp32: bool, even: bool = True, cc: int = 90) -> list[tuple[int, int, int, int]]:
+    """The candidates of kernel ``kind`` ("fwd", "dkdv", "dq") for BLOCK_D = bd, the dtype class,
+    whether the head dim fills BLOCK_D, and the GPU's compute capability cc (sm_80 keeps whole
+    mma.sync accumulators per warp, so some rows differ there)."""
+    table = _TABLES[kind][fp32]
+    key = min((k for k in table if k >= bd), default=max(table))
+    for override, applies in ((_SM80, cc < 90), (_UNEVEN, not even)):
+        row = override.get(kind, {}).get(fp32, {}).get(key) if applies else None
+        if row:
+            return row
+    return table[key]
 
 
-def _prune(table):
+def candidates(kind: str, bd: int, fp32: bool, even: bool = True, cc: int = 90) -> list[dict]:
+    """Every config the autotuner may try for this kernel variant (its pruned list), default first."""
+    return [dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s) for bm, bn, w, s in table_row(kind, bd, fp32, even, cc)]
+
+
+def default_config(kind: str, bd: int, fp32: bool = False, even: bool = True, cc: int = 90) -> dict:
+    """The config used without autotuning (and under gpu_configs()): the first candidate."""
+    return candidates(kind, bd, fp32, even, cc)[0]
+
+
+
+
+def seq_bucket(Sq: int, Sk: int) -> int:
+    """The autotuner's sequence-length key: max(Sq, Sk) rounded up to a power of two in [128, 16384]."""
+    return min(max(triton.next_power_of_2(max(Sq, Sk, 1)), 128), 16384)
+
+
+def _autotuned(kind: str, kernel):
+    configs = sorted({c for t in (_TABLES, _UNEVEN, _SM80) for rows in t.get(kind, {}).values() for cs in rows.values() for c in cs})
+
     def prune(configs, named_args, **kwargs):
-        bd = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
-        want = table[min((k for k in table if k >= bd), default=max(table))]
+        meta = {**named_args, **kwargs}
+        want = table_row(kind, meta["BLOCK_D"], is_fp32_prec(meta["DOT_PREC"]), meta["EVEN_D"], capability(meta["Q"]))
         keep = [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in want]
         return keep or configs[:1]
 
-    return prune
+    return triton.autotune(
+        [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for (bm, bn, w, s) in configs],
+        key=_KEY, prune_configs_by={"early_config_prune": prune},
+    )(kernel)
 
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) candidates per BLOCK_D; the small ones keep fp32 and
-# D=256 within shared memory when the large ones run out (the autotuner skips those).
-_FWD_TABLE = {
-    64: [(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 4), (64, 64, 4, 3), (128, 32, 4, 4), (64, 32, 4, 2)],
-    128: [(128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 8, 3), (64, 32, 4, 2)],
-    256: [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 2), (64, 32, 4, 1), (32, 32, 4, 1)],
-}
-_DKDV_TABLE = {  # BLOCK_N: keys owned; BLOCK_M: query block streamed
-    64: [(32, 128, 4, 3), (64, 128, 8, 3), (32, 64, 4, 3), (64, 64, 4, 2)],
-    128: [(32, 128, 8, 3), (64, 128, 8, 2), (32, 64, 4, 3), (32, 64, 4, 2)],
-    256: [(32, 64, 4, 2), (32, 64, 8, 1), (16, 32, 4, 1)],
-}
-_DQ_TABLE = {  # BLOCK_M: queries owned; BLOCK_N: key block streamed
-    64: [(128, 32, 4, 3), (128, 64, 8, 3), (64, 32, 4, 3), (64, 64, 4, 2)],
-    128: [(128, 32, 8, 3), (128, 64, 8, 2), (64, 32, 4, 3), (64, 32, 4, 2)],
-    256: [(64, 32, 4, 2), (64, 32, 8, 1), (32, 16, 4, 1)],
-}
-_KEY = ["BLOCK_D", "EVEN_D", "HAS_LEFT", "HAS_RIGHT"]
-# Under the interpreter: one fixed config (BLOCK_M != BLOCK_N, so mismatched block boundaries are exercised).
-_INTERP_FWD = dict(BLOCK_M=32, BLOCK_N=16)
-_INTERP_DKDV = dict(BLOCK_M=16, BLOCK_N=32)
-_INTERP_DQ = dict(BLOCK_M=32, BLOCK_N=16)
-
-_fwd_tuned = triton.autotune(_configs(_FWD_TABLE), key=_KEY, prune_configs_by={"early_config_prune": _prune(_FWD_TABLE)})(_attn_fwd_kernel)
-_dkdv_tuned = triton.autotune(_configs(_DKDV_TABLE), key=_KEY, prune_configs_by={"early_config_prune": _prune(_DKDV_TABLE)})(_attn_bwd_dkdv_kernel)
-_dq_tuned = triton.autotune(_configs(_DQ_TABLE), key=_KEY, prune_configs_by={"early_config_prune": _prune(_DQ_TABLE)})(_attn_bwd_dq_kernel)
+_fwd_tuned = _autotuned("fwd", _attn_fwd_kernel)
+_dkdv_tuned = _autotuned("dkdv", _attn_bwd_dkdv_kernel)
+_dq_tuned = _autotuned("dq", _attn_bwd_dq_kernel)
+_KERNELS = {"fwd": (_attn_fwd_kernel, _fwd_tuned), "dkdv": (_attn_bwd_dkdv_kernel, _dkdv_tuned), "dq": (_attn_bwd_dq_kernel, _dq_tuned)}
 
 
 def autotune_enabled() -> bool:
@@ -471,26 +557,53 @@ def autotune_enabled() -> bool:
     return os.environ.get("FASTLM_AUTOTUNE", "1") not in ("0", "")
 
 
-def default_config(table, bd: int, fp32: bool = False) -> dict:
-    """The config used without autotuning: the first candidate of the table row for BLOCK_D = bd,
-    or for fp32 inputs the last (smallest) one, which fits shared memory at twice the bytes."""
-    row = table[min((k for k in table if k >= bd), default=max(table))]
-    bm, bn, w, s = row[-1] if fp32 else row[0]
-    return dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s)
-
-
-def _launch(tuned, raw, table, interp_cfg, grid_fn, args, meta):
-    if _INTERPRET or not args[0].is_cuda:
-        raw[grid_fn(interp_cfg)](*args, **meta, **interp_cfg)
+def _launch(kind, grid_fn, args, meta):
+    raw, tuned = _KERNELS[kind]
+    fp32 = is_fp32_prec(meta["DOT_PREC"])
+    if not args[0].is_cuda or interpreter_on():
+        cfg = _INTERP[kind] if small_configs() else default_config(kind, meta["BLOCK_D"], fp32, meta["EVEN_D"])
+        raw[grid_fn(cfg)](*args, **meta, **cfg)
     elif autotune_enabled():
         tuned[lambda m: grid_fn(m)](*args, **meta)
     else:
-        cfg = default_config(table, meta["BLOCK_D"], meta["DOT_PREC"] == "ieee")
+        cfg = default_config(kind, meta["BLOCK_D"], fp32, meta["EVEN_D"], capability(args[0]))
         raw[grid_fn(cfg)](*args, **meta, **cfg)
 
 
-def _dot_prec(t: torch.Tensor) -> str:
-    return "ieee" if t.dtype == torch.float32 else "tf32"
+FP32_PREC = "tf32x3"
+
+
+def dot_precision(dtype: torch.dtype, bd: int) -> str:
+    """tl.dot precision for inputs of ``dtype`` and BLOCK_D = bd. 16-bit inputs multiply exactly on
+    tensor cores anyway. fp32 inputs up to BLOCK_D 128 get 3xTF32: three tensor-core products per
+    fp32 product, fp32-level accuracy. Above that no 3xTF32 tile fits the register file without
+    spilling (hi and lo halves of fp32 operands are four times a 16-bit tile), so fp32 at head dims
+    over 128 runs IEEE FMA dots on small tiles: exact like torch's fp32 matmul, and slow."""
+    if dtype != torch.float32:
+        return "tf32"
+    return FP32_PREC if bd <= 128 else "ieee"
+
+
+def is_fp32_prec(prec: str) -> bool:
+    return prec in (FP32_PREC, "ieee")
+
+
+def fwd_meta(D: int, dtype: torch.dtype, causal: bool, window_left: int, window_right: int) -> tuple[dict, int, int]:
+    """The forward's constexprs for head dim D, and the window bounds (left, right) it is passed."""
+    has_left, left, has_right, right = resolve_window(causal, window_left, window_right)
+    bd = block_d(D)
+    meta = dict(HEAD_DIM=D, BLOCK_D=bd, EVEN_D=bd == D, HAS_LEFT=has_left, HAS_RIGHT=has_right, DOT_PREC=dot_precision(dtype, bd))
+    return meta, left, right
+
+
+def grid_1d(blocks: int, *outer: int) -> tuple[int]:
+    """One grid dimension for blocks x prod(outer) programs (x allows 2^31 - 1; y and z only 65535)."""
+    n = blocks
+    for o in outer:
+        n *= o
+    if n >= 2**31:
+        raise ValueError(f"fastlm.triton.attention: {n} programs exceed the grid limit 2^31 - 1")
+    return (n,)
 
 
 def _check_unit_d(**tensors):
@@ -513,16 +626,14 @@ def attention_fwd(q, k, v, causal, scale, window_left, window_right, out, lse) -
     Hkv, Sk = k.shape[1], k.shape[2]
     if B == 0 or Hq == 0 or Sq == 0:
         return
-    has_left, left, has_right, right = resolve_window(causal, window_left, window_right)
-    bd = block_d(D)
+    meta, left, right = fwd_meta(D, q.dtype, causal, window_left, window_right)
     args = (
         q, k, v, out, lse,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
-        Hq, Hq // Hkv, Sq, Sk, left, right, scale * LOG2E,
+        Hq, Hq // Hkv, Sq, Sk, left, right, scale * LOG2E, seq_bucket(Sq, Sk),
     )
-    meta = dict(HEAD_DIM=D, BLOCK_D=bd, EVEN_D=bd == D, HAS_LEFT=has_left, HAS_RIGHT=has_right, DOT_PREC=_dot_prec(q))
-    _launch(_fwd_tuned, _attn_fwd_kernel, _FWD_TABLE, _INTERP_FWD, lambda m: (triton.cdiv(Sq, m["BLOCK_M"]), Hq, B), args, meta)
+    _launch("fwd", lambda m: grid_1d(triton.cdiv(Sq, m["BLOCK_M"]), Hq, B), args, meta)
 
 
 def attention_bwd(do, dlse, q, k, v, out, lse, causal, scale, window_left, window_right, dq, dk, dv, deterministic=True) -> None:
@@ -538,30 +649,33 @@ def attention_bwd(do, dlse, q, k, v, out, lse, causal, scale, window_left, windo
         dk.zero_()
         dv.zero_()
         return
-    has_left, left, has_right, right = resolve_window(causal, window_left, window_right)
-    bd = block_d(D)
+    meta, left, right = fwd_meta(D, q.dtype, causal, window_left, window_right)
+    bd = meta["BLOCK_D"]
     delta = torch.empty((B, Hq, Sq), device=q.device, dtype=torch.float32)
-    pre_m = 64 if not _INTERPRET else 32
-    _bwd_preprocess_kernel[(triton.cdiv(Sq, pre_m), Hq, B)](
+    pre_m = PREPROCESS_BLOCK_M if not small_configs() else 32
+    _bwd_preprocess_kernel[grid_1d(triton.cdiv(Sq, pre_m), Hq, B)](
         out, do, delta, out.stride(0), out.stride(1), out.stride(2), do.stride(0), do.stride(1), do.stride(2),
         Hq, Sq, HEAD_DIM=D, BLOCK_D=bd, EVEN_D=bd == D, BLOCK_M=pre_m,
     )
     if dlse is not None:
         delta -= dlse
     lse2 = (lse.float() * LOG2E).contiguous()
-    meta = dict(HEAD_DIM=D, BLOCK_D=bd, EVEN_D=bd == D, HAS_LEFT=has_left, HAS_RIGHT=has_right, DOT_PREC=_dot_prec(q))
     common = (
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         do.stride(0), do.stride(1), do.stride(2),
     )
+    bucket = seq_bucket(Sq, Sk)
     if Sk > 0:
         args = (q, k, v, do, lse2, delta, dk, dv, *common,
                 dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
-                Hkv, Hq // Hkv, Sq, Sk, left, right, scale * LOG2E, scale)
-        _launch(_dkdv_tuned, _attn_bwd_dkdv_kernel, _DKDV_TABLE, _INTERP_DKDV, lambda m: (triton.cdiv(Sk, m["BLOCK_N"]), Hkv, B), args, meta)
+                Hkv, Hq // Hkv, Sq, Sk, left, right, scale * LOG2E, scale, bucket)
+        _launch("dkdv", lambda m: grid_1d(triton.cdiv(Sk, m["BLOCK_N"]), Hkv, B), args, meta)
     args = (q, k, v, do, lse2, delta, dq, *common, dq.stride(0), dq.stride(1), dq.stride(2),
-            Hq, Hq // Hkv, Sq, Sk, left, right, scale * LOG2E, scale)
-    _launch(_dq_tuned, _attn_bwd_dq_kernel, _DQ_TABLE, _INTERP_DQ, lambda m: (triton.cdiv(Sq, m["BLOCK_M"]), Hq, B), args, meta)
+            Hq, Hq // Hkv, Sq, Sk, left, right, scale * LOG2E, scale, bucket)
+    _launch("dq", lambda m: grid_1d(triton.cdiv(Sq, m["BLOCK_M"]), Hq, B), args, meta)
+
+
+PREPROCESS_BLOCK_M = 64
 
 
 def default_scale(head_dim: int) -> float:

@@ -24,28 +24,27 @@ import torch
 import triton
 import triton.language as tl
 
-from fastlm.backend import interpreter_on
+from fastlm.triton._configs import capability, small_configs
 from fastlm.triton._online_softmax import _online_softmax_step
 
 LOG2E = 1.4426950408889634
-_INTERPRET = interpreter_on()
 
 
-@triton.jit(do_not_specialize=["B", "Hkv", "GROUP", "Sq", "S_max", "num_splits", "LEFT", "RIGHT", "HEAD_DIM"])
+@triton.jit(do_not_specialize=["B", "Hkv", "GROUP", "Sq", "S_max", "num_splits", "LEFT", "RIGHT"])
 def _decode_split_kernel(
     Q, K, V, Lens, OP, LP,  # q (B, Hq, Sq, D); k/v cache (B, Hkv, S_max, D); lens (B,) int32; partials
     stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
     B, Hkv, GROUP, Sq, S_max, num_splits, LEFT, RIGHT, qk_scale,
-    HEAD_DIM, BLOCK_D: tl.constexpr, HAS_LEFT: tl.constexpr, DOT_PREC: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_LEFT: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Partial attention of rows (g, t) of kv head hk over keys [split * chunk, (split + 1) * chunk),
     chunk = ceil(L / num_splits) rounded up to BLOCK_N. OP[split, b, h, t] = sum_j p_j v_j / sum_j p_j
     (fp32), LP[split, b, h, t] = log2-domain LSE (m + log2 l), -inf when no key was seen."""
-    split = tl.program_id(0)
-    pid_hr = tl.program_id(1)  # kv head * row blocks + row block
-    b = tl.program_id(2)
     row_blocks = tl.cdiv(GROUP * Sq, BLOCK_M)
+    split = tl.program_id(0) % num_splits
+    pid_hr = (tl.program_id(0) // num_splits) % (Hkv * row_blocks)  # kv head * row blocks + row block
+    b = tl.program_id(0) // num_splits // (Hkv * row_blocks)
     hk = pid_hr // row_blocks
     pid_r = pid_hr % row_blocks
     L = tl.minimum(tl.maximum(tl.load(Lens + b), 0), S_max)
@@ -97,17 +96,18 @@ def _decode_split_kernel(
     tl.store(LP + prow, lse, mask=r_ok)
 
 
-@triton.jit(do_not_specialize=["Hq", "Sq", "num_rows", "num_splits", "HEAD_DIM"])
+@triton.jit(do_not_specialize=["Hq", "Sq", "num_rows", "num_splits"])
 def _decode_combine_kernel(
     OP, LP, O, LSE,  # partials (num_splits, rows, BLOCK_D) / (num_splits, rows) fp32; o (B, Hq, Sq, D); lse (B, Hq, Sq)
     stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
-    Hq, Sq, num_rows, num_splits, HEAD_DIM,
+    Hq, Sq, num_rows, num_splits, HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     """Per row (b, h, t): O = sum_s 2^(lse_s - m) O_s / sum_s 2^(lse_s - m), m = max_s lse_s;
     LSE = (m + log2 sum_s 2^(lse_s - m)) ln 2; a row no split saw gets O = 0, LSE = -inf."""
-    row = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)  # b * Hq * Sq + h * Sq + t
-    r_ok = row < num_rows
+    row32 = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)  # b * Hq * Sq + h * Sq + t (< 2^31: the launcher checks)
+    r_ok = row32 < num_rows
+    row = row32.to(tl.int64)
     m = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
     for s in range(0, num_splits):
         m = tl.maximum(m, tl.load(LP + tl.cast(s, tl.int64) * num_rows + row, mask=r_ok, other=float("-inf")))
@@ -124,21 +124,48 @@ def _decode_combine_kernel(
     seen = total > 0.0
     out = acc / tl.where(seen, total, 1.0)[:, None]
     lse = tl.where(seen, (m + tl.math.log2(tl.where(seen, total, 1.0))) * 0.6931471805599453, float("-inf"))
-    b = row // (Hq * Sq)
-    h = (row // Sq) % Hq
-    t = row % Sq
+    b = (row32 // (Hq * Sq)).to(tl.int64)
+    h = ((row32 // Sq) % Hq).to(tl.int64)
+    t = (row32 % Sq).to(tl.int64)
     o_ptrs = O + (b * stride_ob + h * stride_oh + t * stride_os)[:, None] + offs_d[None, :]
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=r_ok[:, None] & (offs_d < HEAD_DIM)[None, :])
     tl.store(LSE + b * stride_lb + h * stride_lh + t, lse, mask=r_ok)
 
 
-def _config(head_dim: int, rows: int) -> dict:
+def config(head_dim: int, rows: int, dtype: torch.dtype, cc: int = 90) -> dict:
+    """The split kernel's config for head_dim, GROUP * Sq rows per kv head (BLOCK_M covers them up
+    to 64) and the GPU's compute capability cc, and the combine kernel's BLOCK_R; small tiles under
+    the interpreter. Every config compiles without spills on sm_90a and sm_80 (the compile tier):
+    a 64-row block on sm_80 halves BLOCK_N, fp32 above BLOCK_D 128 (IEEE FMA dots) uses 16 x 16."""
     bd = max(16, triton.next_power_of_2(head_dim))
     bm = min(max(16, triton.next_power_of_2(rows)), 64)
-    if _INTERPRET:
-        return dict(BLOCK_D=bd, BLOCK_M=bm, BLOCK_N=16, num_warps=4, num_stages=1)
-    bn = 64 if bd <= 128 else 32
-    return dict(BLOCK_D=bd, BLOCK_M=bm, BLOCK_N=bn, num_warps=4, num_stages=2 if bd <= 128 else 1)
+    if small_configs():
+        return dict(BLOCK_D=bd, BLOCK_M=bm, BLOCK_N=16, num_warps=4, num_stages=1, BLOCK_R=64)
+    fp32 = dtype == torch.float32
+    bn = 32 if fp32 or bd > 128 else 64
+    if cc < 90 and bm == 64:
+        bn //= 2
+    stages = 1 if bd > 128 else 3 if bm <= 16 else 2
+    if fp32 and bd > 128:
+        bm, bn = 16, 16
+    return dict(BLOCK_D=bd, BLOCK_M=bm, BLOCK_N=bn, num_warps=4, num_stages=stages, BLOCK_R=max(1, 2048 // bd))
+
+
+def dot_precision(dtype: torch.dtype, bd: int) -> str:
+    """As fastlm.triton.attention.dot_precision: 3xTF32 for fp32 up to BLOCK_D 128, IEEE above."""
+    if dtype != torch.float32:
+        return "tf32"
+    return "tf32x3" if bd <= 128 else "ieee"
+
+
+def _grid(*dims: int) -> tuple[int]:
+    """One grid dimension for prod(dims) programs (x allows 2^31 - 1; y and z only 65535)."""
+    n = 1
+    for d in dims:
+        n *= d
+    if n >= 2**31:
+        raise ValueError(f"fastlm.triton.decode_attention: {n} programs exceed the grid limit 2^31 - 1")
+    return (n,)
 
 
 def num_splits_for(batch: int, kv_heads: int, row_blocks: int, s_max: int, block_n: int, device: torch.device) -> int:
@@ -165,25 +192,27 @@ def decode_attention_fwd(q, k_cache, v_cache, cache_seqlens, scale, window_left,
     if B == 0 or Hq == 0 or Sq == 0:
         return
     group = Hq // Hkv
-    cfg = _config(D, group * Sq)
+    cfg = config(D, group * Sq, q.dtype, capability(q))
     bd, bm, bn = cfg["BLOCK_D"], cfg["BLOCK_M"], cfg["BLOCK_N"]
     row_blocks = triton.cdiv(group * Sq, bm)
     splits = num_splits or num_splits_for(B, Hkv, row_blocks, S_max, bn, q.device)
     right = 0 if window_right < 0 else min(window_right, 0)
     rows = B * Hq * Sq
+    if rows >= 2**31:
+        raise ValueError(f"fastlm.triton.decode_attention: B * Hq * Sq = {rows} query rows; at most 2^31 - 1 are supported")
     o_part = torch.empty((splits, rows, bd), device=q.device, dtype=torch.float32)
     l_part = torch.empty((splits, rows), device=q.device, dtype=torch.float32)
-    lens = cache_seqlens if cache_seqlens.dtype == torch.int32 else cache_seqlens.to(torch.int32)
-    _decode_split_kernel[(splits, Hkv * row_blocks, B)](
+    lens = cache_seqlens.to(torch.int32).contiguous()
+    _decode_split_kernel[_grid(splits, Hkv * row_blocks, B)](
         q, k_cache, v_cache, lens, o_part, l_part,
         q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         B, Hkv, group, Sq, S_max, splits, max(window_left, 0), right, scale * LOG2E,
-        HEAD_DIM=D, BLOCK_D=bd, HAS_LEFT=window_left >= 0, DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
+        HEAD_DIM=D, BLOCK_D=bd, HAS_LEFT=window_left >= 0, DOT_PREC=dot_precision(q.dtype, bd),
         BLOCK_M=bm, BLOCK_N=bn, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
-    block_r = 64 if _INTERPRET else max(1, 2048 // bd)
-    _decode_combine_kernel[(triton.cdiv(rows, block_r),)](
+    block_r = cfg["BLOCK_R"]
+    _decode_combine_kernel[_grid(triton.cdiv(rows, block_r))](
         o_part, l_part, out, lse, out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
         Hq, Sq, rows, splits, D, BLOCK_D=bd, BLOCK_R=block_r, num_warps=4,
     )

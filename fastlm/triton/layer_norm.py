@@ -19,12 +19,18 @@ MAX_FUSED_N = 16384
 CHUNK_N = 4096
 
 
-def _block_n(n: int) -> tuple[int, bool]:
+def _block_n(n: int, max_fused: int = MAX_FUSED_N) -> tuple[int, bool]:
     """(BLOCK_N, ONE_BLOCK): the whole row as one power-of-two block, or chunks of CHUNK_N."""
     block = triton.next_power_of_2(max(n, 1))
-    if block <= MAX_FUSED_N:
+    if block <= max_fused:
         return block, True
     return CHUNK_N, False
+
+
+# The backward holds x, dy, the weight and their fp32 products per element: a fused 16384-row
+# needs more than the 128 registers a thread of a 16-warp block may have, so it spills; above
+# this the backward takes the chunked path.
+MAX_FUSED_N_BWD = 8192
 
 
 def _num_warps(block_n: int) -> int:
@@ -230,7 +236,7 @@ def layer_norm_fwd(x, residual, weight, bias, eps, is_rms, y, h, mean, rstd) -> 
     if M == 0 or N == 0:
         return
     block_n, one_block = _block_n(N)
-    _layer_norm_fwd_kernel[(M,)](
+    _layer_norm_fwd_kernel[_fwd_grid(M)](
         x, residual, weight, bias, y, h, mean, rstd,
         x.stride(0), residual.stride(0) if residual is not None else 0, y.stride(0),
         h.stride(0) if h is not None else 0,
@@ -240,11 +246,26 @@ def layer_norm_fwd(x, residual, weight, bias, eps, is_rms, y, h, mean, rstd) -> 
     )
 
 
-def _num_programs(M: int, device: torch.device) -> int:
-    if device.type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-        return max(1, min(M, 2 * sms))
-    return max(1, min(M, 4))
+def _bwd_plan(M: int, sm_count: int | None) -> tuple[int, int]:
+    """(programs, rows_per_program) of the backward: about 2 programs per SM on a GPU (sm_count
+    SMs), 4 in the interpreter (sm_count None); each program owns a run of rows and one partial
+    row of dweight/dbias."""
+    programs = max(1, min(M, 4 if sm_count is None else 2 * sm_count))
+    rows_per_program = triton.cdiv(M, programs)
+    return triton.cdiv(M, rows_per_program), rows_per_program
+
+
+def _fwd_grid(M: int) -> tuple[int]:
+    """One program per row, on grid x (up to 2^31 - 1)."""
+    return (M,)
+
+
+def _sum_grid(N: int, block_n: int) -> tuple[int]:
+    return (triton.cdiv(N, block_n),)
+
+
+def _sm_count(device: torch.device) -> int | None:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else None
 
 
 def layer_norm_bwd(dy, dh, x, weight, mean, rstd, is_rms, dx, dweight, dbias) -> None:
@@ -258,10 +279,8 @@ def layer_norm_bwd(dy, dh, x, weight, mean, rstd, is_rms, dx, dweight, dbias) ->
             if g is not None:
                 g.zero_()
         return
-    block_n, one_block = _block_n(N)
-    programs = _num_programs(M, x.device)
-    rows_per_program = triton.cdiv(M, programs)
-    programs = triton.cdiv(M, rows_per_program)
+    block_n, one_block = _block_n(N, MAX_FUSED_N_BWD)
+    programs, rows_per_program = _bwd_plan(M, _sm_count(x.device))
     need_w, need_b = dweight is not None, dbias is not None
     dw_part = torch.empty((programs, N), device=x.device, dtype=torch.float32) if need_w else None
     db_part = torch.empty((programs, N), device=x.device, dtype=torch.float32) if need_b else None
@@ -274,4 +293,4 @@ def layer_norm_bwd(dy, dh, x, weight, mean, rstd, is_rms, dx, dweight, dbias) ->
     )
     for part, out in ((dw_part, dweight), (db_part, dbias)):
         if out is not None:
-            _sum_partials_kernel[(triton.cdiv(N, 128),)](part, out, programs, N, BLOCK_P=32, BLOCK_N=128)
+            _sum_partials_kernel[_sum_grid(N, 128)](part, out, programs, N, BLOCK_P=32, BLOCK_N=128)

@@ -62,6 +62,45 @@ def reduce_angle(a):
     return (a - k * _TWO_PI_HI) - k * _TWO_PI_LO
 
 
+_HALF_PI_HI = tl.constexpr(1.5707963705062866)  # fp32(pi/2)
+_HALF_PI_LO = tl.constexpr(-4.371138828673793e-08)  # fp32(pi/2 - _HALF_PI_HI)
+_TWO_OVER_PI = tl.constexpr(0.6366197723675814)
+# fdlibm's k_sinf / k_cosf minimax polynomials on [-pi/4, pi/4], evaluated in fp64
+_S1 = tl.constexpr(-0.166666666416265235595)
+_S2 = tl.constexpr(0.0083333293858894631756)
+_S3 = tl.constexpr(-0.000198393348360966317347)
+_S4 = tl.constexpr(0.0000027183114939898219064)
+_C0 = tl.constexpr(-0.499999997251031003120)
+_C1 = tl.constexpr(0.0416666233237390631894)
+_C2 = tl.constexpr(-0.00138867637746099294692)
+_C3 = tl.constexpr(0.0000243904487962774090654)
+
+
+@triton.jit
+def _f64(c: tl.constexpr):
+    """The constant c as an fp64 scalar (a Python float alone enters a kernel as fp32)."""
+    return tl.full([], c, tl.float64)
+
+
+@triton.jit
+def sincos(a):
+    """(cos a, sin a) in fp32 for fp64 a with |a| < 2^20 (a reduced angle): a = k pi/2 + r with
+    |r| <= pi/4 (pi/2 as an exact fp32 pair), sin r and cos r by polynomial, swapped and negated by
+    quadrant. Used instead of libdevice cosf/sinf, whose Payne-Hanek path for huge arguments keeps a
+    local array (a stack frame) that a reduced argument never needs."""
+    k = tl.floor(a * _f64(_TWO_OVER_PI) + 0.5)
+    r = (a - k * _HALF_PI_HI) - k * _HALF_PI_LO
+    q = k.to(tl.int32) & 3
+    z = r * r
+    sr = (r + r * z * (_f64(_S1) + z * (_f64(_S2) + z * (_f64(_S3) + z * _f64(_S4))))).to(tl.float32)
+    cr = (1.0 + z * (_f64(_C0) + z * (_f64(_C1) + z * (_f64(_C2) + z * _f64(_C3))))).to(tl.float32)
+    sin_a = tl.where((q & 1) == 0, sr, cr)
+    cos_a = tl.where((q & 1) == 0, cr, sr)
+    sin_a = tl.where(q >= 2, -sin_a, sin_a)
+    cos_a = tl.where((q == 1) | (q == 2), -cos_a, cos_a)
+    return cos_a, sin_a
+
+
 @triton.jit
 def _rotate_tile(
     X, XO,  # this head's input and output at (b, h, s=0, d=0)
@@ -69,22 +108,35 @@ def _rotate_tile(
     s64, s_mask, c1, c2, mask,  # positions of the tile, pair columns (x1 at c1, x2 at c2)
     cos1, cos2, sin1, sin2,  # [BLOCK_S, BLOCK_H] fp32 factors for x1 and x2
     R, D,
-    BACKWARD: tl.constexpr, COPY_PASS: tl.constexpr, BLOCK_P: tl.constexpr,
+    BACKWARD: tl.constexpr, COPY_PASS: tl.constexpr, INTERLEAVED: tl.constexpr, BLOCK_H: tl.constexpr,
+    BLOCK_P: tl.constexpr,
 ):
     """fwd: o1 = x1 cos1 - x2 sin1, o2 = x2 cos2 + x1 sin2;  bwd (transpose): o1 = x1 cos1 + x2 sin2,
-    o2 = x2 cos2 - x1 sin1. Dims R..D-1 are copied when COPY_PASS (out of place)."""
+    o2 = x2 cos2 - x1 sin1. Dims R..D-1 are copied when COPY_PASS (out of place). Interleaved pairs
+    are read as one contiguous [BLOCK_S, 2 BLOCK_H] tile and split in registers (16-byte accesses
+    instead of strided 2-byte ones)."""
     xrow = X + s64[:, None] * sx_s
     orow = XO + s64[:, None] * so_s
-    x1 = tl.load(xrow + c1[None, :] * sx_d, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(xrow + c2[None, :] * sx_d, mask=mask, other=0.0).to(tl.float32)
+    if INTERLEAVED:
+        cc = tl.arange(0, 2 * BLOCK_H)
+        m2 = s_mask[:, None] & (cc < R)[None, :]
+        x = tl.load(xrow + cc[None, :] * sx_d, mask=m2, other=0.0).to(tl.float32)
+        x1, x2 = tl.split(tl.reshape(x, [x.shape[0], BLOCK_H, 2]))
+    else:
+        x1 = tl.load(xrow + c1[None, :] * sx_d, mask=mask, other=0.0).to(tl.float32)
+        x2 = tl.load(xrow + c2[None, :] * sx_d, mask=mask, other=0.0).to(tl.float32)
     if BACKWARD:
         o1 = x1 * cos1 + x2 * sin2
         o2 = x2 * cos2 - x1 * sin1
     else:
         o1 = x1 * cos1 - x2 * sin1
         o2 = x2 * cos2 + x1 * sin2
-    tl.store(orow + c1[None, :] * so_d, o1.to(XO.dtype.element_ty), mask=mask)
-    tl.store(orow + c2[None, :] * so_d, o2.to(XO.dtype.element_ty), mask=mask)
+    if INTERLEAVED:
+        o = tl.reshape(tl.join(o1, o2), [o1.shape[0], 2 * BLOCK_H])
+        tl.store(orow + cc[None, :] * so_d, o.to(XO.dtype.element_ty), mask=m2)
+    else:
+        tl.store(orow + c1[None, :] * so_d, o1.to(XO.dtype.element_ty), mask=mask)
+        tl.store(orow + c2[None, :] * so_d, o2.to(XO.dtype.element_ty), mask=mask)
     if COPY_PASS:
         c = R + tl.arange(0, BLOCK_P)
         m = s_mask[:, None] & (c < D)[None, :]
@@ -95,7 +147,7 @@ def _rotate_tile(
 def _rotary_kernel(
     Q, K, QO, KO,  # q (B, HQ, S, D), k (B, HK, S, D) and their outputs (which may be q and k)
     Pos, Cos, Sin,  # int positions (B|1, S) (HAS_POS); cos/sin tables (B|1, S, R) (TABLE)
-    S, HQ, HK, R, D, half,  # half = R / 2 pairs
+    B, S, HQ, HK, R, D, half,  # half = R / 2 pairs
     s_qb, s_qh, s_qs, s_qd, s_kb, s_kh, s_ks, s_kd,  # input strides
     s_ob, s_oh, s_os, s_od, s_pb, s_ph, s_ps, s_pd,  # output strides: q_out, k_out
     s_posb, s_poss,  # positions strides (0 on a broadcast batch)
@@ -108,11 +160,15 @@ def _rotary_kernel(
 ):
     """Angle form: a = pos * r^p, cos1 = cos2 = cos(a), sin1 = sin2 = sin(a) for pair p of position
     pos; table form: cos1 = Cos[b, s, c1], cos2 = Cos[b, s, c2] (likewise sin). Pair p is
-    (c1, c2) = (p, p + R/2) (half-split) or (2p, 2p + 1) (INTERLEAVED). Program (s-block, b, head
-    group) rotates heads [g * heads_per_program, ...) of the concatenation q ++ k."""
-    pid_s = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    pid_h = tl.program_id(2)
+    (c1, c2) = (p, p + R/2) (half-split) or (2p, 2p + 1) (INTERLEAVED). Program
+    (g * B + b) * cdiv(S, BLOCK_S) + s-block (a 1-D grid, see _grid) rotates heads
+    [g * heads_per_program, ...) of the concatenation q ++ k."""
+    pid = tl.program_id(0)
+    s_blocks = tl.cdiv(S, BLOCK_S)
+    pid_s = pid % s_blocks
+    rest = pid // s_blocks
+    b = (rest % B).to(tl.int64)
+    pid_h = rest // B
     s = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
     s_mask = s < S
     s64 = s.to(tl.int64)
@@ -137,9 +193,7 @@ def _rotary_kernel(
         else:
             pos = s64 + offset
         inv = inv_freq_f64(p, r_hi, r_lo, P_BITS)
-        a = reduce_angle(pos.to(tl.float64)[:, None] * inv[None, :]).to(tl.float32)
-        cos1 = tl.cos(a)
-        sin1 = tl.sin(a)
+        cos1, sin1 = sincos(reduce_angle(pos.to(tl.float64)[:, None] * inv[None, :]))
         cos2 = cos1
         sin2 = sin1
     h0 = pid_h * heads_per_program
@@ -147,26 +201,36 @@ def _rotary_kernel(
     for h in range(h0, tl.minimum(h1, HQ)):
         hh = tl.cast(h, tl.int64)
         _rotate_tile(Q + b * s_qb + hh * s_qh, QO + b * s_ob + hh * s_oh, s_qs, s_qd, s_os, s_od,
-                     s64, s_mask, c1, c2, mask, cos1, cos2, sin1, sin2, R, D, BACKWARD, COPY_PASS, BLOCK_P)
+                     s64, s_mask, c1, c2, mask, cos1, cos2, sin1, sin2, R, D, BACKWARD, COPY_PASS, INTERLEAVED, BLOCK_H, BLOCK_P)
     for h in range(tl.maximum(h0, HQ), h1):
         hh = tl.cast(h - HQ, tl.int64)
         _rotate_tile(K + b * s_kb + hh * s_kh, KO + b * s_pb + hh * s_ph, s_ks, s_kd, s_ps, s_pd,
-                     s64, s_mask, c1, c2, mask, cos1, cos2, sin1, sin2, R, D, BACKWARD, COPY_PASS, BLOCK_P)
+                     s64, s_mask, c1, c2, mask, cos1, cos2, sin1, sin2, R, D, BACKWARD, COPY_PASS, INTERLEAVED, BLOCK_H, BLOCK_P)
 
 
-def _plan(B: int, S: int, H: int, block_h: int, device: torch.device) -> tuple[int, int, int]:
-    """(BLOCK_S, heads_per_program, head groups): on a GPU about 4 programs per SM, splitting the
-    heads only when batch x sequence blocks are too few; in the interpreter, few large programs."""
-    if device.type == "cuda":
+def _plan(B: int, S: int, H: int, block_h: int, sm_count: int | None) -> tuple[int, int, int]:
+    """(BLOCK_S, heads_per_program, head groups): on a GPU (sm_count SMs) about 4 programs per SM,
+    splitting the heads only when batch x sequence blocks are too few; in the interpreter
+    (sm_count None), few large programs."""
+    if sm_count is not None:
         block_s = min(triton.next_power_of_2(S), max(1, 1024 // block_h))
         rows = triton.cdiv(S, block_s) * B
-        target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
-        groups = min(H, max(1, triton.cdiv(target, rows)))
+        groups = min(H, max(1, triton.cdiv(4 * sm_count, rows)))
     else:
         block_s = min(triton.next_power_of_2(S), max(1, 8192 // block_h))
         groups = 1
     per = triton.cdiv(H, groups)
     return block_s, per, triton.cdiv(H, per)
+
+
+def _grid(B: int, S: int, block_s: int, groups: int) -> tuple[int]:
+    """One grid dimension (x, up to 2^31 - 1 programs) for (head group, batch row, s-block), which the
+    kernel splits again: B and the head groups can exceed the 65535 of grid y and z."""
+    return (triton.cdiv(S, block_s) * B * groups,)
+
+
+def _sm_count(device: torch.device) -> int | None:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else None
 
 
 def _pos_strides(positions, B: int) -> tuple[int, int]:
@@ -189,15 +253,15 @@ def _launch(q, k, qo, ko, positions, offset, theta, R, interleaved, backward, co
     half = R // 2
     block_h = triton.next_power_of_2(max(half, 1))
     copy_pass = R < D and (qo.data_ptr() != q.data_ptr() or ko.data_ptr() != k.data_ptr())
-    block_s, per, groups = _plan(B, S, HQ + HK, block_h, q.device)
+    block_s, per, groups = _plan(B, S, HQ + HK, block_h, _sm_count(q.device))
     table = cos is not None
     r_hi, r_lo = (0.0, 0.0) if table else ratio_pair(theta, R)
     pb, ps = _pos_strides(positions, B)
     cstr = _table_strides(cos, B) if table else (0, 0, 0)
     sstr = _table_strides(sin, B) if table else (0, 0, 0)
-    _rotary_kernel[(triton.cdiv(S, block_s), B, groups)](
+    _rotary_kernel[_grid(B, S, block_s, groups)](
         q, k, qo, ko, positions, cos, sin,
-        S, HQ, HK, R, D, half,
+        B, S, HQ, HK, R, D, half,
         *q.stride(), *k.stride(), *qo.stride(), *ko.stride(),
         pb, ps, *cstr, *sstr,
         offset, r_hi, r_lo, per,

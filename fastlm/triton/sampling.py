@@ -22,7 +22,7 @@ import triton.language as tl
 
 from fastlm.backend import interpreter_on
 
-INT32_MAX = 2147483647
+INT32_MAX: tl.constexpr = tl.constexpr(2147483647)
 
 
 @triton.jit
@@ -49,36 +49,53 @@ def _key(z):
 
 
 @triton.jit
-def _load_z(X, xoff, cols, msk, t_eff):
-    """The chunk's scaled logits z = fp32(x) / T (-inf where masked, -0.0 made +0.0) and keys."""
-    x = tl.load(X + xoff[:, None] + cols[None, :], mask=msk, other=float("-inf")).to(tl.float32)
-    z = x / t_eff[:, None]
-    z = tl.where(z == 0.0, 0.0, z)
-    return z
+def _load_z(X, xoff, cols, msk, t_eff, USE_T: tl.constexpr):
+    """The chunk's scaled logits z = fp32(x) / T, IEEE-rounded like the reference and csrc (a plain
+    `/` compiles to approximate division), -inf where masked, -0.0 made +0.0."""
+    x = tl.load(X + xoff[:, None] + cols[None, :], mask=msk, other=float("-inf"))
+    return _scale(x, t_eff, USE_T)
 
 
 @triton.jit
-def _search(X, xoff, t_eff, m, lo, hi, target, V, WEIGHTED: tl.constexpr,
+def _scale(x, t_eff, USE_T: tl.constexpr):
+    z = x.to(tl.float32)
+    if USE_T:
+        z = tl.math.div_rn(z, t_eff[:, None])
+    return tl.where(z == 0.0, 0.0, z)
+
+
+@triton.jit
+def _div_small(x, d: tl.constexpr):
+    """x // d for int64 0 <= x < 2^50 and a small constant d, as floor(x / d + 1 / (2d)) in fp64:
+    exact (x / d is at least 1/d from the next integer), and no int64 division, which compiles to a
+    subroutine call."""
+    inv = tl.full([], 1.0 / d, tl.float64)  # a Python float alone would enter as fp32
+    half = tl.full([], 0.5 / d, tl.float64)
+    return tl.floor(x.to(tl.float64) * inv + half).to(tl.int64)
+
+
+@triton.jit
+def _search(X, xoff, rmask, t_eff, m, lo, hi, target, V, WEIGHTED: tl.constexpr, USE_T: tl.constexpr,
             BLOCK_B: tl.constexpr, BLOCK_V: tl.constexpr, NPIV: tl.constexpr, NPASS: tl.constexpr):
     """The largest key t in [lo, hi) with W(t) >= target, W(t) = count (or, WEIGHTED, the int64
     mass) of the row's elements with key >= t; needs W(lo) >= target > W(hi). Returns lo."""
     jj = (tl.arange(0, NPIV) + 1).to(tl.int64)
     for _ in range(NPASS):
         if tl.max(hi - lo, axis=0) > 1:
-            piv = lo[:, None] + ((hi - lo)[:, None] * jj[None, :]) // (NPIV + 1)
+            piv = lo[:, None] + _div_small(((hi - lo)[:, None] * jj[None, :]), NPIV + 1)
             piv32 = piv.to(tl.int32)
             acc = tl.zeros([BLOCK_B, NPIV], dtype=tl.int64)
             for c in range(0, V, BLOCK_V):
                 cols = c + tl.arange(0, BLOCK_V)
-                msk = (xoff[:, None] >= 0) & (cols[None, :] < V)
-                z = _load_z(X, xoff, cols, msk, t_eff)
-                ge = (_key(z)[:, :, None] >= piv32[:, None, :]) & msk[:, :, None]
+                msk = rmask[:, None] & (cols[None, :] < V)
+                z = _load_z(X, xoff, cols, msk, t_eff, USE_T)
+                ge = (_key(z)[:, None, :] >= piv32[:, :, None]) & msk[:, None, :]
                 if WEIGHTED:
                     e = tl.exp2((z - m[:, None]) * 1.4426950408889634)
                     mass = (e * 1099511627776.0).to(tl.int64)
-                    acc += tl.sum(tl.where(ge, mass[:, :, None], 0), axis=1)
+                    acc += tl.sum(tl.where(ge, mass[:, None, :], 0), axis=2)
                 else:
-                    acc += tl.sum(ge.to(tl.int64), axis=1)
+                    acc += tl.sum(ge.to(tl.int64), axis=2)
             ok = acc >= target[:, None]
             lo = tl.maximum(lo, tl.max(tl.where(ok, piv, lo[:, None]), axis=1))
             hi = tl.minimum(hi, tl.min(tl.where(ok, hi[:, None], piv), axis=1))
@@ -95,7 +112,7 @@ def _sampling_kernel(
     Logprobs,  # (B,) fp32 log-prob of the token under the filtered distribution (WRITE_LOGPROBS)
     Out, stride_o,  # (B, V) filtered logits, x's dtype (FILTER)
     HAS_T: tl.constexpr, HAS_K: tl.constexpr, HAS_P: tl.constexpr, HAS_MP: tl.constexpr,
-    USE_K: tl.constexpr, USE_P: tl.constexpr, USE_MP: tl.constexpr, ALL_GREEDY: tl.constexpr,
+    USE_T: tl.constexpr, USE_K: tl.constexpr, USE_P: tl.constexpr, USE_MP: tl.constexpr, ALL_GREEDY: tl.constexpr,
     SAMPLE: tl.constexpr, WRITE_LOGPROBS: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_V: tl.constexpr, NPIV: tl.constexpr, NPASS: tl.constexpr,
 ):
@@ -106,7 +123,7 @@ def _sampling_kernel(
     logprob = (z_tok - m) - ln(2^-40 S_F)."""
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     rmask = rows < B
-    xoff = tl.where(rmask, rows.to(tl.int64) * stride_x, -1)
+    xoff = tl.where(rmask, rows, 0).to(tl.int64) * stride_x
     if HAS_T:
         T = tl.load(Temp + rows, mask=rmask, other=1.0).to(tl.float32)
     else:
@@ -135,7 +152,7 @@ def _sampling_kernel(
     for c in range(0, V, BLOCK_V):
         cols = c + tl.arange(0, BLOCK_V)
         msk = rmask[:, None] & (cols[None, :] < V)
-        z = _load_z(X, xoff, cols, msk, t_eff)
+        z = _load_z(X, xoff, cols, msk, t_eff, USE_T)
         nonfinite = ((z != z) | (z == float("inf"))) & msk
         bad = tl.maximum(bad, tl.max(nonfinite.to(tl.int32), axis=1))
         z = tl.where(z != z, float("-inf"), z)
@@ -161,19 +178,19 @@ def _sampling_kernel(
         if USE_K:
             lo = kmin.to(tl.int64)
             hi = tl.where(active & (k < V), kmax.to(tl.int64) + 1, lo + 1)
-            tau = _search(X, xoff, t_eff, m, lo, hi, k, V, False, BLOCK_B, BLOCK_V, NPIV, NPASS).to(tl.int32)
+            tau = _search(X, xoff, rmask, t_eff, m, lo, hi, k, V, False, USE_T, BLOCK_B, BLOCK_V, NPIV, NPASS).to(tl.int32)
         if USE_P:
             s_k = tl.zeros([BLOCK_B], dtype=tl.int64)
             for c in range(0, V, BLOCK_V):
                 cols = c + tl.arange(0, BLOCK_V)
                 msk = rmask[:, None] & (cols[None, :] < V)
-                z = _load_z(X, xoff, cols, msk, t_eff)
+                z = _load_z(X, xoff, cols, msk, t_eff, USE_T)
                 mass = (tl.exp2((z - m[:, None]) * 1.4426950408889634) * 1099511627776.0).to(tl.int64)
                 s_k += tl.sum(tl.where(msk & (_key(z) >= tau[:, None]), mass, 0), axis=1)
             target = tl.ceil(p.to(tl.float64) * s_k.to(tl.float64)).to(tl.int64)
             lo = tau.to(tl.int64)
             hi = tl.where(active & (p < 1.0), kmax.to(tl.int64) + 1, lo + 1)
-            tau = _search(X, xoff, t_eff, m, lo, hi, target, V, True, BLOCK_B, BLOCK_V, NPIV, NPASS).to(tl.int32)
+            tau = _search(X, xoff, rmask, t_eff, m, lo, hi, target, V, True, USE_T, BLOCK_B, BLOCK_V, NPIV, NPASS).to(tl.int32)
 
     if SAMPLE:
         bi = tl.zeros([BLOCK_B], dtype=tl.int64)
@@ -182,7 +199,7 @@ def _sampling_kernel(
             for c in range(0, V, BLOCK_V):
                 cols = c + tl.arange(0, BLOCK_V)
                 msk = rmask[:, None] & (cols[None, :] < V)
-                z = _load_z(X, xoff, cols, msk, t_eff)
+                z = _load_z(X, xoff, cols, msk, t_eff, USE_T)
                 e = tl.exp2((z - m[:, None]) * 1.4426950408889634)
                 F = msk & (_key(z) >= tau[:, None]) & active[:, None]
                 if USE_MP:
@@ -202,7 +219,7 @@ def _sampling_kernel(
             for c in range(0, V, BLOCK_V):
                 cols = c + tl.arange(0, BLOCK_V)
                 msk = rmask[:, None] & (cols[None, :] < V)
-                z = _load_z(X, xoff, cols, msk, t_eff)
+                z = _load_z(X, xoff, cols, msk, t_eff, USE_T)
                 e = tl.exp2((z - m[:, None]) * 1.4426950408889634)
                 F = msk & (_key(z) >= tau[:, None]) & active[:, None]
                 if USE_MP:
@@ -216,7 +233,7 @@ def _sampling_kernel(
         tok = tl.where(greedy, am, bi)
         tl.store(Tokens + rows, tl.where(status < 0, status, tok), mask=rmask)
         if WRITE_LOGPROBS:
-            zt = tl.load(X + tl.where(rmask, xoff, 0) + tok, mask=rmask, other=0.0).to(tl.float32) / t_eff
+            zt = tl.math.div_rn(tl.load(X + xoff + tok, mask=rmask, other=0.0).to(tl.float32), t_eff)
             zt = tl.where(zt == 0.0, 0.0, zt)
             lse = tl.log(tl.maximum(s_f, 1).to(tl.float64) * 9.094947017729282e-13).to(tl.float32)
             lp = tl.where(greedy, 0.0, (zt - m) - lse)
@@ -227,8 +244,8 @@ def _sampling_kernel(
         for c in range(0, V, BLOCK_V):
             cols = c + tl.arange(0, BLOCK_V)
             msk = rmask[:, None] & (cols[None, :] < V)
-            x = tl.load(X + tl.where(rmask, xoff, 0)[:, None] + cols[None, :], mask=msk, other=0.0)
-            z = _load_z(X, xoff, cols, msk, t_eff)
+            x = tl.load(X + xoff[:, None] + cols[None, :], mask=msk, other=float("-inf"))
+            z = _scale(x, t_eff, USE_T)
             F = _key(z) >= tau[:, None]
             if USE_MP:
                 F = F & (tl.exp2((z - m[:, None]) * 1.4426950408889634) >= mp[:, None])
@@ -246,13 +263,14 @@ def _npass(npiv: int) -> int:
     return n
 
 
-def _config(B: int, V: int, device: torch.device) -> dict:
-    """Block sizes: on the GPU about 1024 elements a chunk and 4 pivots a pass; under the
-    interpreter big blocks and 16 pivots (its cost is per operation, not per element)."""
+def _config(B: int, V: int, device: torch.device, sample: bool = True) -> dict:
+    """Block sizes: on the GPU 2048 elements a chunk, at least 8 per thread (16-byte loads of 16-bit
+    logits; 16 per thread for the filter, whose extra store pass spills at 8 warps on sm_80) and 4
+    pivots a pass; under the interpreter big blocks (its cost is per operation, not per element)."""
     if device.type == "cuda" and not interpreter_on():
-        block_v = min(triton.next_power_of_2(max(V, 4)), 1024)
-        block_b = max(1, min(triton.next_power_of_2(B), 1024 // block_v))
-        npiv, warps = 4, 4 if block_b * block_v <= 512 else 8
+        block_v = min(triton.next_power_of_2(max(V, 4)), 2048)
+        block_b = max(1, min(triton.next_power_of_2(B), 2048 // block_v))
+        npiv, warps = 4, max(1, min(8 if sample else 4, block_b * block_v // 256))
     else:
         block_v = min(triton.next_power_of_2(max(V, 4)), 65536)
         block_b = max(1, min(triton.next_power_of_2(B), 262144 // block_v))
@@ -273,7 +291,7 @@ def _params(B: int, V: int, temperature, top_k, top_p, min_p):
     MP, mp_val, has_mp = split(min_p, 0.0)
     flags = dict(
         HAS_T=has_t, HAS_K=has_k, HAS_P=has_p, HAS_MP=has_mp,
-        USE_K=has_k or k_val < V, USE_P=has_p or p_val < 1.0, USE_MP=has_mp or mp_val > 0.0,
+        USE_T=has_t or t_val not in (0.0, 1.0), USE_K=has_k or k_val < V, USE_P=has_p or p_val < 1.0, USE_MP=has_mp or mp_val > 0.0,
         ALL_GREEDY=(not has_t) and t_val == 0.0,
     )
     return (T, K, P, MP), (float(t_val), int(min(k_val, 2**62)), float(p_val), float(mp_val)), flags
@@ -301,7 +319,7 @@ def top_k_top_p_filter(logits, top_k, top_p, min_p, out, status) -> None:
     if B == 0:
         return
     ptrs, vals, flags = _params(B, V, None, top_k, top_p, min_p)
-    cfg = _config(B, V, logits.device)
+    cfg = _config(B, V, logits.device, sample=False)
     _sampling_kernel[(triton.cdiv(B, cfg["BLOCK_B"]),)](
         logits, logits.stride(0), B, V, *ptrs, *vals, None, status, None, out, out.stride(0),
         **flags, SAMPLE=False, WRITE_LOGPROBS=False, **cfg,

@@ -21,10 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastlm.triton.rotary import fp32_pair, inv_freq_f64, ratio_pair, reduce_angle
-
-_HALF_PI_HI = tl.constexpr(1.5707963705062866)  # fp32(pi/2)
-_HALF_PI_LO = tl.constexpr(-4.371138828673793e-08)  # fp32(pi/2 - _HALF_PI_HI)
+from fastlm.triton.rotary import fp32_pair, inv_freq_f64, ratio_pair, reduce_angle, sincos
 
 
 @triton.jit
@@ -37,9 +34,12 @@ def _embed_sinusoidal_fwd_kernel(
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, P_BITS: tl.constexpr,
 ):
     """out[n, j] = weight[id_n, j] * scale + PE(pos_n, j), PE(pos, j) = sin(pos * r^(j // 2) + (j odd) * pi/2);
-    NaN where id_n is outside [0, V). Without HAS_WEIGHT: out = PE."""
-    n = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
-    c = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    NaN where id_n is outside [0, V). Without HAS_WEIGHT: out = PE. Program
+    t-block * cdiv(D, BLOCK_D) + d-block (a 1-D grid, see _grid)."""
+    pid = tl.program_id(0)
+    d_blocks = tl.cdiv(D, BLOCK_D)
+    n = (pid // d_blocks).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    c = (pid % d_blocks) * BLOCK_D + tl.arange(0, BLOCK_D)
     n_mask = n < N
     c_mask = c < D
     t = n // S
@@ -50,9 +50,8 @@ def _embed_sinusoidal_fwd_kernel(
         pos = s + offset
     inv = inv_freq_f64(c // 2, r_hi, r_lo, P_BITS)
     a = reduce_angle(pos.to(tl.float64)[:, None] * inv[None, :])
-    half_pi = tl.cast(_HALF_PI_HI, tl.float64) + tl.cast(_HALF_PI_LO, tl.float64)
-    a = tl.where((c % 2 == 1)[None, :], a + half_pi, a)
-    out = tl.sin(a.to(tl.float32))
+    cos_a, sin_a = sincos(a)
+    out = tl.where((c % 2 == 1)[None, :], cos_a, sin_a)
     mask = n_mask[:, None] & c_mask[None, :]
     if HAS_WEIGHT:
         ids = tl.load(Ids + t * s_it + s * s_is, mask=n_mask, other=0).to(tl.int64)
@@ -72,9 +71,12 @@ def _embed_bwd_atomic_kernel(
     scale,
     HAS_SCALE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """DW[id_n, :] += dout[n, :] * scale for every token n with a valid id (atomic adds)."""
-    n = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
-    c = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    """DW[id_n, :] += dout[n, :] * scale for every token n with a valid id (atomic adds). Program
+    t-block * cdiv(D, BLOCK_D) + d-block (a 1-D grid, see _grid)."""
+    pid = tl.program_id(0)
+    d_blocks = tl.cdiv(D, BLOCK_D)
+    n = (pid // d_blocks).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    c = (pid % d_blocks) * BLOCK_D + tl.arange(0, BLOCK_D)
     n_mask = n < N
     c_mask = c < D
     t = n // S
@@ -97,9 +99,12 @@ def _embed_bwd_sorted_kernel(
     HAS_SCALE: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """For the run of equal ids starting at sorted index i (i = 0 or Sorted[i-1] != Sorted[i]):
-    DW[v, cols] = scale * sum over the run, in order, of dout[Order[j], cols]. Other programs exit."""
-    i = tl.program_id(0).to(tl.int64)
-    c = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    DW[v, cols] = scale * sum over the run, in order, of dout[Order[j], cols]. Other programs exit.
+    Program i * cdiv(D, BLOCK_D) + d-block (a 1-D grid, see _grid)."""
+    pid = tl.program_id(0)
+    d_blocks = tl.cdiv(D, BLOCK_D)
+    i = (pid // d_blocks).to(tl.int64)
+    c = (pid % d_blocks) * BLOCK_D + tl.arange(0, BLOCK_D)
     c_mask = c < D
     v = tl.load(Sorted + i)
     prev = tl.load(Sorted + i - 1, mask=i > 0, other=-1)
@@ -128,6 +133,12 @@ def _tiles(N: int, D: int, device: torch.device) -> tuple[int, int]:
     return min(triton.next_power_of_2(N), max(1, elems // block_d)), block_d
 
 
+def _grid(rows: int, block_rows: int, D: int, block_d: int) -> tuple[int]:
+    """One grid dimension (x, up to 2^31 - 1 programs) for (row block, column block), which the
+    kernels split again: token and column block counts can exceed the 65535 of grid y."""
+    return (triton.cdiv(rows, block_rows) * triton.cdiv(D, block_d),)
+
+
 def _fwd(ids, weight, positions, offset, scale, base, out) -> None:
     T, S, D = out.shape
     N = T * S
@@ -139,7 +150,7 @@ def _fwd(ids, weight, positions, offset, scale, base, out) -> None:
     pt = 0
     if positions is not None and positions.dim() == 2 and positions.shape[0] == T and T > 1:
         pt = positions.stride(0)
-    _embed_sinusoidal_fwd_kernel[(triton.cdiv(N, block_t), triton.cdiv(D, block_d))](
+    _embed_sinusoidal_fwd_kernel[_grid(N, block_t, D, block_d)](
         ids, weight, positions, out,
         N, S, D, weight.shape[0] if has_w else 0,
         ids.stride(0) if has_w else 0, ids.stride(1) if has_w else 0,
@@ -179,7 +190,7 @@ def embed_sinusoidal_bwd(dout, input_ids, scale, deterministic, dweight) -> None
         sorted_ids, order = torch.sort(flat, stable=True)
         d2 = dout.reshape(N, D)
         block_d = min(triton.next_power_of_2(D), 1024)
-        _embed_bwd_sorted_kernel[(N, triton.cdiv(D, block_d))](
+        _embed_bwd_sorted_kernel[_grid(N, 1, D, block_d)](
             d2, sorted_ids, order, dweight, N, D, V, d2.stride(0), d2.stride(1), dweight.stride(0), sc,
             HAS_SCALE=scale is not None, BLOCK_D=block_d, num_warps=4,
         )
@@ -188,7 +199,7 @@ def embed_sinusoidal_bwd(dout, input_ids, scale, deterministic, dweight) -> None
         (V, D), device=dweight.device, dtype=torch.float32
     )
     block_t, block_d = _tiles(N, D, dout.device)
-    _embed_bwd_atomic_kernel[(triton.cdiv(N, block_t), triton.cdiv(D, block_d))](
+    _embed_bwd_atomic_kernel[_grid(N, block_t, D, block_d)](
         dout, input_ids, acc, N, S, D, V, *dout.stride(), *input_ids.stride(), sc,
         HAS_SCALE=scale is not None, BLOCK_T=block_t, BLOCK_D=block_d, num_warps=4,
     )

@@ -1,0 +1,167 @@
+"""The csrc kernels of the built fastlm._C as audit rows, read from the module with no GPU.
+
+The build records every instantiation's resources: each cubin inside fastlm/_C*.so holds, per
+kernel and architecture (sm_80, sm_90a), its registers, local memory (spills), stack frame and
+static shared memory, and its SASS; ``rows`` reads them with cuobjdump (``sass.resource_usage`` and
+``sass.count_sass``), demangles the names and adds what the launchers decide: threads per block and
+dynamic shared memory. Every instantiation in the module is one a launcher dispatches to (the
+kernels are only instantiated through the launchers' dispatch), so every row has role "default".
+
+kind: "matrix" for the mma.sync attention forward; "memory" for the memory-bound kernels built
+around 16-byte accesses (the vectorised LayerNorm paths, the decode split kernel); "other" for
+the rest, the scalar-by-design ones included (any-stride rotary and sinusoidal, the LayerNorm
+scalar fallback, the decode combine, sampling, which reads its row several times).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import importlib.util
+import re
+import shutil
+import subprocess
+
+from fastlm.audit import sass
+
+# Pattern (re.search on "kernel config") -> "<gate>: <reason>" (sass.GATES: "spill" for a stack frame
+# or spill), the written reason one gate does not apply to those instantiations. Empty: none is exempt.
+ALLOWED: dict[str, str] = {}
+
+_TYPES = {"float": "fp32", "__half": "fp16", "__nv_bfloat16": "bf16", "true": "1", "false": "0"}
+
+
+def _attention_fwd_smem(args: dict[str, str]) -> int:
+    """Dynamic shared memory of the forward (csrc/attention.cu): Q, K, V tiles of 64 rows, D + 8 wide."""
+    return (64 + 2 * 64) * (int(args["D"]) + 8) * (4 if args["T"] == "fp32" else 2)
+
+
+# kernel -> (op, template parameter names, threads per block (0: chosen at launch), kind).
+KERNELS: dict[str, tuple[str, tuple[str, ...], int, str]] = {
+    "layer_norm_fwd_kernel": ("layer_norm", ("T", "W", "IS_RMS", "VEC"), 0, "memory"),
+    "layer_norm_bwd_kernel": ("layer_norm", ("T", "W", "IS_RMS", "VEC"), 0, "memory"),
+    "layer_norm_bwd_reduce_kernel": ("layer_norm", ("W",), 512, "other"),
+    "rotary_kernel": ("rotary", ("T", "C", "TABLE"), 128, "other"),
+    "embed_sinusoidal_fwd_kernel": ("sinusoidal", ("T",), 128, "other"),
+    "embed_bwd_atomic_kernel": ("sinusoidal", ("T",), 128, "other"),
+    "embed_bwd_sorted_kernel": ("sinusoidal", ("T",), 128, "other"),
+    "sampling_kernel": ("sampling", ("T", "SAMPLE"), 512, "other"),
+    "attention_fwd_kernel": ("attention", ("T", "D", "CAUSAL"), 128, "matrix"),
+    "decode_split_kernel": ("decode_attention", ("T", "D", "SQ"), 128, "memory"),
+    "decode_combine_kernel": ("decode_attention", ("T", "D"), 128, "other"),
+}
+DYNAMIC_SMEM = {"attention_fwd_kernel": _attention_fwd_smem}
+
+
+def so_path() -> str | None:
+    """The fastlm._C extension file, or None if it is not built."""
+    try:
+        spec = importlib.util.find_spec("fastlm._C")
+    except (ImportError, ValueError):
+        return None
+    return spec.origin if spec is not None and spec.origin else None
+
+
+def demangle(names: list[str]) -> list[str]:
+    """C++ names of mangled symbols (cu++filt from the CUDA toolkit, else binutils' c++filt)."""
+    filt = sass.tool("cu++filt") or shutil.which("c++filt")
+    if filt is None:
+        raise RuntimeError("neither cu++filt nor c++filt found to demangle the kernel names")
+    res = subprocess.run([filt], input="\n".join(names) + "\n", capture_output=True, text=True, timeout=60, check=True)
+    out = res.stdout.splitlines()
+    if len(out) != len(names):
+        raise RuntimeError(f"{filt} returned {len(out)} names for {len(names)}")
+    return out
+
+
+def _split_top(s: str) -> list[str]:
+    parts, depth, cur = [], 0, ""
+    for ch in s:
+        if ch in "<(":
+            depth += 1
+        elif ch in ">)":
+            depth -= 1
+        if ch == "," and depth == 0:
+            parts.append(cur.strip())
+            cur = ""
+        else:
+            cur += ch
+    if cur.strip():
+        parts.append(cur.strip())
+    return parts
+
+
+_ANON = "(anonymous namespace)"
+
+
+def parse(demangled: str) -> tuple[str, list[str]]:
+    """(kernel, template arguments) of a demangled kernel, e.g.
+    'void fastlm::(anonymous namespace)::k<__half, 64>(P)' -> ('k', ['__half', '64'])."""
+    s = demangled.removeprefix("void ")
+    depth, end = 0, len(s)
+    for i, ch in enumerate(s):
+        if ch == "<":
+            depth += 1
+        elif ch == ">":
+            depth -= 1
+        elif ch == "(" and depth == 0 and not s.startswith(_ANON, i):
+            end = i
+            break
+    name, targs = s[:end], []
+    if name.endswith(">"):
+        lt = name.index("<")
+        name, targs = name[:lt], _split_top(name[lt + 1 : -1])
+    return name.rsplit("::", 1)[-1], targs
+
+
+def config_of(kernel: str, args: list[str]) -> tuple[str, dict[str, str]]:
+    """("T=fp16 D=128 SQ=16", {"T": "fp16", ...}) from the template arguments."""
+    names = KERNELS.get(kernel, ("", (), 0, ""))[1]
+    names = names if len(names) == len(args) else tuple(f"A{i}" for i in range(len(args)))
+    vals = {n: _TYPES.get(a, a) for n, a in zip(names, args, strict=True)}
+    return " ".join(f"{n}={v}" for n, v in vals.items()), vals
+
+
+def _sass_counts(path: str, archs: list[str]) -> dict[str, dict[str, int]]:
+    """sass.sass_of(path), one cuobjdump per architecture, run side by side (the module's SASS is
+    about 100 MB of text)."""
+    def one(arch: str) -> str:
+        return sass._run([sass._cuobjdump(), "-sass", "-arch", arch, path])
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, len(archs))) as ex:
+        texts = list(ex.map(one, archs))
+    out: dict[str, dict[str, int]] = {}
+    for text in texts:
+        out.update(sass.count_sass(text))
+    return out
+
+
+def rows(path: str | None = None) -> list[sass.Row]:
+    """One Row per kernel instantiation per architecture in the built extension (default: the
+    importable fastlm._C), sorted by (op, kernel, config, arch). A kernel not in KERNELS gets op
+    "unknown" (the static test fails on it, so a new kernel is classified here)."""
+    path = path or so_path()
+    if path is None:
+        raise FileNotFoundError("fastlm._C is not built (run `make cuda-check`)")
+    res = sass.resource_usage(path)
+    counts = _sass_counts(path, sorted({arch for arch, _ in res}))
+    mangled = sorted({fn for _, fn in res})
+    pretty = dict(zip(mangled, demangle(mangled), strict=True))
+    out = []
+    for (arch, fn), r in res.items():
+        kernel, targs = parse(pretty[fn])
+        op, _, threads, kind = KERNELS.get(kernel, ("unknown", (), 0, "other"))
+        config, vals = config_of(kernel, targs)
+        if kernel.startswith("layer_norm_") and vals.get("VEC") == "1":
+            kind = "other"
+        shared = r.get("SHARED", 0) + (DYNAMIC_SMEM[kernel](vals) if kernel in DYNAMIC_SMEM else 0)
+        row = sass.Row(
+            source="csrc", op=op, kernel=kernel, config=config, arch=arch, role="default", kind=kind,
+            threads=threads, regs=r.get("REG", 0), local=r.get("LOCAL", 0), stack=r.get("STACK", 0), shared=shared,
+            sass=counts.get(f"{arch}:{fn}", {k: 0 for k in sass.SASS_KEYS}),
+        )
+        if arch in sass.TARGETS:
+            row.occupancy = sass.occupancy(arch, threads, row.regs, shared)
+        row.allowed = next((why for pat, why in ALLOWED.items() if re.search(pat, f"{kernel} {config}")), None)
+        out.append(row)
+    out.sort(key=lambda r: (r.op, r.kernel, r.config, r.arch))
+    return out

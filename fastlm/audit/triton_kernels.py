@@ -1,0 +1,370 @@
+"""The compile tier for the Triton kernels: every config a launcher can pick, compiled for a GPU
+target by the real Triton compiler on a machine with no GPU.
+
+A ``Plan`` is one kernel launch as a launcher would issue it on a GPU: the kernel, its
+constexprs and launch options (taken from the launcher's own config functions, so the audit and
+the launchers cannot drift apart), and its runtime arguments, with tensors given as dtypes (Triton's
+MockTensor: a 16-byte aligned pointer) and integer sizes and strides as multiples of 16, which is
+how the launchers see aligned inputs; unit strides are 1, as Triton specialises them. ``compile_plan``
+compiles it for sm_90a or sm_80 under a stand-in driver that reports that target, and reads the
+cubin with fastlm.audit.sass. Must run in a process where TRITON_INTERPRET is unset.
+
+Plans come in two sets: ``default`` (every default / heuristic config, across head dims, dtypes and
+feature flags by a covering design: every pair of (size, dtype, flag) values occurs), checked on
+every `make test`; and ``exhaustive`` (the full product, and every autotune candidate after
+pruning), checked by `make static-check`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from fastlm.audit import sass
+
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+@dataclass
+class Plan:
+    op: str
+    kernel: object  # a triton JITFunction (the raw kernel, never the autotuner)
+    config: str
+    values: dict  # runtime argument name -> torch dtype (a tensor), None, int or float; others 64
+    meta: dict  # constexprs and num_warps / num_stages
+    role: str = "default"
+    kind: str = "other"
+    allowed: str | None = None
+    ptx_forbid: tuple = ()  # PTX instructions the kernel must not contain, with the reason
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.kernel.__name__
+
+    def args(self) -> list:
+        return [self.values.get(p.name, 64) for p in self.kernel.params if not p.is_constexpr]
+
+
+class _TargetDriver:
+    """Stands in for Triton's CUDA driver: reports one GPU target, never touches a device."""
+
+    def __init__(self, cc: int):
+        from triton.backends.compiler import GPUTarget
+
+        self.cc = cc
+        self.target = GPUTarget("cuda", cc, 32)
+
+    def get_current_device(self):
+        return self.cc  # one JIT cache per target
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_current_target(self):
+        return self.target
+
+    def get_active_torch_device(self):
+        return torch.device("cpu")
+
+    def get_benchmarker(self):
+        raise RuntimeError("the compile tier never benchmarks")
+
+
+@contextlib.contextmanager
+def target(cc: int):
+    from triton.runtime import driver
+
+    saved = driver._active
+    driver.set_active(_TargetDriver(cc))
+    try:
+        yield
+    finally:
+        driver._active = saved
+
+
+def compile_plan(plan: Plan, cc: int) -> sass.Row:
+    arch = sass.ARCHS[cc]
+    threads = 32 * plan.meta.get("num_warps", 4)
+    row = sass.Row(source="triton", op=plan.op, kernel=plan.name, config=plan.config, arch=arch, role=plan.role,
+                   kind=plan.kind, threads=threads, allowed=plan.allowed)
+    t0 = time.perf_counter()
+    try:
+        with target(cc):
+            k = plan.kernel.warmup(*plan.args(), grid=(1,), **plan.meta)
+    except Exception as exc:  # noqa: BLE001 - a compile error is the finding, reported per row
+        row.error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"[:300]
+        return row
+    res, counts = sass.cubin_facts(k.asm["cubin"])
+    row.regs = res.get("REG", 0)
+    row.local = res.get("LOCAL", 0)
+    row.stack = res.get("STACK", 0)
+    row.shared = res.get("SHARED", 0) + int(getattr(k.metadata, "shared", 0) or 0)
+    row.sass = counts
+    row.occupancy = sass.occupancy(arch, threads, row.regs, row.shared)
+    ptx = k.asm.get("ptx", "")
+    for ins, why in plan.ptx_forbid:
+        if ins in ptx:
+            row.error = f"PTX contains {ins} ({why})"
+    row.sass["compile_s"] = round(time.perf_counter() - t0, 2)
+    return row
+
+
+# ---- plans -----------------------------------------------------------------------------------------
+
+
+def _cover(*axes):
+    """A covering design over the axes: every pair of values of any two axes occurs at least once
+    (greedy), with far fewer combinations than the full product."""
+    full = list(itertools.product(*axes))
+    need = {(i, a, j, b) for i, j in itertools.combinations(range(len(axes)), 2) for a in axes[i] for b in axes[j]}
+    chosen = []
+    while need:
+        best = max(full, key=lambda c: sum((i, c[i], j, c[j]) in need for i, j in itertools.combinations(range(len(c)), 2)))
+        chosen.append(best)
+        need -= {(i, best[i], j, best[j]) for i, j in itertools.combinations(range(len(best)), 2)}
+        full.remove(best)
+    return chosen
+
+
+def _grid(axes, exhaustive):
+    return list(itertools.product(*axes)) if exhaustive else _cover(*axes)
+
+
+_MASKS = {"full": (False, -1, -1), "causal": (True, -1, -1), "window": (False, 128, 32)}
+FP32_FMA = ("tensor-cores: fp32 at head dims over 128 runs IEEE FMA dots on small tiles (slow, documented in the "
+            "README): no 3xTF32 tile fits the register file without spilling")
+
+
+def attention_plans(exhaustive: bool = False, cc: int = 90) -> list[Plan]:
+    from fastlm.triton import attention as A
+
+    plans = []
+    for D, dt, mask in _grid([(64, 80, 96, 128, 256), tuple(DTYPES), tuple(_MASKS)], exhaustive):
+        dtype = DTYPES[dt]
+        fp32 = dtype == torch.float32
+        meta, left, right = A.fwd_meta(D, dtype, *_MASKS[mask])
+        base = f"D={D} {dt} {mask}"
+        for kind, kernel, ptrs in (
+            ("fwd", A._attn_fwd_kernel, dict(Q=dtype, K=dtype, V=dtype, O=dtype, LSE=torch.float32)),
+            ("dkdv", A._attn_bwd_dkdv_kernel, dict(Q=dtype, K=dtype, V=dtype, DO=dtype, LSE2=torch.float32,
+                                                   Delta=torch.float32, DK=dtype, DV=dtype)),
+            ("dq", A._attn_bwd_dq_kernel, dict(Q=dtype, K=dtype, V=dtype, DO=dtype, LSE2=torch.float32,
+                                               Delta=torch.float32, DQ=dtype)),
+        ):
+            vals = dict(ptrs, LEFT=left, RIGHT=right, qk_scale=0.18, sm_scale=0.125, GROUP=2, Hq=8, Hkv=4,
+                        Sq=1000, Sk=1000, SEQ_BUCKET=1024)
+            cfgs = A.candidates(kind, meta["BLOCK_D"], fp32, meta["EVEN_D"], cc)
+            cfgs = cfgs if exhaustive else cfgs[:1]
+            for i, cfg in enumerate(cfgs):
+                c = dict(cfg)
+                label = f"{base} BM={c['BLOCK_M']} BN={c['BLOCK_N']} w{c['num_warps']} s{c['num_stages']}"
+                plans.append(Plan("attention", kernel, label, vals, {**meta, **c}, role="default" if i == 0 else "candidate",
+                                  kind="matrix", allowed=FP32_FMA if meta["DOT_PREC"] == "ieee" else None))
+        if mask == "full":
+            plans.append(Plan("attention", A._bwd_preprocess_kernel, f"D={D} {dt} BM={A.PREPROCESS_BLOCK_M}",
+                              dict(O=dtype, DO=dtype, Delta=torch.float32, Hq=8, Sq=1000),
+                              dict(HEAD_DIM=D, BLOCK_D=meta["BLOCK_D"], EVEN_D=meta["EVEN_D"], BLOCK_M=A.PREPROCESS_BLOCK_M,
+                                   num_warps=4, num_stages=3), kind="memory"))
+    return plans
+
+
+def decode_plans(exhaustive: bool = False, cc: int = 90) -> list[Plan]:
+    from fastlm.triton import decode_attention as DA
+
+    plans = []
+    # rows per kv head = GROUP * Sq: MHA decode (1), GQA 8 (8), GQA 4 with 16 new tokens (64)
+    shapes = {"mha": (1, 1), "gqa8": (8, 1), "gqa4-sq16": (4, 16)}
+    for D, dt, shape, window in _grid([(64, 80, 128, 256), tuple(DTYPES), tuple(shapes), (False, True)], exhaustive):
+        dtype = DTYPES[dt]
+        group, sq = shapes[shape]
+        cfg = DA.config(D, group * sq, dtype, cc)
+        meta = dict(HEAD_DIM=D, BLOCK_D=cfg["BLOCK_D"], HAS_LEFT=window, DOT_PREC=DA.dot_precision(dtype, cfg["BLOCK_D"]),
+                    BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        label = f"D={D} {dt} {shape}{' window' if window else ''} BM={cfg['BLOCK_M']} BN={cfg['BLOCK_N']} w{cfg['num_warps']} s{cfg['num_stages']}"
+        vals = dict(Q=dtype, K=dtype, V=dtype, Lens=torch.int32, OP=torch.float32, LP=torch.float32, B=4, Hkv=4,
+                    GROUP=group, Sq=sq, S_max=4096, num_splits=4, LEFT=256 if window else 0, RIGHT=0, qk_scale=0.18)
+        plans.append(Plan("decode_attention", DA._decode_split_kernel, label, vals, meta, kind="matrix",
+                          allowed=FP32_FMA if meta["DOT_PREC"] == "ieee" else None))
+        if not window and shape == "mha":
+            plans.append(Plan("decode_attention", DA._decode_combine_kernel, f"D={D} {dt} BR={cfg['BLOCK_R']}",
+                              dict(OP=torch.float32, LP=torch.float32, O=dtype, LSE=torch.float32, Hq=8, Sq=1,
+                                   num_rows=1024, num_splits=4),
+                              dict(HEAD_DIM=D, BLOCK_D=cfg["BLOCK_D"], BLOCK_R=cfg["BLOCK_R"], num_warps=4), kind="memory"))
+    return plans
+
+
+def layer_norm_plans(exhaustive: bool = False, cc: int = 90) -> list[Plan]:
+    from fastlm.triton import layer_norm as LN
+
+    plans = []
+    for N, dt, rms, extra in _grid([(1024, 4096, 16384, 65536), tuple(DTYPES), (False, True), (False, True)], exhaustive):
+        dtype = DTYPES[dt]
+        block_n, one = LN._block_n(N)
+        w = LN._num_warps(block_n)
+        name = "rms_norm" if rms else "layer_norm"
+        fwd = dict(X=dtype, R=dtype if extra else None, W=dtype, B=None if rms else dtype, Y=dtype, H=dtype if extra else None,
+                   Mean=None if rms else torch.float32, Rstd=torch.float32, N=N, eps=1e-5)
+        plans.append(Plan(name, LN._layer_norm_fwd_kernel, f"N={N} {dt}{' residual' if extra else ''} BN={block_n} w{w}", fwd,
+                          dict(IS_RMS=rms, HAS_RESIDUAL=extra, HAS_WEIGHT=True, HAS_BIAS=not rms, BLOCK_N=block_n,
+                               ONE_BLOCK=one, num_warps=w), kind="memory"))
+        block_n, one = LN._block_n(N, LN.MAX_FUSED_N_BWD)
+        w = LN._num_warps(block_n)
+        bwd = dict(DY=dtype, DH=dtype if extra else None, X=dtype, W=dtype, Mean=None if rms else torch.float32,
+                   Rstd=torch.float32, DX=dtype, DW_part=torch.float32, DB_part=None if rms else torch.float32,
+                   M=8192, N=N, rows_per_program=32)
+        plans.append(Plan(name, LN._layer_norm_bwd_kernel, f"N={N} {dt}{' dh' if extra else ''} BN={block_n} w{w}", bwd,
+                          dict(IS_RMS=rms, HAS_DH=extra, HAS_WEIGHT=True, HAS_BIAS=not rms, BLOCK_N=block_n,
+                               ONE_BLOCK=one, num_warps=w), kind="memory"))
+    for dt in DTYPES if exhaustive else ("fp32", "bf16"):
+        plans.append(Plan("layer_norm", LN._sum_partials_kernel, f"{dt} BP=32 BN=128",
+                          dict(P=torch.float32, Out=DTYPES[dt], num_parts=256, N=4096),
+                          dict(BLOCK_P=32, BLOCK_N=128, num_warps=4), kind="memory"))
+    return plans
+
+
+def sinusoidal_plans(exhaustive: bool = False, cc: int = 90) -> list[Plan]:
+    from fastlm.triton import sinusoidal as SN
+
+    cuda = torch.device("cuda")
+    plans = []
+    for D, dt, form in _grid([(64, 768, 4096) if not exhaustive else (64, 768, 1024, 4096), tuple(DTYPES), ("table", "embed", "embed-pos")], exhaustive):
+        dtype = DTYPES[dt]
+        N = 8192
+        block_t, block_d = SN._tiles(N, D, cuda)
+        has_w = form != "table"
+        has_pos = form != "embed"
+        r_hi, r_lo = SN.ratio_pair(10000.0, D)
+        vals = dict(Ids=torch.int64 if has_w else None, W=dtype if has_w else None, Pos=torch.int64 if has_pos else None,
+                    Out=dtype, N=N, S=1024, D=D, V=50304, s_od=1, s_w1=1, offset=0, scale=1.0, r_hi=r_hi, r_lo=r_lo)
+        plans.append(Plan("sinusoidal", SN._embed_sinusoidal_fwd_kernel, f"D={D} {dt} {form} BT={block_t} BD={block_d}", vals,
+                          dict(HAS_WEIGHT=has_w, HAS_POS=has_pos, HAS_SCALE=has_w, BLOCK_T=block_t, BLOCK_D=block_d,
+                               P_BITS=SN._p_bits(D), num_warps=4), kind="memory" if has_w else "memory-write"))
+        if form == "embed":
+            bd = min(1 << (D - 1).bit_length(), 1024)
+            narrow = D * dtype.itemsize < 512
+            plans.append(Plan("sinusoidal", SN._embed_bwd_sorted_kernel, f"D={D} {dt} sorted BD={bd}",
+                              dict(DO=dtype, Sorted=torch.int64, Order=torch.int64, DW=dtype, N=N, D=D, V=50304, s_od=1, scale=1.0),
+                              dict(HAS_SCALE=True, BLOCK_D=bd, num_warps=4), kind="memory",
+                              allowed="vector-loads: one row a program; a row under 512 bytes spreads over a warp at under 16 "
+                                      "bytes a thread (several rows a program is issue 16's redesign)" if narrow else None))
+            plans.append(Plan("sinusoidal", SN._embed_bwd_atomic_kernel, f"D={D} {dt} atomic BT={block_t} BD={block_d}",
+                              dict(DO=dtype, Ids=torch.int64, DW=torch.float32, N=N, S=1024, D=D, V=50304, s_od=1, s_is=1, scale=1.0),
+                              dict(HAS_SCALE=True, BLOCK_T=block_t, BLOCK_D=block_d, num_warps=4), kind="memory"))
+    return plans
+
+
+def sampling_plans(exhaustive: bool = False, cc: int = 90) -> list[Plan]:
+    from fastlm.triton import sampling as SP
+
+    cuda = torch.device("cuda")
+    modes = {  # (temperature, top_k, top_p, min_p, sample)
+        "temperature": (0.8, None, None, None, True),
+        "top-k+top-p+min-p": (0.8, 50, 0.9, 0.05, True),
+        "per-row": (torch.float32, torch.int64, torch.float32, torch.float32, True),
+        "greedy": (0.0, None, None, None, True),
+        "filter": (None, 50, 0.9, None, False),
+    }
+    plans = []
+    # the batch only changes the config for vocabularies under 2048 (rows per program)
+    for V, dt, mode, B in _grid([(32000, 128256, 262144), tuple(DTYPES), tuple(modes), (1, 128) if exhaustive else (128,)], exhaustive):
+        dtype = DTYPES[dt]
+        t, k, p, mp, sample = modes[mode]
+        vals_in = [torch.ones(B) if x is torch.float32 else torch.ones(B, dtype=torch.int64) if x is torch.int64 else x
+                   for x in (t, k, p, mp)]
+        (T, K, P, MP), (tv, kv, pv, mpv), flags = SP._params(B, V, *vals_in)
+        cfg = SP._config(B, V, cuda, sample)
+        meta = dict(flags, SAMPLE=sample, WRITE_LOGPROBS=sample, **cfg)
+        vals = dict(X=dtype, stride_x=V, B=B, V=V,
+                    Temp=torch.float32 if T is not None else None, TopK=torch.int64 if K is not None else None,
+                    TopP=torch.float32 if P is not None else None, MinP=torch.float32 if MP is not None else None,
+                    t_val=tv, k_val=kv, p_val=pv, mp_val=mpv, Seed=torch.int64 if sample else None, Tokens=torch.int64,
+                    Logprobs=torch.float32 if sample else None, Out=None if sample else dtype, stride_o=V)
+        label = f"V={V} B={B} {dt} {mode} BB={cfg['BLOCK_B']} BV={cfg['BLOCK_V']} w{cfg['num_warps']}"
+        plans.append(Plan("sampling", SP._sampling_kernel, label, vals, meta, kind="memory",
+                          ptx_forbid=(("div.full.f32", "approximate division: the reference and csrc divide with IEEE rounding"),
+                                      ("div.approx.f32", "approximate division: the reference and csrc divide with IEEE rounding"))))
+    return plans
+
+
+def rotary_plans(exhaustive: bool = False, cc: int = 90) -> list[Plan]:
+    from fastlm.triton import rotary as RO
+
+    forms = {  # (rotary_dim as a fraction of D, interleaved, positions tensor, table, backward)
+        "half": (1, False, False, False, False),
+        "interleaved": (1, True, False, False, False),
+        "positions": (1, False, True, False, False),
+        "partial": (0.5, False, False, False, False),
+        "table": (1, False, False, True, False),
+        "backward": (1, False, False, False, True),
+    }
+    plans = []
+    for D, dt, form in _grid([(64, 128), tuple(DTYPES), tuple(forms)], exhaustive):
+        dtype = DTYPES[dt]
+        frac, inter, pos, table, bwd = forms[form]
+        R = int(D * frac)
+        block_h = 1 << max(0, (R // 2 - 1).bit_length())
+        block_s, per, _ = RO._plan(8, 4096, 40, block_h, 132)
+        r_hi, r_lo = (0.0, 0.0) if table else RO.ratio_pair(10000.0, R)
+        vals = dict(Q=dtype, K=dtype, QO=dtype, KO=dtype, Pos=torch.int64 if pos else None,
+                    Cos=dtype if table else None, Sin=dtype if table else None,
+                    B=8, S=4096, HQ=32, HK=8, R=R, D=D, half=R // 2, s_qd=1, s_kd=1, s_od=1, s_pd=1, s_poss=1,
+                    s_cd=1, s_sd=1, offset=0, r_hi=r_hi, r_lo=r_lo, heads_per_program=per)
+        meta = dict(HAS_POS=pos, TABLE=table, INTERLEAVED=inter, BACKWARD=bwd, COPY_PASS=R < D, BLOCK_S=block_s,
+                    BLOCK_H=block_h, BLOCK_P=1 << max(0, (max(D - R, 1) - 1).bit_length()), P_BITS=max(1, (block_h - 1).bit_length()),
+                    num_warps=4)
+        plans.append(Plan("rotary", RO._rotary_kernel, f"D={D} {dt} {form} R={R} BS={block_s} BH={block_h}", vals, meta, kind="memory"))
+    return plans
+
+
+OPS = {
+    "attention": attention_plans,
+    "decode_attention": decode_plans,
+    "layer_norm": layer_norm_plans,
+    "rotary": rotary_plans,
+    "sinusoidal": sinusoidal_plans,
+    "sampling": sampling_plans,
+}
+
+
+def plans(ops=None, exhaustive: bool = False, cc: int = 90) -> list[Plan]:
+    """The plans of ``ops`` (default all) as the launchers would issue them on a GPU of capability cc."""
+    out = []
+    for name, fn in OPS.items():
+        if ops and name not in ops and not (name == "layer_norm" and "rms_norm" in ops):
+            continue
+        out.extend(fn(exhaustive, cc))
+    return out
+
+
+def run(ops=None, archs=(90, 80), exhaustive: bool = False, jobs: int = 1) -> list[sass.Row]:
+    """Compile every plan for every arch; rows in plan order. ``jobs`` > 1 compiles in worker
+    processes (each imports the kernels afresh)."""
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        raise RuntimeError("the compile tier needs the real Triton compiler: unset TRITON_INTERPRET")
+    ops = tuple(ops) if ops else None
+    work = [(ops, exhaustive, cc, i) for cc in archs for i in range(len(plans(ops, exhaustive, cc)))]
+    if jobs <= 1:
+        return [_compile_indexed(w) for w in work]
+    import concurrent.futures
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=ctx) as ex:
+        return list(ex.map(_compile_indexed, work, chunksize=4))
+
+
+_PLAN_CACHE: dict = {}
+
+
+def _compile_indexed(job):
+    ops, exhaustive, cc, i = job
+    key = (ops, exhaustive, cc)
+    if key not in _PLAN_CACHE:
+        _PLAN_CACHE[key] = plans(ops, exhaustive, cc)
+    return compile_plan(_PLAN_CACHE[key][i], cc)

@@ -1,0 +1,151 @@
+"""The compile tier for Triton: every default config a launcher picks, compiled by the real Triton
+compiler for sm_90a and sm_80 (no GPU needed), with its resources and SASS gated.
+
+Each (op, arch) is compiled once per session in a subprocess without TRITON_INTERPRET and with a
+fresh Triton cache (a cached artifact could hide an error), shared by the xdist workers through a
+file lock; the tests below read its rows. `make static-check` runs the exhaustive variant (every
+autotune candidate, the full product of sizes, dtypes and flags).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import HAS_GPU
+from filelock import FileLock
+
+from fastlm.audit import sass, triton_kernels
+
+pytestmark = [
+    pytest.mark.skipif(sass.have_tools() is not None, reason=f"compile tier unavailable: {sass.have_tools()}"),
+    pytest.mark.skipif(HAS_GPU, reason="the compile tier runs in CPU CI; on a GPU the kernels themselves run"),
+]
+
+OPS = list(triton_kernels.OPS)
+ARCHS = [90, 80]
+
+
+@pytest.fixture(scope="session")
+def compiled(tmp_path_factory):
+    root = tmp_path_factory.getbasetemp().parent / "static-triton"
+    root.mkdir(exist_ok=True)
+
+    def get(op: str, cc: int) -> list[sass.Row]:
+        path = root / f"{op}-{cc}.json"
+        with FileLock(str(path) + ".lock"):
+            if not path.exists():
+                env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+                env["TRITON_CACHE_DIR"] = str(root / f"cache-{op}-{cc}")
+                res = subprocess.run(
+                    [sys.executable, "-m", "fastlm.audit", op, f"--arch={cc}", "--source=triton", "--jobs=1", "--quiet",
+                     f"--json={path}.tmp"],
+                    env=env, capture_output=True, text=True, timeout=1200,
+                )
+                assert res.returncode == 0, f"fastlm audit {op} --arch {cc} failed:\n{res.stderr[-4000:]}"
+                os.replace(f"{path}.tmp", path)
+        return [sass.Row(**d) for d in json.loads(path.read_text())]
+
+    return get
+
+
+@pytest.mark.parametrize("cc", ARCHS, ids=lambda c: sass.ARCHS[c])
+@pytest.mark.parametrize("op", OPS)
+def test_every_default_config_passes_the_gates(compiled, op, cc):
+    """Compiles; no spill or stack frame; shared memory within the target; tensor-core instructions
+    in matrix kernels; a 128-bit global load in memory-bound kernels (aligned inputs)."""
+    rows = compiled(op, cc)
+    assert rows, f"no {op} plans"
+    bad = [f"{r.kernel} [{r.config}]: {'; '.join(v)}" for r in rows if (v := sass.violations(r))]
+    assert not bad, f"{len(bad)} of {len(rows)} {op} rows on {sass.ARCHS[cc]} break a gate:\n" + "\n".join(bad)
+
+
+def test_every_triton_kernel_is_planned():
+    """No @triton.jit kernel of fastlm.triton escapes the compile tier."""
+    import importlib
+    import pkgutil
+
+    import fastlm.triton as pkg
+
+    kernels = set()
+    for m in pkgutil.iter_modules(pkg.__path__):
+        mod = importlib.import_module(f"fastlm.triton.{m.name}")
+        for name, obj in vars(mod).items():
+            if type(obj).__name__ == "JITFunction" and name.endswith("_kernel") and obj.__module__ == mod.__name__:
+                kernels.add(f"{mod.__name__}.{name}")
+    planned = {f"{p.kernel.__module__}.{p.kernel.__name__}" for p in triton_kernels.plans()}
+    assert kernels - planned == set(), f"kernels with no compile plan: {sorted(kernels - planned)}"
+
+
+def test_covering_design_covers_every_pair():
+    axes = [(1, 2, 3, 4, 5), ("a", "b", "c"), ("x", "y", "z")]
+    chosen = triton_kernels._cover(*axes)
+    for i in range(3):
+        for j in range(i + 1, 3):
+            assert {(c[i], c[j]) for c in chosen} == {(a, b) for a in axes[i] for b in axes[j]}
+    assert len(chosen) < 5 * 3 * 3
+
+
+# ---- regressions of defects only a compiler shows ---------------------------------------------------
+
+
+@pytest.mark.parametrize("cc", ARCHS, ids=lambda c: sass.ARCHS[c])
+def test_sampling_compiles_int32_max_regression(compiled, cc):
+    """INT32_MAX was a plain global read inside @triton.jit: a NameError for every GPU target (the
+    interpreter accepted it), so sample(), generate and make demo failed on any GPU."""
+    rows = compiled("sampling", cc)
+    assert rows and all(r.error is None for r in rows), [r.error for r in rows if r.error]
+
+
+@pytest.mark.parametrize("cc", ARCHS, ids=lambda c: sass.ARCHS[c])
+def test_sampling_ieee_division_regression(compiled, cc):
+    """x / T compiled to div.full.f32 (approximate), so Triton and CUDA/reference tokens could differ."""
+    rows = compiled("sampling", cc)
+    assert all("div." not in (r.error or "") for r in rows), [r.error for r in rows if r.error]
+
+
+@pytest.mark.parametrize("cc", ARCHS, ids=lambda c: sass.ARCHS[c])
+def test_attention_head_dim_specialised_regression(compiled, cc):
+    """HEAD_DIM in do_not_specialize kept the kernels from proving alignment: Q/O and masked K/V went
+    through 2-byte loads and head dims that are not powers of two lost cp.async."""
+    rows = [r for r in compiled("attention", cc) if r.kernel != "_bwd_preprocess_kernel"]
+    for r in rows:
+        assert r.sass["LDG.16"] == 0, f"{r.kernel} [{r.config}]: 2-byte global loads {r.sass['LDG.16']}"
+        if not r.config.endswith(" s1"):  # a single-stage config has no pipeline to feed
+            assert r.sass["LDGSTS"] > 0, f"{r.kernel} [{r.config}]: no cp.async"
+    assert any(r.config.startswith("D=80") for r in rows) and any(r.config.startswith("D=96") for r in rows)
+
+
+@pytest.mark.parametrize("cc", ARCHS, ids=lambda c: sass.ARCHS[c])
+def test_decode_cp_async_regression(compiled, cc):
+    """The decode split kernel got no cp.async (and 247 registers) while HEAD_DIM was unspecialised."""
+    rows = [r for r in compiled("decode_attention", cc) if r.kernel == "_decode_split_kernel"]
+    assert rows
+    for r in rows:
+        assert r.sass["LDG.16"] == 0, f"[{r.config}]: 2-byte loads"
+        if not r.config.endswith(" s1"):
+            assert r.sass["LDGSTS"] > 0, f"[{r.config}]: no cp.async"
+
+
+@pytest.mark.parametrize("cc", ARCHS, ids=lambda c: sass.ARCHS[c])
+def test_fp32_attention_on_tensor_cores_regression(compiled, cc):
+    """fp32 attention compiled to FMA dots with 32 registers and 33-44 KB of spill per thread; up to
+    BLOCK_D 128 it now runs 3xTF32 on tensor cores (fp32-level accuracy), and above it IEEE FMA dots
+    on tiles that do not spill (an exemption of the tensor-core gate only, with its reason)."""
+    rows = [r for r in compiled("attention", cc) + compiled("decode_attention", cc) if " fp32" in r.config and r.kind == "matrix"]
+    assert rows
+    for r in rows:
+        assert not sass.spills(r), f"{r.kernel} [{r.config}]: spills ({r.stack} B stack)"
+        if r.config.startswith("D=256"):
+            assert sass.exempt(r, "tensor-cores") and not sass.violations(r), r.config
+            continue
+        assert r.sass["HGMMA"] + r.sass["HMMA"] > 0, f"{r.kernel} [{r.config}]: no tensor-core instruction"
+
+
+def test_info_states_fp32_attention_cost():
+    from fastlm import info
+
+    assert any("3xTF32" in n and "slower" in n for n in info.collect()["notes"])
