@@ -7,20 +7,33 @@ argument, then the innermost ``use_backend(...)`` context, then the ``FASTLM_BAC
 variable, then the default: the fastest measured backend on CUDA tensors (Triton until the GPU
 measurements say otherwise), the reference on CPU tensors, Triton on CPU tensors when the
 interpreter is on.
+
+Selection is traceable by torch.compile (fullgraph=True works with the default call): the
+``use_backend`` stack is a per-thread list that Dynamo guards, so entering or leaving a context
+recompiles the graph. ``FASTLM_BACKEND`` is read when a graph is traced; changing it later does not
+retrace an already compiled function (set it before the first call, or use ``use_backend``).
 """
 
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import importlib.util
 import os
+import threading
 
 import torch
 
 BACKENDS = ("torch", "triton", "cuda")
 
-_override: contextvars.ContextVar[str | None] = contextvars.ContextVar("fastlm_backend", default=None)
+
+class _Overrides(threading.local):
+    """This thread's stack of ``use_backend`` names, innermost last (a list, so Dynamo guards it)."""
+
+    def __init__(self):
+        self.stack: list[str] = []
+
+
+_overrides = _Overrides()
 
 
 class BackendUnavailableError(RuntimeError):
@@ -99,18 +112,20 @@ def available_backends(device: torch.device | str | None = None) -> list[str]:
 @contextlib.contextmanager
 def use_backend(name: str):
     """Run the enclosed fastlm calls on backend ``name`` (unless a call passes ``backend=``)."""
-    token = _override.set(_check_name(name))
+    stack = _overrides.stack
+    stack.append(_check_name(name))
+    depth = len(stack)
     try:
         yield
     finally:
-        _override.reset(token)
+        del stack[depth - 1:]
 
 
 def current_backend() -> str | None:
     """The backend asked for by ``use_backend`` or ``FASTLM_BACKEND``, or None for the default."""
-    name = _override.get()
-    if name is not None:
-        return name
+    stack = _overrides.stack
+    if stack:
+        return stack[-1]
     env = os.environ.get("FASTLM_BACKEND")
     if env:
         if env not in BACKENDS:

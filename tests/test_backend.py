@@ -72,4 +72,4 @@ def test_use_backend_is_restored_after_an_exception():
     with pytest.raises(RuntimeError):
         with fastlm.use_backend("torch"):
             raise RuntimeError("boom")
-    assert backend._override.get() is None
+    assert fastlm.current_backend() is None and backend._overrides.stack == []

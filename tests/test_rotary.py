@@ -88,6 +88,13 @@ def test_interleaved_matches_complex_multiplication(backend):
         assert_close(a, gptj_complex(x.double(), pos, R, 10000.0), b, name=f"interleaved {name}")
 
 
+def _fp32_angle_rotary(x, pos):
+    """What fp32 angle math (pos * inv_freq in fp32) would give: the cliff the kernels avoid."""
+    a = pos.float()[:, None] * ref.inv_freq(x.shape[-1], 10000.0, device=x.device)
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * a.cos() - x2 * a.sin(), x2 * a.cos() + x1 * a.sin()), dim=-1)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_no_precision_cliff_at_large_positions(backend):
     """fp32: the kernel's error at positions around 131072 and 2^20 is no larger than at positions
@@ -100,7 +107,7 @@ def test_no_precision_cliff_at_large_positions(backend):
         pos = torch.arange(S, device=DEVICE) + offset
         got = fastlm.ops.rotary(q, k, pos, backend=backend)
         truth = ref.rotary(q.double(), k.double(), pos)
-        fp32_angles = ref.rotary(q, k, pos)
+        fp32_angles = [_fp32_angle_rotary(x, pos) for x in (q, k)]
         return max(max_error(g, t) for g, t in zip(got, truth, strict=True)), max(max_error(g, t) for g, t in zip(fp32_angles, truth, strict=True))
 
     small, _ = err(0)
@@ -377,3 +384,30 @@ def test_gpu_bf16_large_positions(backend):
     for a, t, b in zip(got, truth, base, strict=True):
         assert_close(a, t, b)
     assert math.isfinite(max_error(got[0], truth[0]))
+
+
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+from fastlm.triton.rotary import sincos  # noqa: E402
+
+
+@triton.jit
+def _sincos_kernel(A, C, S, N, BLOCK: tl.constexpr):
+    i = tl.arange(0, BLOCK)
+    a = tl.load(A + i, mask=i < N)
+    c, s = sincos(a)
+    tl.store(C + i, c, mask=i < N)
+    tl.store(S + i, s, mask=i < N)
+
+
+def test_sincos_polynomial_is_fp32_accurate():
+    """The kernels' sincos (quadrant reduction + fdlibm polynomials, replacing libdevice sinf/cosf
+    whose Payne-Hanek path kept a stack frame) is within one fp32 ulp of float64 cos/sin."""
+    a = torch.cat([torch.linspace(-8.5, 8.5, 1000, dtype=torch.float64),
+                   torch.tensor([0.0, 1e-9, math.pi / 4, -math.pi / 4], dtype=torch.float64)]).to(DEVICE)
+    c, s = torch.empty(a.shape, device=DEVICE), torch.empty(a.shape, device=DEVICE)
+    _sincos_kernel[(1,)](a, c, s, a.numel(), BLOCK=1024)
+    assert (c.double() - torch.cos(a)).abs().max() <= 6e-8
+    assert (s.double() - torch.sin(a)).abs().max() <= 6e-8

@@ -11,7 +11,9 @@ unbounded. The backward is a kernel (never autograd through the reference) and i
 on every backend: no atomics, each gradient element is written by one program in a fixed order,
 so ``deterministic=True`` costs nothing and ``deterministic=False`` gives the same bits. The
 "torch" backend is the reference (fastlm/reference/attention.py), differentiated by autograd.
-decode_attention is inference-only (no autograd formula is registered).
+decode_attention is inference-only (no autograd formula is registered). Under the Triton
+interpreter (CPU) bf16 arithmetic and bf16 tl.dot are wrong, so there the kernels run on fp32
+copies and the result is rounded to bf16.
 """
 
 from __future__ import annotations
@@ -25,7 +27,15 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastlm import backend as _backend
-from fastlm.ops._common import KERNEL_DTYPES, check_kernel_dtype, check_same_device, check_tensor, launcher
+from fastlm.ops._common import (
+    KERNEL_DTYPES,
+    check_int64,
+    check_kernel_dtype,
+    check_same_device,
+    check_tensor,
+    emulate_bf16,
+    launcher,
+)
 from fastlm.reference import attention as ref
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -130,7 +140,9 @@ def _check_scale(op: str, scale, d: int) -> float:
     return float(scale)
 
 
-def _check_window(op: str, window) -> tuple[int, int]:
+def _check_window(op: str, window, limit: int) -> tuple[int, int]:
+    """(left, right) with -1 for unbounded; a side beyond ``limit`` (Sq + Sk: it hides no key) is
+    clamped to it, so no index arithmetic can overflow."""
     if window is None:
         return -1, -1
     try:
@@ -140,7 +152,8 @@ def _check_window(op: str, window) -> tuple[int, int]:
     for side in (left, right):
         if isinstance(side, bool) or not isinstance(side, numbers.Integral) or side < -1:
             raise ValueError(f"fastlm.ops.{op}: window must be None or a pair (left, right) of ints >= -1 (-1: unbounded), got {window!r}")
-    return int(left), int(right)
+        check_int64(op, "a window side", int(side))
+    return min(int(left), limit), min(int(right), limit)
 
 
 def _check_qkv(op: str, q, k, v, kname="k", vname="v") -> None:
@@ -184,12 +197,16 @@ def attention(q, k, v, *, causal=False, scale=None, window=None, return_lse=Fals
     if not isinstance(causal, bool):
         raise TypeError(f"fastlm.ops.{op}: causal must be a bool, got {type(causal).__name__}")
     scale = _check_scale(op, scale, q.shape[-1])
-    left, right = _check_window(op, window)
+    left, right = _check_window(op, window, q.shape[2] + k.shape[2])
     name = _backend.resolve(backend, q.device, op)
     if name == "torch":
-        return ref.attention(q, k, v, causal=causal, scale=scale, window=window, return_lse=return_lse)
+        return ref.attention(q, k, v, causal=causal, scale=scale, window=(left, right), return_lse=return_lse)
     check_kernel_dtype(op, name, q=q)
-    out, lse = _attention_fwd(_unit_d(q), _unit_d(k), _unit_d(v), causal, scale, left, right, bool(deterministic), name)
+    if emulate_bf16(name, q):
+        out, lse = _attention_fwd(q.float(), k.float(), v.float(), causal, scale, left, right, bool(deterministic), name)
+        out = out.to(q.dtype)
+    else:
+        out, lse = _attention_fwd(_unit_d(q), _unit_d(k), _unit_d(v), causal, scale, left, right, bool(deterministic), name)
     return (out, lse) if return_lse else out
 
 
@@ -237,6 +254,9 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
             key, value, causal = key[:, :, :sq], value[:, :, :sq], True
         else:
             right = sq - sk
+    if emulate_bf16(name, query):
+        out, _ = _attention_fwd(query.float(), key.float(), value.float(), causal, scale, left, right, False, name)
+        return out.to(query.dtype)
     out, _ = _attention_fwd(_unit_d(query), _unit_d(key), _unit_d(value), causal, scale, left, right, False, name)
     return out
 
@@ -279,10 +299,13 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, *, scale=None, window=N
         )
     _check_seqlens(op, cache_seqlens, q.shape[0], k_cache.shape[2], q.device)
     scale = _check_scale(op, scale, q.shape[-1])
-    left, right = _check_window(op, window)
+    left, right = _check_window(op, window, sq + k_cache.shape[2])
     name = _backend.resolve(backend, q.device, op)
     if name == "torch":
-        return ref.decode_attention(q, k_cache, v_cache, cache_seqlens, scale=scale, window=window)
+        return ref.decode_attention(q, k_cache, v_cache, cache_seqlens, scale=scale, window=(left, right))
     check_kernel_dtype(op, name, q=q)
+    if emulate_bf16(name, q):
+        out, _ = _decode_attention(q.float(), k_cache.float(), v_cache.float(), cache_seqlens, scale, left, right, name)
+        return out.to(q.dtype)
     out, _ = _decode_attention(_unit_d(q), _unit_d(k_cache), _unit_d(v_cache), cache_seqlens, scale, left, right, name)
     return out

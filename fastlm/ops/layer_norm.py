@@ -2,7 +2,9 @@
 
 The kernel backends run through two custom ops, fastlm::layer_norm_fwd and fastlm::layer_norm_bwd,
 whose launchers come from fastlm/triton/layer_norm.py or fastlm/cuda/layer_norm.py; the torch
-backend is the reference, differentiated by autograd.
+backend is the reference, differentiated by autograd. An empty normalized shape (N = 0) gives the
+empty result torch gives, on every backend. Under the Triton interpreter (CPU) bf16 arithmetic is
+wrong, so there the kernels run on fp32 copies and the result is rounded to bf16.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import torch
 from torch import Tensor
 
 from fastlm import backend as _backend
-from fastlm.ops._common import check_kernel_dtype, check_same_device, check_tensor, launcher
+from fastlm.ops._common import check_kernel_dtype, check_same_device, check_tensor, emulate_bf16, launcher
 from fastlm.reference import layer_norm as ref
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -148,7 +150,7 @@ def _norm(op, input, shape_arg, residual, weight, bias, eps, is_rms, backend):
         check_same_device(op, "input", input, residual=residual)
     eps = _check_eps(op, eps)
     name = _backend.resolve(backend, input.device, op)
-    if name == "torch":
+    if name == "torch" or N == 0:
         if residual is not None:
             if is_rms:
                 return ref.add_rms_norm(input, residual, weight, eps)
@@ -157,18 +159,25 @@ def _norm(op, input, shape_arg, residual, weight, bias, eps, is_rms, backend):
             return ref.rms_norm(input, shape, weight, eps)
         return ref.layer_norm(input, shape, weight, bias, eps)
     check_kernel_dtype(op, name, input=input, weight=weight, bias=bias)
-    x2 = input.reshape(-1, N)
+    emulate = emulate_bf16(name, input)
+    x, res = input, residual
+    if emulate and residual is not None:
+        x, res = (input.float() + residual.float()).to(input.dtype), None
+    x2 = x.reshape(-1, N)
     x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
     r2 = None
-    if residual is not None:
-        r2 = residual.reshape(-1, N)
+    if res is not None:
+        r2 = res.reshape(-1, N)
         r2 = r2 if r2.stride(-1) == 1 else r2.contiguous()
     w = weight.reshape(N).contiguous() if weight is not None else None
     b = bias.reshape(N).contiguous() if bias is not None else None
+    if emulate:
+        x2 = x2.float()
+        w, b = (p.float() if p is not None else None for p in (w, b))
     y, h, _, _ = _layer_norm_fwd(x2, r2, w, b, eps, is_rms, name)
-    y = y.view(input.shape)
+    y = y.view(input.shape).to(input.dtype)
     if residual is not None:
-        return y, h.view(input.shape)
+        return y, (x if emulate else h.view(input.shape))
     return y
 
 

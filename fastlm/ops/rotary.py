@@ -5,10 +5,15 @@ fastlm/cuda/rotary.py:
     fastlm::rotary_fwd, fastlm::rotary_bwd          angles from integer positions, out of place
     fastlm::rotary_inplace                          the same rotation written into q and k
                                                     (mutates_args=("q", "k"))
+    fastlm::rotary_inplace_one                      the rotation written into one tensor
+                                                    (mutates_args=("x",)), for autograd
     fastlm::rotary_table_fwd, fastlm::rotary_table_bwd   cos/sin tables (Hugging Face's form)
 rotary_fwd and rotary_table_fwd carry their backward through register_autograd; the in-place op,
-which torch.library cannot give a formula, goes through an autograd.Function that marks q and k
-dirty and calls rotary_bwd. The torch backend is the reference, differentiated by autograd.
+which torch.library cannot give a formula, goes through one autograd.Function per tensor (q, then
+k) that marks it dirty and calls rotary_bwd: autograd lets a Function that writes into a view
+(q.transpose(1, 2) of (B, S, H, D) storage) return only that one tensor. The in-place ops check
+first, on the real tensors (so also under torch.compile), that q and k do not overlap themselves
+or each other. The torch backend is the reference, differentiated by autograd.
 """
 
 from __future__ import annotations
@@ -21,7 +26,14 @@ import torch
 from torch import Tensor
 
 from fastlm import backend as _backend
-from fastlm.ops._common import check_kernel_dtype, check_same_device, check_tensor, launcher
+from fastlm.ops._common import (
+    check_inplace_targets,
+    check_int64,
+    check_kernel_dtype,
+    check_same_device,
+    check_tensor,
+    launcher,
+)
 from fastlm.reference import rotary as ref
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -65,11 +77,31 @@ def _rotary_inplace(
     q: Tensor, k: Tensor, positions: Optional[Tensor], offset: int, theta: float, rotary_dim: int,
     interleaved: bool, backend: str,
 ) -> None:
+    check_inplace_targets("rotary", q=q, k=k)
     launcher(backend, "rotary").rotary_fwd(q, k, positions, offset, theta, rotary_dim, interleaved, q, k)
 
 
 @_rotary_inplace.register_fake
 def _(q, k, positions, offset, theta, rotary_dim, interleaved, backend):
+    return None
+
+
+def _no_heads(x: Tensor) -> Tensor:
+    return x.new_empty((x.shape[0], 0, x.shape[2], x.shape[3]))
+
+
+@torch.library.custom_op("fastlm::rotary_inplace_one", mutates_args=("x",))
+def _rotary_inplace_one(
+    x: Tensor, other: Tensor, name: str, other_name: str, positions: Optional[Tensor], offset: int, theta: float,
+    rotary_dim: int, interleaved: bool, backend: str,
+) -> None:
+    """Rotate x (q or k) in place; other (the partner) is only checked not to overlap x."""
+    check_inplace_targets("rotary", **{name: x, other_name: other})
+    launcher(backend, "rotary").rotary_fwd(x, _no_heads(x), positions, offset, theta, rotary_dim, interleaved, x, _no_heads(x))
+
+
+@_rotary_inplace_one.register_fake
+def _(x, other, name, other_name, positions, offset, theta, rotary_dim, interleaved, backend):
     return None
 
 
@@ -89,19 +121,22 @@ _rotary_fwd.register_autograd(_rotary_backward, setup_context=_rotary_setup)
 
 
 class _RotaryInplace(torch.autograd.Function):
-    """In-place rotation with a gradient: fastlm::rotary_inplace forward, fastlm::rotary_bwd backward."""
+    """In-place rotation of one tensor x with a gradient: fastlm::rotary_inplace_one forward,
+    fastlm::rotary_bwd backward."""
 
     @staticmethod
-    def forward(ctx, q, k, positions, offset, theta, rotary_dim, interleaved, backend):
-        _rotary_inplace(q, k, positions, offset, theta, rotary_dim, interleaved, backend)
-        ctx.mark_dirty(q, k)
+    def forward(ctx, x, other, name, other_name, positions, offset, theta, rotary_dim, interleaved, backend):
+        _rotary_inplace_one(x, other, name, other_name, positions, offset, theta, rotary_dim, interleaved, backend)
+        ctx.mark_dirty(x)
         ctx.save_for_backward(positions)
         ctx.args = (offset, theta, rotary_dim, interleaved, backend)
-        return q, k
+        return x
 
     @staticmethod
-    def backward(ctx, dq_out, dk_out):
-        return _rotary_backward(ctx, dq_out, dk_out)
+    def backward(ctx, dx_out):
+        (positions,) = ctx.saved_tensors
+        dx, _ = _rotary_bwd(dx_out, _no_heads(dx_out), positions, *ctx.args)
+        return dx, None, None, None, None, None, None, None, None, None
 
 
 def _check_qk(op: str, q, k) -> None:
@@ -141,7 +176,7 @@ def _check_positions(op: str, positions, q: Tensor) -> tuple[Optional[Tensor], i
     """(positions tensor (S,) or (B|1, S), or None; integer offset)."""
     B, S = q.shape[0], q.shape[2]
     if isinstance(positions, numbers.Integral) and not isinstance(positions, bool):
-        return None, int(positions)
+        return None, check_int64(op, "the positions offset", int(positions), span=S - 1)
     if not isinstance(positions, torch.Tensor):
         raise TypeError(
             f"fastlm.ops.{op}: positions must be an integer tensor of shape (S,) or (B, S), or an int offset; "
@@ -175,8 +210,10 @@ def rotary(q, k, positions, *, theta=10000.0, rotary_dim=None, interleaved=False
     ``interleaved=False`` pairs (p, p + R/2) (GPT-NeoX / Llama), True pairs (2p, 2p + 1) (GPT-J).
     ``positions``: an integer tensor (S,) or (B, S) (any order), or an int (or 0-d tensor) offset
     meaning offset + 0 .. S - 1. Storage (B, S, H, D) is passed as the view q.transpose(1, 2): strides
-    are followed, no copy. ``inplace=True`` writes into q and k and returns them; otherwise q and k are
-    left untouched and new tensors come back with their layout. Angles are fp32-exact at any position.
+    are followed, no copy. ``inplace=True`` writes into q and k and returns them (also under autograd,
+    for that transposed layout too); q and k must then not overlap themselves (expanded views) or
+    each other (ValueError); otherwise q and k are left untouched and new tensors come back with
+    their layout. Angles are fp32-exact at any position, on every backend.
     """
     op = "rotary"
     _check_qk(op, q, k)
@@ -186,9 +223,9 @@ def rotary(q, k, positions, *, theta=10000.0, rotary_dim=None, interleaved=False
     theta = _check_theta(op, theta)
     if not isinstance(interleaved, bool) or not isinstance(inplace, bool):
         raise TypeError(f"fastlm.ops.{op}: interleaved and inplace must be bools")
-    if inplace and q is k:
-        raise ValueError(f"fastlm.ops.{op}: inplace=True needs q and k in separate memory")
     name = _backend.resolve(backend, q.device, op)
+    if inplace and name == "torch" and not torch.compiler.is_compiling():
+        check_inplace_targets(op, q=q, k=k)
     if name == "torch":
         qo, ko = ref.rotary(q, k, pos if pos is not None else offset, theta, rotary_dim, interleaved)
         if inplace:
@@ -201,7 +238,7 @@ def rotary(q, k, positions, *, theta=10000.0, rotary_dim=None, interleaved=False
     if not inplace:
         return _rotary_fwd(q, k, *args)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
-        return _RotaryInplace.apply(q, k, *args)
+        return _RotaryInplace.apply(q, k, "q", "k", *args), _RotaryInplace.apply(k, q, "k", "q", *args)
     _rotary_inplace(q, k, *args)
     return q, k
 

@@ -14,7 +14,9 @@ Bad input: Python-number parameters are checked on the host (no sync needed). Ro
 per-row parameter tensors are checked by the kernel, which writes a row status (see the
 reference's STATUS_MESSAGES); with ``check=True`` (the default) the op reads it back (one host
 sync) and raises ValueError naming the rows and reasons; with ``check=False`` it never syncs and
-returns the status as a negative token id (a NaN log-prob / a NaN row for the filter).
+returns the status as a negative token id (a NaN log-prob / a NaN row for the filter). Under
+torch.compile the check=True read-back runs inside a custom op, fastlm::check_status, that passes
+the result through (a copy), so a compiled call raises the same ValueError.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import torch
 from torch import Tensor
 
 from fastlm import backend as _backend
-from fastlm.ops._common import check_kernel_dtype, check_same_device, check_tensor, launcher
+from fastlm.ops._common import check_int64, check_kernel_dtype, check_same_device, check_tensor, launcher
 from fastlm.reference import sampling as ref
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -119,7 +121,7 @@ def _param(op: str, name: str, v, logits: Tensor, *, integer: bool, ok, rule: st
     if isinstance(v, bool) or not isinstance(v, numbers.Integral if integer else numbers.Real):
         kind = "an int" if integer else "a number"
         raise TypeError(f"fastlm.ops.{op}: {name} must be {kind} or a tensor, got {type(v).__name__}")
-    v = int(v) if integer else float(v)
+    v = check_int64(op, name, int(v)) if integer else float(v)
     if not ok(v):
         raise ValueError(f"fastlm.ops.{op}: {name} must be {rule}, got {v!r}")
     return None, v
@@ -147,10 +149,36 @@ def _raise_for_status(op: str, status: Tensor) -> None:
                      " (pass check=False to get the row status as negative tokens instead of an error)")
 
 
+@torch.library.custom_op("fastlm::check_status", mutates_args=())
+def _check_status(status: Tensor, result: Tensor, op: str) -> Tensor:
+    """check=True inside a compiled graph: raise as _raise_for_status, else a copy of result (an
+    output, so the check is never removed as dead code)."""
+    _raise_for_status(op, status)
+    return result.clone()
+
+
+@_check_status.register_fake
+def _(status, result, op):
+    return torch.empty_like(result)
+
+
+def _checked(op: str, status: Tensor, result: Tensor) -> Tensor:
+    if torch.compiler.is_compiling():
+        return _check_status(status, result, op)
+    _raise_for_status(op, status)
+    return result
+
+
 def _seed(op: str, logits: Tensor, generator, seed) -> Tensor:
     if seed is not None:
         if generator is not None:
             raise ValueError(f"fastlm.ops.{op}: pass generator or seed, not both")
+        if isinstance(seed, int) and not isinstance(seed, bool):
+            if not -(2**63) <= seed < 2**63:
+                raise ValueError(f"fastlm.ops.{op}: seed must fit in int64, got {seed}")
+            return torch.tensor([seed, 0], dtype=torch.int64, device=logits.device)
+        if not isinstance(seed, torch.Tensor):
+            raise TypeError(f"fastlm.ops.{op}: seed must be an int or an int64 tensor [seed, offset], got {type(seed).__name__}")
         check_tensor("seed", seed, op=op, dtypes=(torch.int64,))
         if tuple(seed.shape) != (2,):
             raise ValueError(f"fastlm.ops.{op}: seed must be an int64 tensor [seed, offset] of shape (2,), got shape {list(seed.shape)}")
@@ -174,7 +202,7 @@ def sample(logits, *, temperature=1.0, top_k=None, top_p=None, min_p=None, gener
     renormalised distribution. Each parameter is a Python number, None (off) or a (B,) tensor;
     ``temperature=0`` is greedy (the lowest index of the max). Returns int64 tokens (B,) and, with
     ``return_logprobs``, the fp32 log-probability of each token under the filtered distribution
-    (0 for greedy rows). ``seed``: an int64 tensor [seed, offset] used instead of ``generator``.
+    (0 for greedy rows). ``seed``: an int (= the tensor [seed, 0]) or an int64 tensor [seed, offset] used instead of ``generator``.
     ``check=False``: no host sync; bad rows come back as negative tokens (see the module doc)."""
     op = "sample"
     B, V = _check_logits(op, logits)
@@ -191,7 +219,7 @@ def sample(logits, *, temperature=1.0, top_k=None, top_p=None, min_p=None, gener
         x = x if x.stride(1) == 1 else x.contiguous()
         tokens, logprobs = _sample_op(x, seed_t, tT, kT, pT, mT, tv, kv, pv, mv, bool(return_logprobs), name)
     if check:
-        _raise_for_status(op, tokens)
+        tokens = _checked(op, tokens, tokens)
     return (tokens, logprobs) if return_logprobs else tokens
 
 
@@ -210,5 +238,5 @@ def top_k_top_p_filter(logits, *, top_k=None, top_p=None, min_p=None, check=True
         x = logits if logits.stride(1) == 1 else logits.contiguous()
         out, status = _filter_op(x, kT, pT, mT, kv, pv, mv, name)
     if check:
-        _raise_for_status(op, status)
+        out = _checked(op, status, out)
     return out

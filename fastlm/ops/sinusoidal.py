@@ -9,8 +9,9 @@ The torch backend is the reference, differentiated by autograd.
 
 Token ids are checked against [0, V) by default (``check=True``): one min/max reduction and one
 host sync, done inside the custom op so it also runs under torch.compile. With ``check=False``
-(CUDA-graph capture, or ids known good) nothing syncs; an out-of-range id is still never read:
-its output row is NaN and it adds nothing to the weight gradient.
+(CUDA-graph capture, or ids known good) nothing syncs; an out-of-range id (negative ones too) is
+still never read, on every backend: its output row is NaN and it adds nothing to the weight
+gradient. Ids and positions may have any integer dtype.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch
 from torch import Tensor
 
 from fastlm import backend as _backend
-from fastlm.ops._common import check_kernel_dtype, check_same_device, check_tensor, launcher
+from fastlm.ops._common import check_int64, check_kernel_dtype, check_same_device, check_tensor, launcher
 from fastlm.reference import sinusoidal as ref
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -79,12 +80,13 @@ def sinusoidal_position_encoding(positions, dim, *, base=10000.0, dtype=torch.fl
     if isinstance(positions, numbers.Integral) and not isinstance(positions, bool):
         if positions < 0:
             raise ValueError(f"fastlm.ops.{op}: an int positions means 0 .. n - 1 and must be >= 0, got {positions}")
-        positions = torch.arange(int(positions))
+        positions = torch.arange(check_int64(op, "positions", int(positions)))
     if not _is_int_tensor(positions):
         what = positions.dtype if isinstance(positions, torch.Tensor) else type(positions).__name__
         raise TypeError(f"fastlm.ops.{op}: positions must be an integer tensor or an int, got {what}")
     if isinstance(dim, bool) or not isinstance(dim, numbers.Integral) or dim <= 0:
         raise ValueError(f"fastlm.ops.{op}: dim must be a positive int, got {dim!r}")
+    check_int64(op, "dim", int(dim))
     if dtype not in FLOAT_DTYPES:
         raise TypeError(f"fastlm.ops.{op}: dtype must be float32, float16, bfloat16 or float64, got {dtype}")
     base = _check_base(op, base)
@@ -157,8 +159,8 @@ def embed_sinusoidal(input_ids, weight, *, positions=None, scale=None, base=1000
     gradient; ``deterministic`` (default: torch.are_deterministic_algorithms_enabled()) sums each
     token's rows in a fixed order without atomics. ``check=True`` raises ValueError for ids outside
     [0, V) at the cost of one host sync; with check=False (no sync: CUDA graphs) an out-of-range id
-    gives, on the kernel backends, a NaN row and no gradient, and is never read (the torch backend
-    raises torch's own indexing error)."""
+    (negative ones too: they never wrap) gives a NaN row and no gradient, and is never read, on every
+    backend. input_ids and positions may have any integer dtype."""
     op = "embed_sinusoidal"
     if not _is_int_tensor(input_ids):
         what = input_ids.dtype if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
@@ -171,7 +173,7 @@ def embed_sinusoidal(input_ids, weight, *, positions=None, scale=None, base=1000
     S = ids.shape[-1]
     offset, pos = 0, None
     if isinstance(positions, numbers.Integral) and not isinstance(positions, bool):
-        offset = int(positions)
+        offset = check_int64(op, "the positions offset", int(positions), span=S - 1)
     elif positions is not None:
         if not _is_int_tensor(positions):
             what = positions.dtype if isinstance(positions, torch.Tensor) else type(positions).__name__

@@ -13,7 +13,9 @@ Causal and a window combine (causal caps r at 0). A query that sees no key gets 
 GQA/MQA: Hq = G * Hkv; query head h reads key/value head h // G.
 
 decode_attention: the new Sq tokens are the last Sq of each sequence b, whose keys fill
-cache[b, :, :L_b]; it equals attention(causal=True) over those L_b keys, per sequence.
+cache[b, :, :L_b]; it equals attention(causal=True) over those L_b keys, per sequence. Keys that
+no query sees (the cache beyond L_b) are never read into the result: NaN or inf there cannot reach
+the output.
 """
 
 from __future__ import annotations
@@ -52,13 +54,16 @@ def _masked_attention(q, k, v, mask, scale, return_lse):
     if hq != hkv:
         kf = kf.repeat_interleave(hq // hkv, dim=-3)
         vf = vf.repeat_interleave(hq // hkv, dim=-3)
+    # Keys no query sees (a cache beyond its length) never reach the products, even as NaN * 0.
+    used = mask.any(-2)[..., None]
+    kf, vf = torch.where(used, kf, 0.0), torch.where(used, vf, 0.0)
     s = torch.matmul(qf, kf.transpose(-1, -2)) * scale
     mask = mask.expand_as(s)
     seen = mask.any(-1, keepdim=True)
     # Rows that see no key are filled with 0 (not -inf) so that no NaN appears, even in gradients.
     s = torch.where(mask, s, torch.where(seen, float("-inf"), 0.0))
     lse = torch.logsumexp(s, dim=-1, keepdim=True)
-    p = torch.exp(s - lse) * mask.to(ct)
+    p = torch.where(mask, torch.exp(s - lse), 0.0)
     out = torch.matmul(p, vf).to(q.dtype)
     if not return_lse:
         return out

@@ -5,15 +5,26 @@ turns by the angle  a(pos, p) = pos * theta^(-2p/R):
     x1' = x1 * cos(a) - x2 * sin(a),   x2' = x2 * cos(a) + x1 * sin(a)
 where (x1, x2) = (x[p], x[p + R/2]) in the GPT-NeoX / Llama half-split pairing (interleaved=False)
 and (x[2p], x[2p + 1]) in the GPT-J interleaved pairing. Dims R .. D - 1 pass through unchanged.
-Angles, cos/sin and the rotation are computed in float32 (float64 for float64 inputs) and the
-result rounded once to the input's dtype, as Hugging Face computes its cos/sin tables in float32.
+The angle pos * theta^(-2p/R) is formed in float64 and (below float64) reduced to [-pi, pi] there,
+so it is exact to float32 at any position (as the kernels' angles are: no precision cliff at large positions);
+cos/sin and the rotation are then computed in float32 (float64 for float64 inputs) and the result
+rounded once to the input's dtype.
 
 ``apply_rotary_pos_emb`` is Hugging Face's table form: q * cos + rotate_half(q) * sin.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
+
+TWO_PI = 2 * math.pi
+
+
+def reduce_angle(a: torch.Tensor) -> torch.Tensor:
+    """a (float64) minus the nearest multiple of 2*pi: in [-pi, pi], still float64."""
+    return a - TWO_PI * torch.round(a / TWO_PI)
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -27,8 +38,10 @@ def inv_freq(rotary_dim: int, theta: float, dtype=torch.float32, device=None) ->
 
 
 def angles(positions: torch.Tensor, rotary_dim: int, theta: float, dtype=torch.float32) -> torch.Tensor:
-    """a(pos, p) = pos * theta^(-2p/R): shape positions.shape + (R/2,)."""
-    return positions.to(dtype)[..., None] * inv_freq(rotary_dim, theta, dtype, positions.device)
+    """a(pos, p) = pos * theta^(-2p/R), formed in float64 (for a lower dtype then reduced to
+    [-pi, pi] and cast): shape positions.shape + (R/2,)."""
+    a = positions.to(torch.float64)[..., None] * inv_freq(rotary_dim, theta, torch.float64, positions.device)
+    return a if dtype == torch.float64 else reduce_angle(a).to(dtype)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
