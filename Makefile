@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 NVCC := $(shell command -v nvcc 2>/dev/null || ( [ -x "$${CUDA_HOME:-/usr/local/cuda}/bin/nvcc" ] && echo "$${CUDA_HOME:-/usr/local/cuda}/bin/nvcc" ))
 PYTEST_ARGS ?=
 
-.PHONY: test demo bench lint cuda-check gpu-check install clean
+.PHONY: test demo bench lint cuda-check gpu-check install clean static-check static-report
 
 $(VENV)/.installed: pyproject.toml setup.py
 	test -x $(PY) || $(PYTHON) -m venv --system-site-packages $(VENV)
@@ -25,14 +25,20 @@ cuda-check: install
 	PATH="$$(dirname $(NVCC)):$$PATH" $(PY) setup.py -q build_ext --inplace && $(PY) -m fastlm.cuda && $(PY) -m pytest tests/test_cuda_build.py -q -p no:cacheprovider
 
 test: install
+	@# cuda-check runs tests/test_cuda_build.py after the build; the suite below then leaves it out
 	@if [ -n "$(NVCC)" ]; then $(MAKE) --no-print-directory cuda-check; else echo "make test: cuda-check skipped: nvcc not found, fastlm._C not built"; fi
-	$(PY) -m pytest tests -q -n 2 --durations=15 $(PYTEST_ARGS)
+	$(PY) -m pytest tests -q -n 2 --durations=15 $(if $(NVCC),--ignore=tests/test_cuda_build.py) $(PYTEST_ARGS)
 
 # The tiny GPT trained on this Python's own standard library (nothing downloaded), then sampled.
-# --time-limit bounds the training on a slow machine; the checkpoint, metrics.jsonl and loss.png land in out/demo.
+# First a few interpreter cases of the Triton kernels the model would run on a GPU. The training
+# runs on the backend it prints (on a CPU: the plain-PyTorch reference); --fit-time-limit runs the
+# warm-up and cosine decay on the elapsed share of --time-limit when that is ahead of the steps, so
+# the schedule completes in 120 s however slow the machine. The checkpoint, metrics.jsonl and
+# loss.png land in out/demo (replaced on each run).
 demo: install
 	$(PY) -m fastlm info
-	$(PY) -m fastlm train --preset tiny --steps 1000 --batch-size 8 --lr 3e-3 --warmup 30 --eval-interval 100 --time-limit 180 --out out/demo
+	$(PY) -m fastlm check layer_norm attention decode_attention sample --device cpu --max-cases 3
+	$(PY) -m fastlm train --preset tiny --steps 1000 --batch-size 8 --lr 3e-3 --warmup 30 --eval-interval 50 --time-limit 120 --fit-time-limit --overwrite --out out/demo
 	$(PY) -m fastlm generate --checkpoint out/demo --prompt "def " --max-new-tokens 120 --temperature 0.8 --seed 0
 
 bench: install
@@ -41,6 +47,15 @@ bench: install
 
 lint: install
 	$(PY) -m ruff check fastlm tests benchmarks
+
+# The compile tier without a GPU (make test checks every default config): every autotune candidate and
+# the full product of sizes, dtypes and flags, gated (slow: about an hour on 2 cores).
+static-check: install
+	env -u TRITON_INTERPRET $(PY) -m fastlm.audit --all-configs --check --quiet --jobs 2 --json benchmarks/static/exhaustive.json
+
+# Regenerate the committed reports benchmarks/static/sm_90a.md / sm_80.md (+ .json): default configs and csrc.
+static-report: cuda-check
+	env -u TRITON_INTERPRET $(PY) -m fastlm.audit --quiet --jobs 2 --write-reports benchmarks/static
 
 # On a GPU machine, with its own torch: build for sm_90a, test both backends, sanitize, benchmark.
 gpu-check:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 
 
@@ -33,6 +34,9 @@ def _cmd_check(args) -> int:
     if device == "cuda" and not torch.cuda.is_available():
         print("fastlm check: --device cuda asked for, but torch sees no CUDA device", file=sys.stderr)
         return 2
+    if args.max_cases is not None and args.max_cases < 1:
+        print(f"fastlm check: --max-cases must be at least 1, got {args.max_cases}", file=sys.stderr)
+        return 2
     ops = args.ops or list(cases.OPS)
     unknown = [o for o in ops if o not in cases.OPS]
     if unknown:
@@ -47,6 +51,9 @@ def _cmd_check(args) -> int:
     failed = 0
     for op in ops:
         op_cases = cases.cases(op, device, full=args.full)
+        if args.max_cases and len(op_cases) > args.max_cases:  # spread over the list, not its first few
+            step = len(op_cases) / args.max_cases
+            op_cases = [op_cases[int(i * step)] for i in range(args.max_cases)]
         for b in backends:
             passed, worst, first = 0, 0.0, ""
             for case in op_cases:
@@ -139,26 +146,72 @@ def _parse_sets(items) -> dict:
     return out
 
 
+def _cmd_audit(args) -> int:
+    from fastlm import audit
+
+    return audit.run(args)
+
+
 def _cmd_train(args) -> int:
     from fastlm.training import TrainConfig, train
 
+    if args.nproc_per_node is not None:
+        return _launch_ranks(args)
     try:
         tc = TrainConfig(
             data=args.data, preset=args.preset, model=_parse_sets(args.set), steps=args.steps, batch_size=args.batch_size,
             seq_len=args.seq_len, grad_accum=args.grad_accum, lr=args.lr, min_lr=args.min_lr, warmup=args.warmup,
             decay_steps=args.decay_steps, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
             eval_interval=args.eval_interval, eval_iters=args.eval_iters, log_interval=args.log_interval,
-            ckpt_interval=args.ckpt_interval, out=args.out, resume=args.resume, seed=args.seed,
+            ckpt_interval=args.ckpt_interval, out=args.out, resume=args.resume, overwrite=args.overwrite, seed=args.seed,
             vocab_size=args.vocab_size, tokenizer=args.tokenizer, device=args.device, dtype=args.dtype,
             backend=args.backend, compile=args.compile, progress=not args.no_progress, time_limit=args.time_limit,
+            fit_time_limit=args.fit_time_limit,
         )
         summary = train(tc)
-    except (FileNotFoundError, ValueError) as exc:
+    except (OSError, ValueError, TypeError) as exc:
         print(f"fastlm train: {exc}", file=sys.stderr)
         _end_distributed(ok=False)
         return 2
+    except KeyboardInterrupt:  # the second Ctrl-C: quit at once, no checkpoint
+        print("fastlm train: interrupted twice: stopped without a checkpoint", file=sys.stderr)
+        return 130
     _end_distributed(ok=True)
-    return 130 if summary["interrupted"] else 0
+    if summary["interrupted"]:
+        return 128 + int(summary["signal"] or signal.SIGINT)
+    return 0
+
+
+def _launch_ranks(args) -> int:
+    """``fastlm train --nproc-per-node N``: torchrun (standalone) with N ranks of the same command.
+    Ctrl-C or SIGTERM reaches every rank (each finishes its step, rank 0 checkpoints) and the
+    launcher exits 128 + the signal like a single process, without the launcher's traceback."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    n = args.nproc_per_node
+    if n < 1:
+        print(f"fastlm train: --nproc-per-node must be at least 1, got {n}", file=sys.stderr)
+        return 2
+    rest, skip = [], False
+    for a in args.argv[1:]:
+        if skip:
+            skip = False
+        elif a == "--nproc-per-node":
+            skip = True
+        elif not a.startswith("--nproc-per-node="):
+            rest.append(a)
+    launcher = get_args_parser().parse_args(["--standalone", f"--nproc_per_node={n}", "-m", "fastlm", "train", *rest])
+    try:
+        run(launcher)
+    except SignalException as exc:
+        return 128 + int(exc.sigval)
+    except ChildFailedError as exc:
+        codes = sorted({f.exitcode for f in exc.failures.values()})
+        print(f"fastlm train: {len(exc.failures)} of {n} ranks failed (exit codes {', '.join(map(str, codes))})", file=sys.stderr)
+        return next((c for c in codes if c > 0), 1)
+    return 0
 
 
 def _end_distributed(ok: bool) -> None:
@@ -181,13 +234,22 @@ def _cmd_generate(args) -> int:
     import fastlm
     from fastlm.models import GPT
     from fastlm.tokenizer import StreamDecoder, Tokenizer
-    from fastlm.training import find_checkpoint
+    from fastlm.training import find_checkpoint, load_tokenizer, resolve_device
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     try:
+        if args.max_new_tokens < 0:
+            raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+        device = resolve_device(args.device, args.backend)
+        dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
         model = GPT.from_pretrained(args.checkpoint).to(device=device, dtype=dtype)
-        tokenizer = Tokenizer.load(find_checkpoint(args.checkpoint) or args.checkpoint)
+        ckpt = find_checkpoint(args.checkpoint)
+        if ckpt is not None and os.path.lexists(ckpt / "SHA256SUMS"):  # a fastlm checkpoint, not a HF directory
+            tokenizer = load_tokenizer(ckpt, model.config.vocab_size)
+        else:
+            tokenizer = Tokenizer.load(args.checkpoint)
+            if tokenizer.vocab_size > model.config.vocab_size:
+                raise ValueError(f"{args.checkpoint}: the tokenizer has ids up to {tokenizer.vocab_size - 1}, beyond the "
+                                 f"model's vocabulary of {model.config.vocab_size}")
         ids = tokenizer.encode(args.prompt) if args.prompt else [tokenizer.eos_id if tokenizer.eos_id is not None else 0]
         context = model.config.block_size
         if len(ids) > context:
@@ -196,19 +258,24 @@ def _cmd_generate(args) -> int:
         if n < args.max_new_tokens:
             print(f"fastlm generate: generating {n} tokens, the room left in the {context}-token context", file=sys.stderr)
         stream = StreamDecoder(tokenizer, ids)
-        sys.stdout.write(args.prompt)
-        sys.stdout.flush()
+        printed = []
+
+        def show(text):  # the prompt goes out with the first token: every check has passed by then
+            if not printed:
+                printed.append(True)
+                sys.stdout.write(args.prompt)
+            sys.stdout.write(text)
+            sys.stdout.flush()
 
         def on_token(step, tok):
-            sys.stdout.write(stream.push(int(tok[0])))
-            sys.stdout.flush()
+            show(stream.push(int(tok[0])))
 
         backend = fastlm.use_backend(args.backend) if args.backend else _nullcontext()
         with backend:
             model.generate(ids, n, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                            seed=args.seed, stream=on_token)
-        sys.stdout.write("\n")
-    except (FileNotFoundError, ValueError) as exc:
+        show("\n")
+    except (OSError, ValueError, TypeError) as exc:
         print(f"fastlm generate: {exc}", file=sys.stderr)
         return 2
     return 0
@@ -230,11 +297,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("ops", nargs="*", help="ops to check (default: all)")
     s.add_argument("--device", choices=["cuda", "cpu"])
     s.add_argument("--full", action="store_true", help="add the large GPU shapes")
+    s.add_argument("--max-cases", type=int, metavar="N", help="at most N cases per op, spread over its list (a quick look)")
     s.set_defaults(func=_cmd_check)
     s = sub.add_parser("bench", help="benchmark an op (or all) against torch and peers")
     s.add_argument("op", nargs="?", help="an entry of `fastlm bench --list`, or all")
     s.add_argument("--list", action="store_true", help="list the benchmark entries")
-    s.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    s.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="default bfloat16 on a GPU, float32 on the CPU")
     s.add_argument("--sizes", help="a preset (default, large, quick) or comma-separated sizes")
     s.add_argument("--backends", help="comma-separated fastlm backends to time (default: all available)")
     s.add_argument("--mode", choices=["fwd", "bwd", "full"])
@@ -243,6 +311,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--plot", metavar="PATH")
     s.add_argument("--quick", action="store_true", help="small sizes; on a CPU: a harness check, not a performance figure")
     s.set_defaults(func=_cmd_bench)
+    s = sub.add_parser("audit", help="compile every kernel for sm_90a and sm_80 (no GPU needed): registers, spills, "
+                                     "shared memory, occupancy, SASS facts, gates")
+    from fastlm.audit import add_arguments
+
+    add_arguments(s)
+    s.set_defaults(func=_cmd_audit)
     s = sub.add_parser("train", help="train the GPT (default: the tiny preset on the Python standard library)")
     s.add_argument("--data", nargs="+", metavar="PATH", help="text files or directories (default: this Python's standard library .py files)")
     s.add_argument("--preset", default="tiny", help="tiny | gpt2 | gpt2-medium")
@@ -264,7 +338,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--vocab-size", type=int, help="of the byte-level BPE trained on the data (default: the preset's)")
     s.add_argument("--tokenizer", metavar="PATH", help="tokenizer.json, or a directory with vocab.json + merges.txt")
     s.add_argument("--out", default="out", help="output directory: checkpoint/, metrics.jsonl, loss.png")
-    s.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
+    s.add_argument("--resume", action="store_true",
+                   help="continue from OUT/checkpoint with its settings (those given must match, except --steps, "
+                        "--time-limit, the intervals, --device/--dtype/--backend/--compile)")
+    s.add_argument("--overwrite", action="store_true", help="replace a checkpoint already in --out")
     s.add_argument("--seed", type=int, default=1337)
     s.add_argument("--device")
     s.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="autocast dtype (default bfloat16 on CUDA, float32 on CPU)")
@@ -272,6 +349,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--compile", action="store_true")
     s.add_argument("--no-progress", action="store_true")
     s.add_argument("--time-limit", type=float, metavar="SECONDS", help="stop (with a checkpoint) after this much training time")
+    s.add_argument("--fit-time-limit", action="store_true",
+                   help="run the schedule on max(step / --steps, elapsed / --time-limit), so warm-up and decay complete "
+                        "within --time-limit (not reproducible bit for bit: it follows the machine's speed)")
+    s.add_argument("--nproc-per-node", type=int, metavar="N", help="run N ranks (DDP) through torchrun, standalone")
     s.set_defaults(func=_cmd_train)
     s = sub.add_parser("generate", help="generate text from a checkpoint, streaming it")
     s.add_argument("--checkpoint", required=True, metavar="DIR", help="a `fastlm train` output or checkpoint directory, or a Hugging Face GPT-2 directory")
@@ -300,7 +381,9 @@ def _interpret_without_gpu(args) -> None:
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     _interpret_without_gpu(args)
     return args.func(args)
 

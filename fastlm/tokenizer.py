@@ -33,7 +33,8 @@ class Tokenizer:
 
     @property
     def vocab_size(self) -> int:
-        return self.tk.get_vocab_size()
+        """1 + the largest token id (the size of the embedding table the ids need)."""
+        return 1 + max(self.tk.get_vocab(with_added_tokens=True).values(), default=-1)
 
     def encode(self, text: str) -> list[int]:
         return self.tk.encode(text).ids

@@ -14,11 +14,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
+import hashlib
 import json
 import math
 import os
 import shutil
 import signal
+import stat
 import tempfile
 import threading
 import time
@@ -28,14 +31,18 @@ import torch
 
 import fastlm
 from fastlm import data as fdata
-from fastlm.models.gpt import GPT, PRESETS, GPTConfig
+from fastlm.models.gpt import GPT, PRESETS, GPTConfig, check_limits
 from fastlm.tokenizer import Tokenizer, train_or_load_cached
 
 CKPT_FILES = ("model.safetensors", "config.json", "optimizer.pt", "rng.pt", "trainer_state.json", "tokenizer.json")
 
 
 class CheckpointError(ValueError):
-    """A checkpoint directory that is missing, incomplete or corrupt."""
+    """A checkpoint directory that is missing, incomplete, corrupt or malformed."""
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint that could not be written (a full disk, ...); the previous one is kept."""
 
 
 @dataclasses.dataclass
@@ -49,7 +56,7 @@ class TrainConfig:
     grad_accum: int = 1
     lr: float = 1e-3
     min_lr: float | None = None  # default lr / 10
-    warmup: int | None = None  # default min(100, steps // 10)
+    warmup: int | None = None  # default min(100, decay_steps // 10): independent of steps once decay_steps is set
     decay_steps: int | None = None  # the cosine's length; default steps
     weight_decay: float = 0.1
     betas: tuple[float, float] = (0.9, 0.95)
@@ -60,6 +67,7 @@ class TrainConfig:
     ckpt_interval: int = 0  # 0: at the end (and on Ctrl-C) only
     out: str = "out"
     resume: bool = False
+    overwrite: bool = False  # replace a checkpoint already in out (without it, or resume, that is an error)
     seed: int = 1337
     vocab_size: int | None = None  # of the BPE trained on the corpus; default the preset's
     tokenizer: str | None = None  # a tokenizer.json or a GPT-2 vocab.json + merges.txt directory
@@ -70,9 +78,13 @@ class TrainConfig:
     compile: bool = False
     progress: bool = True
     time_limit: float | None = None  # seconds of training; then a checkpoint and a clean stop
+    fit_time_limit: bool = False  # the schedule also follows elapsed / time_limit: warm-up and decay end in time
 
 
 # ---- checkpoints ---------------------------------------------------------------------------------
+
+SUMS = "SHA256SUMS"  # one "<sha256 hex>  <file name>" line per file of CKPT_FILES (sha256sum -c reads it)
+_TMP_PREFIX = ".checkpoint-tmp-"
 
 
 def find_checkpoint(path) -> Path | None:
@@ -85,13 +97,85 @@ def find_checkpoint(path) -> Path | None:
     return None
 
 
+def holds_checkpoint(out) -> bool:
+    """True if ``out`` is a checkpoint or holds one (checkpoint/ or checkpoint.old/, even a broken one)."""
+    p = Path(out)
+    return find_checkpoint(p) is not None or any(os.path.lexists(p / n) for n in ("checkpoint", "checkpoint.old"))
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync(path: Path, directory: bool = False) -> None:
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _remove(path: Path) -> None:
+    """Delete a file, a link (never what it points to) or a directory tree; nothing if absent."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(st.st_mode):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        os.unlink(path)
+
+
+def replace_file(path, write) -> None:
+    """``write(tmp)`` to a temporary file beside ``path``, then rename it over ``path``: a link at
+    ``path`` is replaced by the file, and what it pointed to is never written."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _write_error(out: Path, exc: Exception) -> CheckpointWriteError:
+    text = f"{type(exc).__name__}: {exc}"
+    try:
+        free = shutil.disk_usage(out).free
+    except OSError:
+        free = None
+    full = (isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)) or "No space left" in text \
+        or "os error 28" in text or (free is not None and free < (1 << 20))
+    kept = f"the previous checkpoint {out / 'checkpoint'} is kept" if os.path.lexists(out / "checkpoint") else "no earlier checkpoint was there"
+    if full:
+        room = f" ({free:,} bytes free)" if free is not None else ""
+        return CheckpointWriteError(f"could not write the checkpoint in {out}: the disk holding it is full{room}; {kept}. "
+                                    f"Free some space (or pick another --out) and run again ({text[:200]})")
+    return CheckpointWriteError(f"could not write the checkpoint in {out} ({text[:300]}); {kept}")
+
+
 def save_checkpoint(out, model: GPT, optimizer, tokenizer: Tokenizer, state: dict) -> Path:
+    """Write ``OUT/checkpoint``: every file into a fresh temporary directory, with their SHA-256
+    digests in SHA256SUMS, fsynced (files, then the directory), then renamed into place; the
+    previous checkpoint stays until the new one is in place. Temporary directories left by a crash
+    are removed first. A failed write (a full disk) raises CheckpointWriteError naming the
+    directory and leaves the previous checkpoint as it was."""
     from safetensors.torch import save_model
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out, prefix=".checkpoint-tmp-"))
+    for stale in out.glob(_TMP_PREFIX + "*"):
+        _remove(stale)
+    tmp = None
     try:
+        tmp = Path(tempfile.mkdtemp(dir=out, prefix=_TMP_PREFIX))
         save_model(model, str(tmp / "model.safetensors"))
         cfg = {"model_type": "fastlm-gpt", "fastlm_version": fastlm.__version__, **model.config.to_dict()}
         (tmp / "config.json").write_text(json.dumps(cfg, indent=1))
@@ -103,82 +187,352 @@ def save_checkpoint(out, model: GPT, optimizer, tokenizer: Tokenizer, state: dic
         torch.save(rng, tmp / "rng.pt")
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1, default=str))
         tokenizer.save(tmp)
+        (tmp / SUMS).write_text("".join(f"{_sha256(tmp / f)}  {f}\n" for f in CKPT_FILES if (tmp / f).is_file()))
+        for f in tmp.iterdir():
+            _fsync(f)
+        _fsync(tmp, directory=True)
         final, old = out / "checkpoint", out / "checkpoint.old"
-        if final.exists():
-            shutil.rmtree(old, ignore_errors=True)
+        if os.path.lexists(final):
+            _remove(old)
             os.replace(final, old)
         os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
+        _fsync(out, directory=True)
+        _remove(old)
         return final
+    except Exception as exc:
+        if tmp is not None:
+            _remove(tmp)
+        raise _write_error(out, exc) from None
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            _remove(tmp)
         raise
 
 
-def _read_json(path: Path, what: str) -> dict:
+def _regular_file(ckpt: Path, name: str) -> Path:
+    """ckpt/name, which must be a regular file (a FIFO or device would block or never end)."""
+    path = ckpt / name
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {ckpt} is incomplete: missing {name}") from None
+    except OSError as exc:
+        raise CheckpointError(f"checkpoint {ckpt}: {name} cannot be read ({exc})") from None
+    if not stat.S_ISREG(mode):
+        raise CheckpointError(f"checkpoint {ckpt}: {name} is not a regular file")
+    return path
+
+
+def verify_checkpoint(ckpt, names=CKPT_FILES) -> None:
+    """Each file of ``names`` is a regular file whose SHA-256 is the one SHA256SUMS records."""
+    ckpt = Path(ckpt)
+    sums = _regular_file(ckpt, SUMS)
+    if sums.stat().st_size > 4096:
+        raise CheckpointError(f"checkpoint {ckpt}: {SUMS} is corrupt (larger than a list of {len(CKPT_FILES)} digests)")
+    recorded = {}
+    for line in sums.read_text(errors="replace").splitlines():
+        digest, sep, name = line.partition("  ")
+        if not sep or name not in CKPT_FILES or len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+            raise CheckpointError(f"checkpoint {ckpt}: {SUMS} is corrupt (line {line[:80]!r})")
+        recorded[name] = digest
+    for name in names:
+        path = _regular_file(ckpt, name)
+        if name not in recorded:
+            raise CheckpointError(f"checkpoint {ckpt}: {SUMS} records no digest for {name}")
+        if _sha256(path) != recorded[name]:
+            raise CheckpointError(f"checkpoint {ckpt}: {name} does not match its SHA-256 in {SUMS}: the file is corrupt or was changed")
+
+
+def _read_json(path: Path, what: str):
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"checkpoint {path.parent}: {what} {path.name} is unreadable or corrupt ({exc})") from None
 
 
-def load_model(path, device=None) -> GPT:
-    """The GPT stored in a fastlm checkpoint directory (or a training output directory)."""
-    from safetensors.torch import load_model as st_load
-
+def _find(path) -> Path:
     ckpt = find_checkpoint(path)
     if ckpt is None:
         if not Path(path).exists():
             raise FileNotFoundError(f"checkpoint {path} does not exist")
         raise CheckpointError(f"checkpoint {path}: no config.json and model.safetensors in it (nor in {path}/checkpoint)")
+    return ckpt
+
+
+def _read_config(ckpt: Path) -> GPTConfig:
     cfg = _read_json(ckpt / "config.json", "the model config")
-    cfg.pop("model_type", None)
-    cfg.pop("fastlm_version", None)
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"checkpoint {ckpt}: config.json is not a JSON object (it holds a {type(cfg).__name__})")
+    cfg = {k: v for k, v in cfg.items() if k not in ("model_type", "fastlm_version")}
     try:
         config = GPTConfig.from_dict(cfg)
+        check_limits(config)
     except (TypeError, ValueError) as exc:
-        raise CheckpointError(f"checkpoint {ckpt}: config.json is not a GPT config ({exc})") from None
+        raise CheckpointError(f"checkpoint {ckpt}: config.json is not a valid GPT config ({exc})") from None
+    return config
+
+
+def _check_shapes(ckpt: Path, config: GPTConfig) -> None:
+    """The tensors in model.safetensors have the names and shapes config.json implies; read from
+    the file's header and a model on the meta device, so nothing is allocated yet."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(ckpt / "model.safetensors"), framework="pt") as f:
+            stored = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as exc:
+        raise CheckpointError(f"checkpoint {ckpt}: model.safetensors is corrupt or truncated ({type(exc).__name__}: {exc})") from None
+    with torch.device("meta"):
+        expected = GPT(config).state_dict(keep_vars=True)
+    names_of = {}
+    for k, v in expected.items():
+        names_of.setdefault(id(v), []).append(k)
+    bad = [f"{k} {list(s)} (config.json implies {list(expected[k].shape) if k in expected else 'no such tensor'})"
+           for k, s in stored.items() if k not in expected or tuple(expected[k].shape) != s]
+    missing = [names[0] for names in names_of.values() if not any(n in stored for n in names)]
+    if bad or missing:
+        what = "; ".join(bad[:3] + [f"missing {', '.join(missing[:3])}"] * bool(missing))
+        raise CheckpointError(f"checkpoint {ckpt}: model.safetensors does not match config.json: {what}")
+
+
+def _load_model(ckpt: Path, device=None) -> GPT:
+    from safetensors.torch import load_model as st_load
+
+    config = _read_config(ckpt)
+    _check_shapes(ckpt, config)
     model = GPT(config)
     try:
         st_load(model, str(ckpt / "model.safetensors"), strict=True, device=str(device or "cpu"))
     except Exception as exc:
         raise CheckpointError(f"checkpoint {ckpt}: model.safetensors is corrupt, truncated or does not match config.json ({type(exc).__name__}: {exc})") from None
+    for name, t in model.state_dict().items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise CheckpointError(f"checkpoint {ckpt}: model.safetensors holds NaN or infinite values in {name}")
     return model.to(device) if device is not None else model
 
 
+def load_model(path, device=None) -> GPT:
+    """The GPT stored in a fastlm checkpoint directory (or a training output directory). The files
+    are checked against SHA256SUMS, config.json against sane limits and the weights' shapes
+    before anything is allocated, and the weights for NaN/inf."""
+    ckpt = _find(path)
+    verify_checkpoint(ckpt, ("config.json", "model.safetensors"))
+    return _load_model(ckpt, device)
+
+
+def load_tokenizer(ckpt, vocab_size: int, verify: bool = True) -> Tokenizer:
+    """The checkpoint's tokenizer.json; every id it can produce must be below ``vocab_size``."""
+    ckpt = Path(ckpt)
+    if verify:
+        verify_checkpoint(ckpt, ("tokenizer.json",))
+    try:
+        tokenizer = Tokenizer.load(_regular_file(ckpt, "tokenizer.json"))
+    except ValueError as exc:
+        raise CheckpointError(f"checkpoint {ckpt}: {exc}") from None
+    if tokenizer.vocab_size > vocab_size:
+        raise CheckpointError(f"checkpoint {ckpt}: tokenizer.json has token ids up to {tokenizer.vocab_size - 1}, "
+                              f"beyond the model's vocabulary of {vocab_size}")
+    return tokenizer
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _check_rng(ckpt: Path, rng) -> None:
+    cpu = rng.get("cpu") if isinstance(rng, dict) else None
+    cuda = rng.get("cuda", []) if isinstance(rng, dict) else []
+    ok = (isinstance(cpu, torch.Tensor) and cpu.dtype == torch.uint8 and cpu.shape == torch.get_rng_state().shape
+          and isinstance(cuda, (list, tuple)) and all(isinstance(t, torch.Tensor) and t.dtype == torch.uint8 for t in cuda))
+    if not ok:
+        raise CheckpointError(f"checkpoint {ckpt}: rng.pt is not a random-number state (a dict with the CPU "
+                              f"generator's uint8 state of {torch.get_rng_state().numel()} bytes)")
+
+
+def _check_optimizer_state(ckpt: Path, opt) -> None:
+    groups = opt.get("param_groups") if isinstance(opt, dict) else None
+    ok = isinstance(opt, dict) and isinstance(opt.get("state"), dict) and isinstance(groups, list) and all(
+        isinstance(g, dict) and isinstance(g.get("params"), list) and all(_is_int(i) for i in g["params"]) for g in groups)
+    if not ok:
+        raise CheckpointError(f"checkpoint {ckpt}: optimizer.pt is not an optimizer state dict (state and param_groups)")
+
+
+def _check_trainer_state(ckpt: Path, state) -> None:
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint {ckpt}: trainer_state.json is not a JSON object (it holds a {type(state).__name__})")
+    for key in ("step", "position"):
+        if not _is_int(state.get(key)) or state[key] < 0:
+            raise CheckpointError(f"checkpoint {ckpt}: trainer_state.json: {key} must be an integer >= 0, got {state.get(key)!r}")
+    if not isinstance(state.get("train_config", {}), dict):
+        raise CheckpointError(f"checkpoint {ckpt}: trainer_state.json: train_config must be a JSON object")
+
+
 def load_checkpoint(path, device=None) -> tuple[GPT, Tokenizer, dict, dict | None, dict]:
-    """(model, tokenizer, trainer state, optimizer state dict, rng states) from a checkpoint."""
+    """(model, tokenizer, trainer state, optimizer state dict, rng states) from a checkpoint, each
+    file verified against SHA256SUMS and checked for its expected structure."""
     ckpt = find_checkpoint(path)
     if ckpt is None:
         raise CheckpointError(f"no checkpoint in {path} (expected {path}/checkpoint with {', '.join(CKPT_FILES)})")
-    missing = [f for f in CKPT_FILES if not (ckpt / f).is_file()]
+    missing = [f for f in (*CKPT_FILES, SUMS) if not os.path.lexists(ckpt / f)]
     if missing:
         raise CheckpointError(f"checkpoint {ckpt} is incomplete: missing {', '.join(missing)}")
-    model = load_model(ckpt, device)
+    verify_checkpoint(ckpt)
+    state = _read_json(ckpt / "trainer_state.json", "the trainer state")
+    _check_trainer_state(ckpt, state)
+    model = _load_model(ckpt, device)
+    tokenizer = load_tokenizer(ckpt, model.config.vocab_size, verify=False)
     try:
-        tokenizer = Tokenizer.load(ckpt / "tokenizer.json")
         opt_state = torch.load(ckpt / "optimizer.pt", map_location=device or "cpu", weights_only=True)
         rng = torch.load(ckpt / "rng.pt", weights_only=True)
     except Exception as exc:
         raise CheckpointError(f"checkpoint {ckpt}: a file is corrupt ({type(exc).__name__}: {exc})") from None
-    state = _read_json(ckpt / "trainer_state.json", "the trainer state")
+    _check_optimizer_state(ckpt, opt_state)
+    _check_rng(ckpt, rng)
     return model, tokenizer, state, opt_state, rng
 
 
 # ---- the loop ------------------------------------------------------------------------------------
 
 
-def lr_at(step: int, tc: TrainConfig) -> float:
-    """Linear warm-up to lr over ``warmup`` steps, then cosine to min_lr at ``decay_steps``."""
-    warmup = tc.warmup if tc.warmup is not None else min(100, tc.steps // 10)
+def schedule(tc: TrainConfig) -> tuple[int, int, float]:
+    """(warmup, decay_steps, min_lr) with the defaults filled in: decay_steps = steps, warmup =
+    min(100, decay_steps // 10), min_lr = lr / 10. A checkpoint stores these, so a resumed run keeps
+    the schedule it started with, and the steps before decay_steps never depend on ``steps``."""
     decay = tc.decay_steps or tc.steps
-    min_lr = tc.lr / 10 if tc.min_lr is None else tc.min_lr
+    warmup = tc.warmup if tc.warmup is not None else min(100, decay // 10)
+    return warmup, decay, tc.lr / 10 if tc.min_lr is None else tc.min_lr
+
+
+def lr_at(step: int, tc: TrainConfig, time_fraction: float = 0.0) -> float:
+    """Linear warm-up to lr over ``warmup`` steps, then cosine to min_lr at ``decay_steps``. With
+    ``time_fraction`` (elapsed / time_limit, under fit_time_limit) the schedule stands at step
+    max(step, time_fraction * decay_steps), so warm-up and decay complete by the time limit."""
+    warmup, decay, min_lr = schedule(tc)
+    step = max(step, time_fraction * decay)
     if step < warmup:
         return tc.lr * (step + 1) / warmup
     if step >= decay:
         return min_lr
     ratio = (step - warmup) / max(1, decay - warmup)
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (tc.lr - min_lr)
+
+
+_INTS = {"steps": 1, "batch_size": 1, "grad_accum": 1, "eval_interval": 0, "eval_iters": 1, "log_interval": 1,
+         "ckpt_interval": 0, "seed": None}
+_OPTIONAL_INTS = {"seq_len": 2, "warmup": 0, "decay_steps": 1, "vocab_size": 257}
+
+
+def _flag(name: str) -> str:
+    return "--set" if name == "model" else "--" + name.replace("_", "-")
+
+
+def check_config(tc: TrainConfig) -> None:
+    """ValueError naming the first setting of ``tc`` outside its range (checked before any work)."""
+    def need(ok, name, what):
+        if not ok:
+            raise ValueError(f"{_flag(name)} must be {what}, got {getattr(tc, name)!r}")
+
+    for name, lo in _INTS.items():
+        v = getattr(tc, name)
+        need(_is_int(v) and (lo is None or v >= lo), name, "an integer" + (f" >= {lo}" if lo is not None else ""))
+    for name, lo in _OPTIONAL_INTS.items():
+        v = getattr(tc, name)
+        need(v is None or (_is_int(v) and v >= lo), name, f"an integer >= {lo}")
+    num = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    need(num(tc.lr) and tc.lr > 0, "lr", "a positive number")
+    need(tc.min_lr is None or (num(tc.min_lr) and tc.min_lr >= 0), "min_lr", "a number >= 0")
+    need(num(tc.weight_decay) and tc.weight_decay >= 0, "weight_decay", "a number >= 0")
+    need(num(tc.grad_clip) and tc.grad_clip >= 0, "grad_clip", "a number >= 0 (0: off)")
+    need(num(tc.val_fraction) and 0 < tc.val_fraction < 1, "val_fraction", "a fraction in (0, 1)")
+    need(tc.time_limit is None or (num(tc.time_limit) and tc.time_limit > 0), "time_limit", "a positive number of seconds")
+    need(isinstance(tc.betas, (list, tuple)) and len(tc.betas) == 2 and all(num(b) and 0 <= b < 1 for b in tc.betas),
+         "betas", "two numbers in [0, 1)")
+    need(isinstance(tc.model, dict), "model", "a dict of GPTConfig fields")
+    need(tc.data is None or (isinstance(tc.data, (list, tuple)) and all(isinstance(d, str) for d in tc.data)), "data", "a list of paths")
+    need(isinstance(tc.preset, str), "preset", "a preset name")
+    need(tc.dtype in (None, "float32", "bfloat16", "float16"), "dtype", "float32, bfloat16 or float16")
+    if tc.fit_time_limit and not tc.time_limit:
+        raise ValueError("--fit-time-limit needs --time-limit")
+    if tc.resume and tc.overwrite:
+        raise ValueError("--resume continues the checkpoint in --out and --overwrite replaces it: pass one of them")
+
+
+def resolve_device(device: str | None, backend: str | None = None, local_rank: int = 0) -> torch.device:
+    """The torch device to run on (default: cuda:local_rank if CUDA is available, else the CPU);
+    ValueError if it, or fastlm backend ``backend`` on it, cannot run here."""
+    if device is None:
+        dev = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    else:
+        try:
+            dev = torch.device(device)
+        except (RuntimeError, TypeError):
+            raise ValueError(f"--device {device!r} is not a device (expected cpu, cuda or cuda:N)") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {device}: fastlm runs on cpu or cuda")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+            raise ValueError(f"--device {device}: torch sees no CUDA device (torch {torch.__version__}, {build}); use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {device}: torch sees {torch.cuda.device_count()} CUDA device(s)")
+    if backend is not None:
+        why = fastlm.backend.why_unavailable(backend, dev)
+        if why is not None:
+            raise ValueError(f"--backend {backend} cannot run on {dev.type} tensors here: {why}")
+    return dev
+
+
+# On --resume: these may differ from the checkpoint's settings (reported); the rest must match.
+MAY_CHANGE = ("steps", "time_limit", "eval_interval", "eval_iters", "log_interval", "ckpt_interval", "device", "dtype",
+              "backend", "compile")
+_NOT_COMPARED = ("out", "resume", "overwrite", "progress", "fit_time_limit")
+
+
+def _stored_config(tc: TrainConfig, seq_len: int) -> dict:
+    """The settings a checkpoint records: paths made absolute, the schedule's defaults filled in."""
+    warmup, decay, min_lr = schedule(tc)
+    return dataclasses.asdict(dataclasses.replace(
+        tc, data=[str(Path(d).resolve()) for d in tc.data] if tc.data else None, seq_len=seq_len,
+        tokenizer=str(Path(tc.tokenizer).resolve()) if tc.tokenizer else None,
+        warmup=warmup, decay_steps=decay, min_lr=min_lr, betas=list(tc.betas)))
+
+
+def resume_config(tc: TrainConfig, stored: dict) -> tuple[TrainConfig, list[str]]:
+    """``tc`` for a resumed run: a setting left at its default takes the checkpoint's value; one
+    set to another value than the checkpoint's is a ValueError naming it, unless it is in
+    MAY_CHANGE. Returns (config, notes on what was changed or taken)."""
+    defaults = TrainConfig()
+    norm = lambda name, v: _stored_config(dataclasses.replace(defaults, **{name: v}), 0)[name] if name in (
+        "data", "tokenizer", "betas") else v
+    taken, changed, differ = {}, [], []
+    for f in dataclasses.fields(TrainConfig):
+        name = f.name
+        if name in _NOT_COMPARED or name not in stored:
+            continue
+        mine, theirs = norm(name, getattr(tc, name)), stored[name]
+        if mine == theirs:
+            continue
+        if mine == norm(name, getattr(defaults, name)):
+            taken[name] = tuple(theirs) if name == "betas" and isinstance(theirs, list) else theirs
+        elif name in MAY_CHANGE:
+            changed.append(f"{_flag(name)} {theirs} -> {mine}")
+        else:
+            differ.append(f"{_flag(name)} {mine!r} (the checkpoint's: {theirs!r})")
+    if differ:
+        raise ValueError("--resume continues a run with its own settings; these differ from the checkpoint's: "
+                         + "; ".join(differ) + ". Leave them out (or start a new run in another --out)")
+    try:
+        merged = dataclasses.replace(tc, **taken)
+        check_config(merged)
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"trainer_state.json of the checkpoint in {tc.out} holds bad settings: {exc}") from None
+    notes = []
+    if changed:
+        notes.append("changed on resume: " + "; ".join(changed))
+        if merged.steps > schedule(merged)[1]:
+            notes.append(f"the cosine decay ends at step {schedule(merged)[1]} (--decay-steps of the first run); "
+                         f"later steps run at min_lr {schedule(merged)[2]:g}")
+    return merged, notes
 
 
 def make_optimizer(model: GPT, tc: TrainConfig, device: torch.device):
@@ -223,25 +577,33 @@ def _peak_tflops(device, dtype) -> float | None:
 
 
 class _Interrupt:
-    """SIGINT sets a flag (the loop saves and stops after the step); a second SIGINT raises at once."""
+    """SIGINT or SIGTERM sets a flag (the loop saves and stops after the step); a second one raises
+    at once. Under torchrun the launcher passes the signal it got on to every rank, which has it
+    from the terminal already: a repeat of the same signal within ``grace`` seconds is that one."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self):
-        self.flag, self.prev = False, None
+        self.flag, self.signum, self.prev, self.t = False, None, {}, 0.0
+        self.grace = 5.0 if "TORCHELASTIC_RUN_ID" in os.environ else 0.0
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            self.prev = signal.signal(signal.SIGINT, self._handle)
+            self.prev = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
         return self
 
     def _handle(self, signum, frame):
         if self.flag:
+            if signum == self.signum and time.monotonic() - self.t < self.grace:
+                return
             raise KeyboardInterrupt
-        self.flag = True
-        print("\ninterrupted: finishing this step and writing a checkpoint (Ctrl-C again to quit now)", flush=True)
+        self.flag, self.signum, self.t = True, signum, time.monotonic()
+        name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        print(f"\ninterrupted ({name}): finishing this step and writing a checkpoint (Ctrl-C again to quit now)", flush=True)
 
     def __exit__(self, *exc):
-        if self.prev is not None:
-            signal.signal(signal.SIGINT, self.prev)
+        for s, h in self.prev.items():
+            signal.signal(s, h)
 
 
 def _setup_distributed(device: str | None):
@@ -265,15 +627,34 @@ def _barrier(world):
         torch.distributed.barrier()
 
 
+def read_metrics(path: Path) -> tuple[list[dict], int]:
+    """(rows, number of malformed lines skipped): the JSON objects with an integer ``step``. A
+    crash can leave a half-written last line; such lines are skipped, not an error."""
+    rows, bad = [], 0
+    for line in path.read_text(errors="replace").splitlines() if path.is_file() else []:
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        if isinstance(row, dict) and _is_int(row.get("step")):
+            rows.append(row)
+        else:
+            bad += 1
+    return rows, bad
+
+
 def plot_losses(metrics_path: Path, png_path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
-    val = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
+    rows = read_metrics(metrics_path)[0]
+    num = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+    train = [(r["step"], r["loss"]) for r in rows if num(r.get("loss"))]
+    val = [(r["step"], r["eval_loss"]) for r in rows if num(r.get("eval_loss"))]
     fig, ax = plt.subplots(figsize=(6, 3.5))
     if train:
         ax.plot(*zip(*train, strict=True), label="train")
@@ -284,25 +665,72 @@ def plot_losses(metrics_path: Path, png_path: Path) -> None:
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(png_path, dpi=100)
+    replace_file(png_path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     plt.close(fig)
+
+
+def _check_model_settings(tc: TrainConfig) -> None:
+    """The model a new run would build is valid and within limits (before any data is read)."""
+    try:
+        cfg = GPTConfig.from_preset(tc.preset, **{"vocab_size": tc.vocab_size or PRESETS[tc.preset]["vocab_size"], **tc.model})
+        check_limits(cfg)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"--set: {exc}") from None
+    if tc.seq_len and tc.seq_len > cfg.block_size:
+        raise ValueError(f"--seq-len {tc.seq_len} is longer than the model's context (block_size {cfg.block_size}); "
+                         f"a longer context is --set block_size={tc.seq_len}")
+
+
+def _load_optimizer_state(optimizer, opt_state: dict, out: Path) -> None:
+    """The checkpoint's AdamW state, which must fit the model's parameters."""
+    where = f"checkpoint in {out}: optimizer.pt"
+    try:
+        optimizer.load_state_dict(opt_state)
+    except (ValueError, KeyError, TypeError, RuntimeError, IndexError) as exc:
+        raise CheckpointError(f"{where} does not fit the model ({type(exc).__name__}: {exc})") from None
+    num = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    for g in optimizer.param_groups:
+        betas = g.get("betas")
+        if not (num(g.get("eps")) and num(g.get("weight_decay")) and isinstance(betas, (list, tuple)) and len(betas) == 2
+                and all(num(b) for b in betas)):
+            raise CheckpointError(f"{where}: a parameter group has bad hyperparameters (eps, weight_decay, betas)")
+        for p in g["params"]:
+            st = optimizer.state.get(p, {})
+            for key in ("exp_avg", "exp_avg_sq"):
+                if key in st and not (isinstance(st[key], torch.Tensor) and st[key].shape == p.shape):
+                    raise CheckpointError(f"{where}: {key} does not have its parameter's shape {list(p.shape)}")
+            step = st.get("step", 0)
+            if not (num(step) or (isinstance(step, torch.Tensor) and step.numel() == 1)):
+                raise CheckpointError(f"{where}: step is not a number")
 
 
 def train(tc: TrainConfig, on_step=None, log=print) -> dict:
     """Train; returns a summary (``interrupted`` is True after a Ctrl-C, once the checkpoint is
-    written). ``on_step(step, model)`` is called after each optimizer step."""
-    rank, world, local = _setup_distributed(tc.device)
-    main = rank == 0
-    device = torch.device(tc.device or (f"cuda:{local}" if torch.cuda.is_available() else "cpu"))
-    dtype = getattr(torch, tc.dtype) if tc.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    written; ``signal`` says which: SIGINT or SIGTERM). ``on_step(step, model)`` is called after each
+    optimizer step. Every setting is checked before any work; ``out`` holding a checkpoint needs
+    ``resume`` (continue it, with the settings it records: see resume_config) or ``overwrite``."""
+    check_config(tc)
     out = Path(tc.out)
     if tc.preset not in PRESETS:
         raise ValueError(f"unknown GPT preset {tc.preset!r}; presets: {', '.join(PRESETS)}")
-
-    files = fdata.find_files(tc.data)
-    state, opt_state, rng = {}, None, None
+    if not tc.resume and not tc.overwrite and holds_checkpoint(out):
+        raise ValueError(f"--out {out} already holds a checkpoint: pass --resume to continue it, --overwrite to "
+                         f"replace it, or another --out")
+    state, opt_state, rng, notes = {}, None, None, []
     if tc.resume:
         model, tokenizer, state, opt_state, rng = load_checkpoint(out)
+        tc, notes = resume_config(tc, state.get("train_config", {}))
+    rank, world, local = _setup_distributed(tc.device)
+    main = rank == 0
+    device = resolve_device(tc.device, tc.backend, local)
+    dtype = getattr(torch, tc.dtype) if tc.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    if not tc.resume:
+        _check_model_settings(tc)
+    for note in notes if main else ():
+        log(note)
+
+    files = fdata.find_files(tc.data)
+    if tc.resume:
         cfg = model.config
     else:
         if tc.tokenizer:
@@ -315,15 +743,16 @@ def train(tc: TrainConfig, on_step=None, log=print) -> dict:
             if main:
                 _barrier(world)
         cfg = GPTConfig.from_preset(tc.preset, **{"vocab_size": tokenizer.vocab_size, **tc.model})
-        if tc.seq_len and tc.seq_len > cfg.block_size:
-            cfg = dataclasses.replace(cfg, block_size=tc.seq_len)
+        if cfg.vocab_size < tokenizer.vocab_size:
+            raise ValueError(f"--set vocab_size={cfg.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size} tokens")
         torch.manual_seed(tc.seed)
         model = GPT(cfg)
     if not cfg.causal:
         raise ValueError("fastlm train is next-token prediction and needs a causal model (causal=True)")
     T = tc.seq_len or cfg.block_size
     if T > cfg.block_size:
-        raise ValueError(f"--seq-len {T} is longer than the checkpoint's context (block_size {cfg.block_size})")
+        raise ValueError(f"--seq-len {T} is longer than the model's context (block_size {cfg.block_size}); "
+                         f"a longer context is --set block_size={T} (for a new run)")
     if not main:
         _barrier(world)
     tokens = fdata.tokenize(files, tokenizer)
@@ -335,7 +764,7 @@ def train(tc: TrainConfig, on_step=None, log=print) -> dict:
     model.to(device)
     optimizer = make_optimizer(model, tc, device)
     if opt_state is not None:
-        optimizer.load_state_dict(opt_state)
+        _load_optimizer_state(optimizer, opt_state, out)
     if rng is not None:
         torch.set_rng_state(rng["cpu"])
         if "cuda" in rng and torch.cuda.is_available():
@@ -354,29 +783,37 @@ def train(tc: TrainConfig, on_step=None, log=print) -> dict:
     metrics = out / "metrics.jsonl"
     if main:
         out.mkdir(parents=True, exist_ok=True)
-        tokenizer.save(out)
-        kept = []
-        if tc.resume and metrics.is_file():
-            kept = [ln for ln in metrics.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
-        metrics.write_text("".join(ln + "\n" for ln in kept))
+        replace_file(out / "tokenizer.json", lambda tmp: tokenizer.tk.save(str(tmp)))
+        kept, bad = read_metrics(metrics) if tc.resume else ([], 0)
+        if bad:
+            log(f"{metrics}: skipped {bad} malformed line(s)")
+        replace_file(metrics, lambda tmp: tmp.write_text("".join(json.dumps(r) + "\n" for r in kept if r["step"] <= step)))
     B, accum = tc.batch_size, tc.grad_accum
     tokens_per_step = B * T * accum * world
     peak = _peak_tflops(device, dtype) if main else None
     flops_per_token = raw.flops_per_token(T)
     if main:
+        ran = fastlm.backend.resolve(tc.backend, device)
+        why = {"torch": "the plain-PyTorch reference", "triton": "Triton kernels" + (" through the interpreter" * (device.type == "cpu")),
+               "cuda": "fastlm._C CUDA kernels"}[ran]
         log(f"model: {raw.num_params() / 1e6:.2f}M parameters ({cfg.n_layer} layers, d={cfg.n_embd}, vocab {cfg.vocab_size}), "
             f"context {T}; data: {len(files)} files, {train_tokens.numel():,} train / {val_tokens.numel():,} held-out tokens; "
-            f"{tokens_per_step:,} tokens/step on {world} x {device.type}, {str(dtype).replace('torch.', '')}")
+            f"{tokens_per_step:,} tokens/step on {world} x {device.type}, {str(dtype).replace('torch.', '')}; "
+            f"ops on backend {ran} ({why})")
 
     def write(row):
-        if main:
-            with open(metrics, "a") as f:
+        if main:  # O_NOFOLLOW: never append through a link put there during the run
+            fd = os.open(metrics, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+            with os.fdopen(fd, "a") as f:
                 f.write(json.dumps(row) + "\n")
 
     def checkpoint():
         if main:
+            kept = tc
+            if tc.fit_time_limit and time_up:  # the schedule ran on the time: it ended at this step
+                kept = dataclasses.replace(tc, steps=step, decay_steps=step, warmup=min(schedule(tc)[0], step))
             st = {"step": step, "position": position, "tokens_seen": step * tokens_per_step,
-                  "train_config": dataclasses.asdict(tc), "world_size": world}
+                  "train_config": _stored_config(kept, T), "world_size": world}
             save_checkpoint(out, raw, optimizer, tokenizer, st)
             plot_losses(metrics, out / "loss.png")
         _barrier(world)
@@ -394,10 +831,16 @@ def train(tc: TrainConfig, on_step=None, log=print) -> dict:
     t_start = t_last
     interval_loss, loss_steps = torch.zeros((), device=device), 0
     stop = torch.zeros(2, device=device)
+    time_fraction = torch.zeros((), device=device)
+    time_up = False
     model.train()
     with _Interrupt() as interrupt, backend_ctx:
         while step < tc.steps:
-            lr = lr_at(step, tc)
+            if tc.fit_time_limit:
+                time_fraction.fill_((time.perf_counter() - t_start) / tc.time_limit)
+                if world > 1:  # the same learning rate on every rank
+                    torch.distributed.all_reduce(time_fraction, op=torch.distributed.ReduceOp.MAX)
+            lr = lr_at(step, tc, float(time_fraction))
             for g in optimizer.param_groups:
                 g["lr"] = lr
             loss_sum = torch.zeros((), device=device)
@@ -422,6 +865,7 @@ def train(tc: TrainConfig, on_step=None, log=print) -> dict:
                 bar.update(1)
             if on_step is not None:
                 on_step(step, raw)
+
             time_up = bool(tc.time_limit) and time.perf_counter() - t_start > tc.time_limit
             if world > 1:  # every rank stops after the same step
                 stop[0], stop[1] = float(interrupt.flag), float(time_up)
@@ -458,13 +902,16 @@ def train(tc: TrainConfig, on_step=None, log=print) -> dict:
                 checkpoint()
             if stopping:
                 if main and time_up and not interrupt.flag:
-                    log(f"time limit of {tc.time_limit:g} s reached at step {step}")
+                    fitted = " (with --fit-time-limit the warm-up and the cosine decay ran on the time, and are complete)"
+                    log(f"time limit of {tc.time_limit:g} s reached at step {step}{fitted * tc.fit_time_limit}")
                 interrupted = interrupt.flag
                 break
+        signum = interrupt.signum
         if bar is not None:
             bar.close()
         checkpoint()
-    summary.update(step=step, loss=last_loss, eval_loss=eval_loss, interrupted=interrupted, out=str(out))
+    summary.update(step=step, loss=last_loss, eval_loss=eval_loss, interrupted=interrupted, out=str(out),
+                   signal=signum if interrupted else None)
     if main:
         if interrupted:
             log(f"checkpoint written at step {step} to {out / 'checkpoint'}; continue with --resume")

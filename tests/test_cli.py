@@ -109,3 +109,119 @@ def test_check_cpu_passes_and_fails_loudly(monkeypatch, capsys):
     monkeypatch.setattr(tln, "layer_norm_fwd", lambda *a: (good(*a), a[6].add_(0.5)))
     assert main(["check", "rms_norm", "--device", "cpu"]) == 1
     assert main(["check", "nope"]) == 2
+
+
+# ---- clear errors before any work (issue 13) ----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    import sysconfig
+
+    from fastlm.training import TrainConfig, train
+
+    root = tmp_path_factory.mktemp("tiny")
+    os.environ.setdefault("FASTLM_CACHE_DIR", str(root / "cache"))
+    (root / "a.py").write_text((Path(sysconfig.get_paths()["stdlib"]) / "textwrap.py").read_text())
+    out = root / "out"
+    train(TrainConfig(data=[str(root / "a.py")], model=dict(n_layer=1, n_head=2, n_embd=32, block_size=32), steps=1,
+                      batch_size=2, seq_len=32, vocab_size=300, eval_interval=0, out=str(out), progress=False,
+                      backend="torch", device="cpu"), log=lambda *a: None)
+    return out
+
+
+def _no_work(monkeypatch):
+    from fastlm import data
+
+    def fail(*a, **k):
+        raise AssertionError("the corpus was read before the settings were checked")
+
+    monkeypatch.setattr(data, "find_files", fail)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--batch-size", "0"], "--batch-size must be an integer >= 1, got 0"),
+    (["--seq-len", "100000"], r"--seq-len 100000 is longer than the model's context \(block_size 128\); a longer context is --set block_size=100000"),
+    (["--steps", "-1"], "--steps must be an integer >= 1"),
+    (["--log-interval", "0"], "--log-interval must be an integer >= 1"),
+    (["--set", "n_layer=100000"], r"n_layer=100000 \(at most 1024\)"),
+    (["--device", "tpu"], "--device .tpu. is not a device"),
+    (["--device", "meta"], "--device meta: fastlm runs on cpu or cuda"),
+    (["--fit-time-limit"], "--fit-time-limit needs --time-limit"),
+])
+def test_train_rejects_bad_settings_before_any_work(monkeypatch, capsys, tmp_path, args, message):
+    import re
+
+    _no_work(monkeypatch)
+    assert main(["train", "--out", str(tmp_path / "o"), "--no-progress", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fastlm train: ") and re.search(message, err), err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.skipif(fastlm.backend.torch.cuda.is_available(), reason="checks the message for a machine without CUDA")
+def test_device_cuda_and_backend_triton_that_cannot_run_are_clear_errors(monkeypatch, capsys, tmp_path, tiny_checkpoint):
+    _no_work(monkeypatch)
+    assert main(["train", "--out", str(tmp_path / "o"), "--device", "cuda"]) == 2
+    assert "fastlm train: --device cuda: torch sees no CUDA device" in capsys.readouterr().err
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert main(["train", "--out", str(tmp_path / "o"), "--device", "cpu", "--backend", "triton"]) == 2
+    assert "fastlm train: --backend triton cannot run on cpu tensors here: " in capsys.readouterr().err
+    assert main(["generate", "--checkpoint", str(tiny_checkpoint), "--device", "cuda", "--prompt", "def "]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and "fastlm generate: --device cuda: torch sees no CUDA device" in err
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--max-new-tokens", "-5"], "--max-new-tokens must be >= 0, got -5"),
+    (["--temperature", "-1"], "temperature must be"),
+    (["--top-k", "0"], "top_k must be"),
+    (["--top-p", "1.5"], "top_p must be"),
+])
+def test_generate_validates_before_printing_the_prompt(capsys, tiny_checkpoint, args, message):
+    assert main(["generate", "--checkpoint", str(tiny_checkpoint), "--prompt", "def ", *args]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith("fastlm generate: ") and message in err, (out, err)
+    assert main(["generate", "--checkpoint", str(tiny_checkpoint), "--prompt", "def ", "--max-new-tokens", "3", "--seed", "0"]) == 0
+    assert capsys.readouterr().out.startswith("def ")  # the positive control
+
+
+def test_sample_takes_an_int_seed():
+    import torch
+
+    logits = torch.randn(4, 50)
+    a = fastlm.ops.sample(logits, seed=0, backend="torch")
+    assert torch.equal(a, fastlm.ops.sample(logits, seed=torch.tensor([0, 0]), backend="torch"))
+    assert torch.equal(a, fastlm.ops.sample(logits, seed=0, backend="torch"))
+    with pytest.raises(TypeError, match="seed must be an int or an int64 tensor"):
+        fastlm.ops.sample(logits, seed=0.5)
+    with pytest.raises(ValueError, match="seed must fit in int64"):
+        fastlm.ops.sample(logits, seed=2**63)
+
+
+def test_a_token_id_equal_to_the_vocabulary_size_is_a_value_error():
+    import torch
+
+    from fastlm.models import GPT, GPTConfig
+
+    model = GPT(GPTConfig(vocab_size=10, block_size=8, n_layer=1, n_head=2, n_embd=16))
+    model(torch.tensor([[0, 9]]))  # the positive control
+    with pytest.raises(ValueError, match=r"token ids must lie in \[0, 10\) \(the vocabulary size\), got ids from 0 to 10"):
+        model(torch.tensor([[0, 10]]))
+    with pytest.raises(ValueError, match=r"got ids from -1 to 3"):
+        model(torch.tensor([[-1, 3]]))
+    with pytest.raises(ValueError, match=r"GPT.generate: token ids must lie in \[0, 10\).*got \[10\]"):
+        model.generate([[1, 10]], 2)
+
+
+@pytest.mark.skipif(fastlm.backend.torch.cuda.is_available(), reason="checks the CPU --quick output")
+def test_bench_quick_says_what_it_did_not_measure_or_run(capsys):
+    assert main(["bench", "layer_norm", "--quick", "--mode", "fwd", "--sizes", "96"]) == 0
+    out = capsys.readouterr().out
+    assert "no peak ceilings on the CPU" in out and "copy 0 GB/s" not in out
+    assert "skipped: torch.compile is not timed in --quick runs on the CPU" in out
+    assert "float32" in out and "bfloat16" not in out
+    assert main(["bench", "layer_norm", "--quick", "--dtype", "bfloat16"]) == 2
+    assert "--dtype bfloat16 does not run on the CPU: the Triton interpreter computes bf16 wrongly" in capsys.readouterr().err
+    assert main(["bench", "sampling", "--quick", "--mode", "bwd"]) == 0
+    assert "nothing was run: sampling has no bwd mode (it has fwd)" in capsys.readouterr().out

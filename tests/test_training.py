@@ -88,7 +88,7 @@ def test_checkpoint_is_atomic_and_validated(corpus, tmp_path):
     train(_tc(corpus, tmp_path, steps=2), log=lambda *a: None)
     ckpt = tmp_path / "checkpoint"
     assert sorted(p.name for p in ckpt.iterdir()) == sorted(
-        ["model.safetensors", "config.json", "optimizer.pt", "rng.pt", "trainer_state.json", "tokenizer.json"])
+        ["model.safetensors", "config.json", "optimizer.pt", "rng.pt", "trainer_state.json", "tokenizer.json", "SHA256SUMS"])
     assert not [p for p in tmp_path.iterdir() if p.name.startswith((".checkpoint-tmp", "checkpoint.old"))]
     assert find_checkpoint(tmp_path) == ckpt and find_checkpoint(ckpt) == ckpt
     model = GPT.from_pretrained(tmp_path)  # a fastlm checkpoint loads through from_pretrained too
@@ -101,14 +101,14 @@ def test_checkpoint_is_atomic_and_validated(corpus, tmp_path):
     weights = ckpt / "model.safetensors"
     good = weights.read_bytes()
     weights.write_bytes(good[: len(good) // 2])
-    with pytest.raises(CheckpointError, match="model.safetensors is corrupt"):
+    with pytest.raises(CheckpointError, match="model.safetensors does not match its SHA-256 in SHA256SUMS"):
         load_model(tmp_path)
     weights.write_bytes(b"\xff" * 64)
     with pytest.raises(CheckpointError, match="corrupt"):
         train(_tc(corpus, tmp_path, steps=3, resume=True), log=lambda *a: None)
     weights.write_bytes(good)
     (ckpt / "config.json").write_text("{not json")
-    with pytest.raises(CheckpointError, match="config.json is unreadable or corrupt"):
+    with pytest.raises(CheckpointError, match="config.json does not match its SHA-256"):
         load_model(tmp_path)
     (ckpt / "optimizer.pt").unlink()
     with pytest.raises(CheckpointError, match="incomplete: missing optimizer.pt"):

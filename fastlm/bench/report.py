@@ -107,10 +107,10 @@ def print_table(doc, console=None) -> None:
 
     console = console or Console(width=None if sys.stdout.isatty() else 200)
     env, ceil = doc["environment"], doc["ceilings"]
-    console.print(
-        f"[bold]{env['device']}[/]  torch {env['torch']}  triton {env['triton']}  "
-        f"copy {ceil['copy_gbps']:.0f} GB/s  matmul {ceil['matmul_tflops']:.1f} TFLOP/s ({ceil['matmul_dtype']})"
-    )
+    cpu = env["device_type"] != "cuda"
+    peaks = ("no peak ceilings on the CPU: % peak is not shown" if cpu else
+             f"copy {ceil['copy_gbps']:.0f} GB/s  matmul {ceil['matmul_tflops']:.1f} TFLOP/s ({ceil['matmul_dtype']})")
+    console.print(f"[bold]{env['device']}[/]  torch {env['torch']}  triton {env['triton']}  {peaks}")
     if not doc["performance_figure"]:
         console.print("[bold yellow]Not a performance figure:[/] CPU run (reference and Triton interpreter); it checks the harness only.")
     table = Table(show_lines=False)
@@ -119,7 +119,8 @@ def print_table(doc, console=None) -> None:
     for r in doc["results"]:
         if r["status"] != "ok":
             table.add_row(r["op"], r["mode"], r["dtype"], r["case"], r["impl"], "", "", "", "", "",
-                          f"[red]{r['status']}[/]: {r.get('error', '')[:60]}" if r["status"] == "failed" else f"[dim]{r['status']}[/]")
+                          f"[red]{r['status']}[/]: {r.get('error', '')[:60]}" if r["status"] == "failed"
+                          else f"[dim]{r['status']}: {r.get('error', '')[:70]}[/]")
             continue
         if "tflops" in r:
             rate, pct = f"{r['tflops']:.1f}", f"{r['pct_of_matmul']:.0f}%"
@@ -127,6 +128,7 @@ def print_table(doc, console=None) -> None:
             rate, pct = f"{r['gbps']:.0f}", f"{r['pct_of_copy']:.0f}%"
         else:
             rate, pct = "", ""
+        pct = "" if cpu else pct
         if "tokens_per_s" in r:
             rate += f" ({r['tokens_per_s']:,.0f} tok/s)"
         sp = r.get("speedup", {})
@@ -134,4 +136,7 @@ def print_table(doc, console=None) -> None:
         check = f"ok ({r['error_ratio']:.2f})" if "error_ratio" in r else "baseline"
         table.add_row(r["op"], r["mode"], r["dtype"], r["case"], r["impl"], f"{r['ms']:.4f}", rate, pct,
                       fmt("torch-eager"), fmt("torch-compile"), check)
+    if not any(r["status"] != "skipped" for r in doc["results"]):
+        console.print("[yellow]nothing was run:[/] " + "; ".join(sorted({r.get("error", "") for r in doc["results"]})))
+        return
     console.print(table)

@@ -129,8 +129,16 @@ def run_case(entry: Entry, case: Case, mode: str, device, backends, quick, ceili
     return results
 
 
-def run(ops, *, dtype="bfloat16", modes=None, sizes=None, backends=None, device=None, quick=False, progress=None, impls=None):
-    """Run entries; returns (ceilings, results). ``ops`` is a list of entry names or ["all"]."""
+def _skipped(entry: Entry, mode: str, dtype: str, why: str) -> dict:
+    return {"op": entry.name, "mode": mode, "dtype": dtype, "metric": entry.metric, "case": "-", "size": 0, "impl": "-",
+            "status": "skipped", "error": why}
+
+
+def run(ops, *, dtype=None, modes=None, sizes=None, backends=None, device=None, quick=False, progress=None, impls=None):
+    """Run entries; returns (ceilings, results). ``ops`` is a list of entry names or ["all"].
+    ``dtype``: default bfloat16 on CUDA, float32 on the CPU (the Triton interpreter computes bf16
+    wrongly, so bfloat16 there is a ValueError). A mode or dtype an entry lacks gives a "skipped"
+    result saying so."""
     import fastlm.bench  # noqa: F401  (registers the entries)
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -138,21 +146,23 @@ def run(ops, *, dtype="bfloat16", modes=None, sizes=None, backends=None, device=
     for n in names:
         if n not in REGISTRY:
             raise ValueError(f"unknown benchmark {n!r}; available: {', '.join(REGISTRY)}")
+    if device.type == "cpu" and dtype == "bfloat16":
+        raise ValueError("--dtype bfloat16 does not run on the CPU: the Triton interpreter computes bf16 wrongly. "
+                         "Leave --dtype out (the CPU runs float32) or run on a GPU")
+    dtype = dtype or ("bfloat16" if device.type == "cuda" else "float32")
     if backends is None:
         backends = fastlm.available_backends(device)
     ceilings = measure_ceilings(device, quick)
-    todo = []
+    todo, results = [], []
     for n in names:
         entry = REGISTRY[n]
-        dt = dtype if dtype in entry.dtypes else entry.dtypes[0]
-        if device.type == "cpu" and dt == "bfloat16" and "float32" in entry.dtypes:
-            dt = "float32"  # the Triton interpreter computes bf16 wrongly
         for mode in modes or entry.modes:
             if mode not in entry.modes:
-                continue
-            for case in entry.cases(dt, mode, sizes, device, quick):
-                todo.append((entry, dt, mode, case))
-    results = []
+                results.append(_skipped(entry, mode, dtype, f"{entry.name} has no {mode} mode (it has {', '.join(entry.modes)})"))
+            elif dtype not in entry.dtypes:
+                results.append(_skipped(entry, mode, dtype, f"{entry.name} does not run {dtype} (it runs {', '.join(entry.dtypes)})"))
+            else:
+                todo.extend((entry, dtype, mode, case) for case in entry.cases(dtype, mode, sizes, device, quick))
     for entry, dt, mode, case in (progress(todo) if progress else todo):
         for r in run_case(entry, case, mode, device, backends, quick, ceilings, only=impls):
             r.update(op=entry.name, mode=mode, dtype=dt, metric=entry.metric)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import stat
 from pathlib import Path
 
 import torch
@@ -52,13 +53,25 @@ class GPTConfig:
     def __post_init__(self):
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head
+        for f in dataclasses.fields(self):
+            v, t = getattr(self, f.name), str(f.type)
+            if "int" in t and not (isinstance(v, int) and not isinstance(v, bool)):
+                raise TypeError(f"GPTConfig: {f.name} must be an integer, got {v!r}")
+            if "float" in t and not (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)):
+                raise TypeError(f"GPTConfig: {f.name} must be a finite number, got {v!r}")
+            if "bool" in t and not isinstance(v, bool):
+                raise TypeError(f"GPTConfig: {f.name} must be true or false, got {v!r}")
+        sizes = {k: getattr(self, k) for k in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "n_kv_head")}
+        if min(sizes.values()) <= 0:
+            raise ValueError(f"GPTConfig: sizes must be positive, got {', '.join(f'{k}={v}' for k, v in sizes.items() if v <= 0)}")
         checks = [
+            (0 <= self.dropout < 1, f"dropout must lie in [0, 1), got {self.dropout}"),
+            (self.norm_eps > 0 and self.rope_theta > 0, f"norm_eps and rope_theta must be positive, got {self.norm_eps}, {self.rope_theta}"),
             (self.norm in ("layernorm", "rmsnorm"), f"norm must be 'layernorm' or 'rmsnorm', got {self.norm!r}"),
             (self.positions in ("learned", "sinusoidal", "rotary"), f"positions must be 'learned', 'sinusoidal' or 'rotary', got {self.positions!r}"),
             (self.gelu in ("tanh", "none"), f"gelu must be 'tanh' or 'none', got {self.gelu!r}"),
             (self.n_embd % self.n_head == 0, f"n_embd {self.n_embd} must be a multiple of n_head {self.n_head}"),
             (self.n_head % self.n_kv_head == 0, f"n_head {self.n_head} must be a multiple of n_kv_head {self.n_kv_head}"),
-            (min(self.vocab_size, self.block_size, self.n_layer, self.n_head) > 0, "sizes must be positive"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -79,11 +92,33 @@ class GPTConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> GPTConfig:
+        if not isinstance(d, dict):
+            raise TypeError(f"GPTConfig.from_dict: expected a dict, got {type(d).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known
         if unknown:
             raise ValueError(f"GPTConfig: unknown field(s) {', '.join(sorted(unknown))}")
         return cls(**d)
+
+
+# Sizes past these are refused before a model is built from an untrusted config (gpt2-medium is 24 x 1024).
+LIMITS = dict(vocab_size=1 << 22, block_size=1 << 20, n_layer=1024, n_head=1024, n_embd=1 << 16)
+
+
+def check_limits(cfg: GPTConfig) -> None:
+    """ValueError if a size of ``cfg`` exceeds LIMITS."""
+    over = [f"{k}={getattr(cfg, k)} (at most {v})" for k, v in LIMITS.items() if getattr(cfg, k) > v]
+    if over:
+        raise ValueError(f"GPTConfig: sizes beyond fastlm's limits: {', '.join(over)}")
+
+
+def _check_ids(idx, vocab_size: int) -> None:
+    if idx.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
+        raise TypeError(f"GPT: token ids must be an integer tensor, got {idx.dtype}")
+    if idx.numel():
+        lo, hi = (int(v) for v in idx.aminmax())
+        if lo < 0 or hi >= vocab_size:
+            raise ValueError(f"GPT: token ids must lie in [0, {vocab_size}) (the vocabulary size), got ids from {lo} to {hi}")
 
 
 def _add_norm(norm: nn.Module, h: torch.Tensor, delta: torch.Tensor | None):
@@ -211,6 +246,8 @@ class GPT(nn.Module):
         cache length (the positions follow from it); ``prefill`` says the cache starts empty.
         """
         B, S = idx.shape
+        if cache is None and not torch.compiler.is_compiling():
+            _check_ids(idx, self.config.vocab_size)
         if cache is None and S > self.config.block_size:
             raise ValueError(f"sequence length {S} is longer than the context (block_size {self.config.block_size})")
         if positions is None:
@@ -233,27 +270,40 @@ class GPT(nn.Module):
     @torch.no_grad()
     def generate(self, prompts, max_new_tokens: int = 64, **kwargs):
         """Continue each prompt (token ids; a batch may mix lengths). See fastlm.generation.generate."""
-        from fastlm.generation import generate
+        from fastlm.generation import _as_prompts, generate
 
+        V = self.config.vocab_size
+        bad = [t for p in _as_prompts(prompts) for t in p if not 0 <= t < V]
+        if bad:
+            raise ValueError(f"GPT.generate: token ids must lie in [0, {V}) (the vocabulary size), got {bad[:5]}")
         return generate(self, prompts, max_new_tokens, **kwargs)
 
     @classmethod
     def from_pretrained(cls, path, **overrides) -> GPT:
         """A local Hugging Face GPT-2 checkpoint directory, or a fastlm checkpoint directory."""
         path = Path(path)
-        hf = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
-        if hf.get("model_type") != "gpt2":
+        try:
+            hf = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"{path}: config.json is unreadable or not JSON ({exc})") from None
+        if not isinstance(hf, dict) or hf.get("model_type") != "gpt2":
             from fastlm.training import load_model
 
             return load_model(path)
         act = hf.get("activation_function", "gelu_new")
         if act not in ("gelu_new", "gelu_pytorch_tanh", "gelu"):
             raise ValueError(f"{path}: activation_function {act!r} is not supported (gelu_new or gelu)")
-        cfg = GPTConfig(
-            vocab_size=hf["vocab_size"], block_size=hf["n_positions"], n_layer=hf["n_layer"], n_head=hf["n_head"],
-            n_embd=hf["n_embd"], norm_eps=hf.get("layer_norm_epsilon", 1e-5), gelu="none" if act == "gelu" else "tanh",
-            tie_embeddings=hf.get("tie_word_embeddings", True), **overrides,
-        )
+        try:
+            cfg = GPTConfig(
+                vocab_size=hf["vocab_size"], block_size=hf["n_positions"], n_layer=hf["n_layer"], n_head=hf["n_head"],
+                n_embd=hf["n_embd"], norm_eps=hf.get("layer_norm_epsilon", 1e-5), gelu="none" if act == "gelu" else "tanh",
+                tie_embeddings=hf.get("tie_word_embeddings", True), **overrides,
+            )
+            check_limits(cfg)
+        except KeyError as exc:
+            raise ValueError(f"{path}: config.json has no {exc.args[0]!r}") from None
+        except TypeError as exc:
+            raise ValueError(f"{path}: config.json: {exc}") from None
         sd = _read_hf_weights(path)
         conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
         ours = {}
@@ -266,26 +316,46 @@ class GPT(nn.Module):
         model = cls(cfg)
         if cfg.tie_embeddings:
             ours.pop("lm_head.weight", None)
-        missing, unexpected = model.load_state_dict(ours, strict=False)
+        try:
+            missing, unexpected = model.load_state_dict(ours, strict=False)
+        except RuntimeError as exc:
+            raise ValueError(f"{path}: weights do not match config.json: {str(exc)[:300]}") from None
         missing = [m for m in missing if not (cfg.tie_embeddings and m == "lm_head.weight")]
         if missing or unexpected:
             raise ValueError(f"{path}: weights do not match GPT-2: missing {missing[:5]}, unexpected {unexpected[:5]}")
         return model
 
 
-def _read_hf_weights(path: Path) -> dict:
-    if (path / "model.safetensors").is_file():
-        from safetensors.torch import load_file
+def _regular(path: Path) -> bool:
+    """An existing regular file (not a FIFO, device or directory, which would block or fail)."""
+    try:
+        return stat.S_ISREG(path.stat().st_mode)
+    except OSError:
+        return False
 
+
+def _read_hf_weights(path: Path) -> dict:
+    """The state dict of a HF directory; shard names in model.safetensors.index.json must be files
+    inside ``path``."""
+    from safetensors.torch import load_file
+
+    if _regular(path / "model.safetensors"):
         return load_file(str(path / "model.safetensors"))
     index = path / "model.safetensors.index.json"
-    if index.is_file():
-        from safetensors.torch import load_file
-
+    if _regular(index):
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            shards = sorted(set(weight_map.values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise ValueError(f"{index}: not a safetensors index with a weight_map ({type(exc).__name__}: {exc})") from None
+        root = path.resolve()
         sd = {}
-        for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
-            sd.update(load_file(str(path / shard)))
+        for shard in shards:
+            f = (path / shard).resolve() if isinstance(shard, str) else None
+            if f is None or f.parent != root or not _regular(f):
+                raise ValueError(f"{index}: shard {shard!r} is not a file in {path}")
+            sd.update(load_file(str(f)))
         return sd
-    if (path / "pytorch_model.bin").is_file():
+    if _regular(path / "pytorch_model.bin"):
         return torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
     raise FileNotFoundError(f"{path}: no model.safetensors or pytorch_model.bin")
