@@ -171,7 +171,7 @@ def test_chunked_and_multirow_programs(backend, npiv, monkeypatch):
         pytest.skip("a Triton launch-configuration test")
     from fastlm.triton import sampling as tri
 
-    monkeypatch.setattr(tri, "_config", lambda B, V, device: dict(BLOCK_B=2, BLOCK_V=64, NPIV=npiv, NPASS=tri._npass(npiv), num_warps=4))
+    monkeypatch.setattr(tri, "_config", lambda B, V, device, sample=True: dict(BLOCK_B=2, BLOCK_V=64, NPIV=npiv, NPASS=tri._npass(npiv), num_warps=4))
     g = torch.Generator().manual_seed(npiv)
     x = sampling_cases.logits((5, 333), "ties", torch.float32, DEVICE, g)
     kw = sampling_cases.row_params("rows", 5, 333, DEVICE, g)
