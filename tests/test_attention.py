@@ -455,3 +455,14 @@ def test_module_gqa_window_no_bias(backend):
         fastlm.nn.MultiheadSelfAttention(E, H, num_kv_heads=4)
     with pytest.raises(ValueError, match=r"embed_dim \(96\) must be divisible by num_heads \(5\)"):
         fastlm.nn.MultiheadSelfAttention(E, 5)
+
+
+def test_autotune_key_has_a_sequence_bucket_regression():
+    """The autotuner was keyed on head dim and mask flags only, so a config tuned at 512 tokens served
+    16k-token calls; it is now keyed on a power-of-two bucket of max(Sq, Sk) too."""
+    import fastlm.triton.attention as T
+
+    for tuned in (T._fwd_tuned, T._dkdv_tuned, T._dq_tuned):
+        assert "SEQ_BUCKET" in tuned.keys
+    assert [T.seq_bucket(s, s) for s in (1, 128, 129, 4000, 4096, 100000)] == [128, 128, 256, 4096, 4096, 16384]
+    assert T.seq_bucket(1, 3000) == T.seq_bucket(3000, 1) == 4096

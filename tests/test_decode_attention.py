@@ -177,3 +177,19 @@ def test_cuda_routing_gpu():
     q80 = _rand(1, 4, 9, 80, dtype=torch.float16)
     assert not C.fwd_runs_cuda(q80, q80, q80, False, -1, -1, q80)
     assert C.decode_runs_cuda(q, k, k) and not C.decode_runs_cuda(q.float(), k.float(), k.float())
+
+
+def test_noncontiguous_cache_seqlens_regression():
+    """The Triton decode read cache_seqlens as if contiguous: a strided lengths tensor (a column of
+    a larger int32 table) gave other sequences' lengths."""
+    mod = launcher("triton", "attention")
+    B, Hq, Hkv, Sq, S, D = 3, 2, 1, 1, 40, 16
+    q, kc, vc = _rand(B, Hq, Sq, D), _rand(B, Hkv, S, D), _rand(B, Hkv, S, D)
+    table = torch.tensor([[40, 1], [7, 2], [19, 3]], dtype=torch.int32, device=DEVICE)
+    lens = table[:, 0]
+    assert not lens.is_contiguous()
+    out, lse = torch.empty_like(q), torch.empty((B, Hq, Sq), device=DEVICE)
+    mod.decode_attention_fwd(q, kc, vc, lens, D**-0.5, -1, -1, out, lse)
+    t_out = ref.decode_attention(q.double(), kc.double(), vc.double(), lens.contiguous())
+    b_out = ref.decode_attention(q, kc, vc, lens.contiguous())
+    assert_close(out, t_out, b_out, name="out")
