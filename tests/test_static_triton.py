@@ -149,3 +149,16 @@ def test_info_states_fp32_attention_cost():
     from fastlm import info
 
     assert any("3xTF32" in n and "slower" in n for n in info.collect()["notes"])
+
+
+def test_audit_cli_reexecs_with_the_same_options():
+    """`fastlm audit` under TRITON_INTERPRET=1 re-runs itself without it, with the same options."""
+    from fastlm import audit
+    from fastlm.cli import build_parser
+
+    argv = ["audit", "attention", "rotary", "--arch", "80", "--source", "triton", "--all-configs", "--jobs", "3",
+            "--json", "x.json", "--check", "--quiet"]
+    args = build_parser().parse_args(argv)
+    again = audit._parser().parse_args(audit._argv(args))
+    for k in ("op", "arch", "source", "all_configs", "jobs", "json", "write_reports", "check", "quiet"):
+        assert getattr(again, k) == getattr(args, k), k

@@ -126,9 +126,15 @@ def run(args) -> int:
     if why:
         print(f"fastlm audit: {why}", file=sys.stderr)
         return 2
-    if "TRITON_CACHE_DIR" not in os.environ:  # a fresh cache: a cached artifact can hide an error
-        os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="fastlm-audit-")
-    rows = collect(args.op or None, tuple(args.arch or (90, 80)), args.source, args.all_configs, args.jobs)
+    if "TRITON_CACHE_DIR" in os.environ:
+        rows = collect(args.op or None, tuple(args.arch or (90, 80)), args.source, args.all_configs, args.jobs)
+    else:  # a fresh cache: a cached artifact can hide an error
+        with tempfile.TemporaryDirectory(prefix="fastlm-audit-") as cache:
+            os.environ["TRITON_CACHE_DIR"] = cache
+            try:
+                rows = collect(args.op or None, tuple(args.arch or (90, 80)), args.source, args.all_configs, args.jobs)
+            finally:
+                del os.environ["TRITON_CACHE_DIR"]
     if args.json:
         with open(args.json, "w") as f:
             json.dump([r.to_json() for r in rows], f, indent=1)
