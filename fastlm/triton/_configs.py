@@ -46,3 +46,32 @@ def capability(t: torch.Tensor) -> int:
     if not t.is_cuda:
         return 90
     return _capability(t.device.index if t.device.index is not None else torch.cuda.current_device())
+
+
+FP32_PREC = "tf32x3"
+
+
+def dot_precision(dtype: torch.dtype, bd: int) -> str:
+    """tl.dot precision of the attention and decode kernels for inputs of ``dtype`` and BLOCK_D = bd.
+    16-bit inputs multiply exactly on tensor cores anyway. fp32 inputs up to BLOCK_D 128 get 3xTF32:
+    three tensor-core products per fp32 product, fp32-level accuracy. Above that no 3xTF32 tile fits
+    the register file without spilling (hi and lo halves of fp32 operands are four times a 16-bit
+    tile), so fp32 at head dims over 128 runs IEEE FMA dots on small tiles: exact like torch's fp32
+    matmul, and slow."""
+    if dtype != torch.float32:
+        return "tf32"
+    return FP32_PREC if bd <= 128 else "ieee"
+
+
+def is_fp32_prec(prec: str) -> bool:
+    return prec in (FP32_PREC, "ieee")
+
+
+def grid_1d(*dims: int) -> tuple[int]:
+    """One grid dimension for prod(dims) programs (x allows 2^31 - 1; y and z only 65535)."""
+    n = 1
+    for d in dims:
+        n *= d
+    if n >= 2**31:
+        raise ValueError(f"fastlm.triton: {n} programs exceed the grid limit 2^31 - 1")
+    return (n,)

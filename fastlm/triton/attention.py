@@ -54,7 +54,7 @@ import triton
 import triton.language as tl
 
 from fastlm.backend import interpreter_on
-from fastlm.triton._configs import capability, small_configs
+from fastlm.triton._configs import capability, dot_precision, grid_1d, is_fp32_prec, small_configs
 from fastlm.triton._online_softmax import _online_softmax_step
 
 LOG2E = 1.4426950408889634
@@ -570,40 +570,12 @@ def _launch(kind, grid_fn, args, meta):
         raw[grid_fn(cfg)](*args, **meta, **cfg)
 
 
-FP32_PREC = "tf32x3"
-
-
-def dot_precision(dtype: torch.dtype, bd: int) -> str:
-    """tl.dot precision for inputs of ``dtype`` and BLOCK_D = bd. 16-bit inputs multiply exactly on
-    tensor cores anyway. fp32 inputs up to BLOCK_D 128 get 3xTF32: three tensor-core products per
-    fp32 product, fp32-level accuracy. Above that no 3xTF32 tile fits the register file without
-    spilling (hi and lo halves of fp32 operands are four times a 16-bit tile), so fp32 at head dims
-    over 128 runs IEEE FMA dots on small tiles: exact like torch's fp32 matmul, and slow."""
-    if dtype != torch.float32:
-        return "tf32"
-    return FP32_PREC if bd <= 128 else "ieee"
-
-
-def is_fp32_prec(prec: str) -> bool:
-    return prec in (FP32_PREC, "ieee")
-
-
 def fwd_meta(D: int, dtype: torch.dtype, causal: bool, window_left: int, window_right: int) -> tuple[dict, int, int]:
     """The forward's constexprs for head dim D, and the window bounds (left, right) it is passed."""
     has_left, left, has_right, right = resolve_window(causal, window_left, window_right)
     bd = block_d(D)
     meta = dict(HEAD_DIM=D, BLOCK_D=bd, EVEN_D=bd == D, HAS_LEFT=has_left, HAS_RIGHT=has_right, DOT_PREC=dot_precision(dtype, bd))
     return meta, left, right
-
-
-def grid_1d(blocks: int, *outer: int) -> tuple[int]:
-    """One grid dimension for blocks x prod(outer) programs (x allows 2^31 - 1; y and z only 65535)."""
-    n = blocks
-    for o in outer:
-        n *= o
-    if n >= 2**31:
-        raise ValueError(f"fastlm.triton.attention: {n} programs exceed the grid limit 2^31 - 1")
-    return (n,)
 
 
 def _check_unit_d(**tensors):

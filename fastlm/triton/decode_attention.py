@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastlm.triton._configs import capability, small_configs
+from fastlm.triton._configs import capability, dot_precision, grid_1d, small_configs
 from fastlm.triton._online_softmax import _online_softmax_step
 
 LOG2E = 1.4426950408889634
@@ -154,23 +154,6 @@ def config(head_dim: int, rows: int, dtype: torch.dtype, cc: int = 90) -> dict:
     return dict(BLOCK_D=bd, BLOCK_M=bm, BLOCK_N=bn, num_warps=4, num_stages=stages, BLOCK_R=max(1, 2048 // bd))
 
 
-def dot_precision(dtype: torch.dtype, bd: int) -> str:
-    """As fastlm.triton.attention.dot_precision: 3xTF32 for fp32 up to BLOCK_D 128, IEEE above."""
-    if dtype != torch.float32:
-        return "tf32"
-    return "tf32x3" if bd <= 128 else "ieee"
-
-
-def _grid(*dims: int) -> tuple[int]:
-    """One grid dimension for prod(dims) programs (x allows 2^31 - 1; y and z only 65535)."""
-    n = 1
-    for d in dims:
-        n *= d
-    if n >= 2**31:
-        raise ValueError(f"fastlm.triton.decode_attention: {n} programs exceed the grid limit 2^31 - 1")
-    return (n,)
-
-
 def num_splits_for(batch: int, kv_heads: int, row_blocks: int, s_max: int, block_n: int, device: torch.device) -> int:
     """Splits so that splits * batch * kv_heads * row_blocks programs cover the SMs about twice,
     never more splits than key blocks (nor than 128)."""
@@ -206,7 +189,7 @@ def decode_attention_fwd(q, k_cache, v_cache, cache_seqlens, scale, window_left,
     o_part = torch.empty((splits, rows, bd), device=q.device, dtype=torch.float32)
     l_part = torch.empty((splits, rows), device=q.device, dtype=torch.float32)
     lens = cache_seqlens.to(torch.int32).contiguous()
-    _decode_split_kernel[_grid(splits, Hkv * row_blocks, B)](
+    _decode_split_kernel[grid_1d(splits, Hkv * row_blocks, B)](
         q, k_cache, v_cache, lens, o_part, l_part,
         q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
@@ -215,7 +198,7 @@ def decode_attention_fwd(q, k_cache, v_cache, cache_seqlens, scale, window_left,
         BLOCK_M=bm, BLOCK_N=bn, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     block_r = cfg["BLOCK_R"]
-    _decode_combine_kernel[_grid(triton.cdiv(rows, block_r))](
+    _decode_combine_kernel[grid_1d(triton.cdiv(rows, block_r))](
         o_part, l_part, out, lse, out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
         Hq, Sq, rows, splits, D, BLOCK_D=bd, BLOCK_R=block_r, num_warps=4,
     )
