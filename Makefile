@@ -1,4 +1,7 @@
 # fastlm: `make demo` runs the main job, `make test` the suite (both set up .venv from scratch).
+# `make test` first builds in place (`make host-build`: one CMake build through setup.py)
+# fastlm._C_host, csrc compiled for the CPU by the host C++ compiler, and, where nvcc is found,
+# fastlm._C, csrc through nvcc; `make clean` removes both.
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -6,7 +9,7 @@ PY := $(VENV)/bin/python
 NVCC := $(shell command -v nvcc 2>/dev/null || ( [ -x "$${CUDA_HOME:-/usr/local/cuda}/bin/nvcc" ] && echo "$${CUDA_HOME:-/usr/local/cuda}/bin/nvcc" ))
 PYTEST_ARGS ?=
 
-.PHONY: test demo bench lint cuda-check gpu-check install clean static-check static-report
+.PHONY: test demo bench lint host-build cuda-check gpu-check install clean static-check static-report
 
 $(VENV)/.installed: pyproject.toml setup.py
 	test -x $(PY) || $(PYTHON) -m venv --system-site-packages $(VENV)
@@ -14,19 +17,23 @@ $(VENV)/.installed: pyproject.toml setup.py
 	@# a torch already importable (a GPU machine's own build) is kept; otherwise the pinned CPU-friendly one
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q setuptools wheel pybind11 ninja
-	FASTLM_SKIP_CUDA_BUILD=1 $(PY) -m pip install -q --no-build-isolation -e ".[test,dev,model,hf]"
+	FASTLM_SKIP_CUDA_BUILD=1 FASTLM_SKIP_HOST_BUILD=1 $(PY) -m pip install -q --no-build-isolation -e ".[test,dev,model,hf]"
 	touch $@
 
 install: $(VENV)/.installed
 
-# Build fastlm._C with nvcc (no GPU needed) and import it; a launch without a GPU returns an error code.
-cuda-check: install
-	@if [ -z "$(NVCC)" ]; then echo "cuda-check: skipped: nvcc not found (PATH or CUDA_HOME); the CUDA backend is optional"; exit 0; fi; \
-	PATH="$$(dirname $(NVCC)):$$PATH" $(PY) setup.py -q build_ext --inplace && $(PY) -m fastlm.cuda && $(PY) -m pytest tests/test_cuda_build.py -q -p no:cacheprovider
+# Build in place fastlm._C_host (needs cmake and a C++ compiler, no nvcc) and, with nvcc found, fastlm._C:
+# one CMake build, so cuda-check finds both up to date. FASTLM_SKIP_{HOST,CUDA}_BUILD=1 leaves one out.
+host-build: install
+	$(if $(NVCC),PATH="$$(dirname $(NVCC)):$$PATH",FASTLM_SKIP_CUDA_BUILD=1) $(PY) setup.py -q build_ext --inplace
 
-test: install
+# Build fastlm._C with nvcc (no GPU needed) and import it; a launch without a GPU returns an error code.
+cuda-check: host-build
+	@if [ -z "$(NVCC)" ]; then echo "cuda-check: skipped: nvcc not found (PATH or CUDA_HOME), fastlm._C not built; the CUDA backend is optional"; exit 0; fi; \
+	$(PY) -m fastlm.cuda && $(PY) -m pytest tests/test_cuda_build.py -q -p no:cacheprovider
+
+test: cuda-check
 	@# cuda-check runs tests/test_cuda_build.py after the build; the suite below then leaves it out
-	@if [ -n "$(NVCC)" ]; then $(MAKE) --no-print-directory cuda-check; else echo "make test: cuda-check skipped: nvcc not found, fastlm._C not built"; fi
 	$(PY) -m pytest tests -q -n 2 --durations=15 $(if $(NVCC),--ignore=tests/test_cuda_build.py) $(PYTEST_ARGS)
 
 # The tiny GPT trained on this Python's own standard library (nothing downloaded), then sampled.
@@ -62,4 +69,4 @@ gpu-check:
 	bash benchmarks/gpu_check.sh $(GPU_CHECK_ARGS)
 
 clean:
-	rm -rf build fastlm/_C*.so *.egg-info
+	rm -rf build fastlm/_C.*.so fastlm/_C_host.*.so *.egg-info

@@ -17,11 +17,7 @@
 // Trade-off: K/V tiles are loaded synchronously (no cp.async pipeline) and V's B fragments are
 // gathered with 16-bit shared loads instead of ldmatrix.trans: simpler to verify, not peak speed.
 //
-// mma.m16n8k16 fragments (PTX ISA), g = lane / 4, c = lane % 4 (quad position):
-//   A (16x16, row): reg0 = (g, 2c..2c+1), reg1 = (g+8, 2c..), reg2 = (g, 2c+8..), reg3 = (g+8, 2c+8..)
-//   B (16x8, col):  reg0 = (k 2c..2c+1, n g), reg1 = (k 2c+8..2c+9, n g)
-//   C (16x8, f32):  c0, c1 = (g, 2c..2c+1), c2, c3 = (g+8, 2c..2c+1)
-// (lower k / column in the low 16 bits of a register).
+// The mma.m16n8k16 fragment layout is in csrc/common.h (mma_m16n8k16).
 //
 // Decode. Block (query head h, batch b, split s) of 4 warps covers keys [s*chunk, (s+1)*chunk)
 // of sequence b (chunk = ceil(L_b / splits) rounded up to 32). A warp takes 32 keys at a time,
@@ -38,12 +34,6 @@
 
 #include "common.h"
 #include "ops.h"
-
-#if defined(FASTLM_HOST_EMULATION)
-#define FASTLM_DYN_SMEM(name) unsigned char* name = emulation::dynamic_smem()
-#else
-#define FASTLM_DYN_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
-#endif
 
 namespace fastlm {
 namespace {
@@ -91,59 +81,6 @@ __device__ __forceinline__ float warp_max(float v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
   return v;
-}
-
-// d += a (16x16) * b (16x8), fp32 accumulate.
-template <typename T>
-__device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
-
-#if defined(FASTLM_HOST_EMULATION)
-template <typename T>
-__device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  emulation::mma_m16n8k16<T>(d, a, b0, b1);
-}
-#else
-template <>
-__device__ __forceinline__ void mma16816<__half>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-#else
-  __trap();
-#endif
-}
-template <>
-__device__ __forceinline__ void mma16816<__nv_bfloat16>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
-                                                        uint32_t b1) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-#else
-  __trap();
-#endif
-}
-#endif
-
-// Launch with dynamic shared memory (raising the 48 KiB default when needed).
-template <typename... KArgs, typename... Args>
-inline cudaError_t launch_smem(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
-                               Args... args) {
-#if defined(FASTLM_HOST_EMULATION)
-  (void)stream;
-  return emulation::launch_smem(kernel, grid, block, smem, static_cast<KArgs>(args)...);
-#else
-  if (smem > 48 * 1024) {
-    const cudaError_t err =
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-    if (err != cudaSuccess) return err;
-  }
-  kernel<<<grid, block, smem, stream>>>(static_cast<KArgs>(args)...);
-  return cudaGetLastError();
-#endif
 }
 
 // ---- forward ---------------------------------------------------------------------------------
@@ -259,7 +196,7 @@ __global__ void __launch_bounds__(kFwdThreads, 1) attention_fwd_kernel(FwdParams
       s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
       const T* kr = Ks + (j * 8 + g) * LD + 2 * c;
 #pragma unroll
-      for (int kc = 0; kc < KC; ++kc) mma16816<T>(s[j], qf[kc], lds32(kr + kc * 16), lds32(kr + kc * 16 + 8));
+      for (int kc = 0; kc < KC; ++kc) mma_m16n8k16<T>(s[j], qf[kc], lds32(kr + kc * 16), lds32(kr + kc * 16 + 8));
     }
 
     const bool need_mask = n0 + kBN > p.Sk || (CAUSAL && n0 + kBN - 1 > m0 + diag);
@@ -317,7 +254,7 @@ __global__ void __launch_bounds__(kFwdThreads, 1) attention_fwd_kernel(FwdParams
 #pragma unroll
       for (int t = 0; t < DT; ++t) {
         const T* vp = vr + t * 8;
-        mma16816<T>(o[t], a, pack_raw(vp[0], vp[LD]), pack_raw(vp[8 * LD], vp[9 * LD]));
+        mma_m16n8k16<T>(o[t], a, pack_raw(vp[0], vp[LD]), pack_raw(vp[8 * LD], vp[9 * LD]));
       }
     }
   }

@@ -1,15 +1,30 @@
-// The fastlm._C module: pybind11 bindings of the launchers declared in ops.h, plus build and
-// runtime information. Pointers and streams cross as Python ints; launchers return CUDA error codes
+// The fastlm._C module (and, built with FASTLM_HOST_EMULATION, fastlm._C_host: the same launchers
+// on the emulated device of csrc/host/, plus its controls): pybind11 bindings of the launchers
+// declared in ops.h, plus build and runtime information. Pointers and streams cross as Python ints; launchers return CUDA error codes
 // that fastlm.cuda.check turns into exceptions. A new op adds its section of m.def lines below.
 
 #include <string>
 #include <vector>
 
-#include <cuda_runtime.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#if defined(FASTLM_HOST_EMULATION)
+#include "host/emulation.h"
+#else
+#include <cuda_runtime.h>
+#endif
 #include "ops.h"
+
+#ifndef FASTLM_MODULE_NAME
+#define FASTLM_MODULE_NAME _C
+#endif
+
+#if defined(FASTLM_HOST_EMULATION)
+namespace fastlm::emulation {
+void bind(pybind11::module_& m);
+}
+#endif
 
 #ifndef FASTLM_BUILT_ARCHS
 #define FASTLM_BUILT_ARCHS ""
@@ -50,8 +65,13 @@ int device_count() {
 
 }  // namespace
 
-PYBIND11_MODULE(_C, m) {
+PYBIND11_MODULE(FASTLM_MODULE_NAME, m) {
+#if defined(FASTLM_HOST_EMULATION)
+  m.doc() = "fastlm CUDA kernels built for the host: each launch runs on the emulated, sanitised device of csrc/host/";
+  fastlm::emulation::bind(m);
+#else
   m.doc() = "fastlm CUDA kernels (plain CUDA launchers; links only the CUDA runtime)";
+#endif
 
   m.def("error_string", [](int code) { return std::string(cudaGetErrorString(static_cast<cudaError_t>(code))); },
         py::arg("code"), "cudaGetErrorString(code)");

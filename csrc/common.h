@@ -6,9 +6,13 @@
 #include <cstdint>
 #include <type_traits>
 
+#if defined(FASTLM_HOST_EMULATION)
+#include "host/emulation.h"
+#else
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+#endif
 
 namespace fastlm {
 
@@ -174,18 +178,14 @@ __device__ __forceinline__ float block_sum(float v, float* smem) {
 
 // The SM count of the current device (a launch plan input), or the CUDA error.
 inline cudaError_t current_sm_count(int* sms) {
-#if defined(FASTLM_HOST_EMULATION)
-  return emulation::sm_count(sms);
-#else
   int dev = 0;
   cudaError_t err = cudaGetDevice(&dev);
   if (err != cudaSuccess) return err;
   return cudaDeviceGetAttribute(sms, cudaDevAttrMultiProcessorCount, dev);
-#endif
 }
 
-// Launches kernel<<<grid, block, 0, stream>>>(args...) and returns cudaGetLastError(). Under
-// FASTLM_HOST_EMULATION (a desk-check harness that runs kernels as host threads) it runs there.
+// Launches kernel<<<grid, block, 0, stream>>>(args...) and returns cudaGetLastError(). In the host
+// build (FASTLM_HOST_EMULATION, csrc/host/) the emulated device runs it instead.
 template <typename... KArgs, typename... Args>
 inline cudaError_t launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, cudaStream_t stream,
                           Args... args) {
@@ -195,6 +195,63 @@ inline cudaError_t launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, cudaS
 #else
   kernel<<<grid, block, 0, stream>>>(static_cast<KArgs>(args)...);
   return cudaGetLastError();
+#endif
+}
+
+// Launch with dynamic shared memory (raising the 48 KiB default when needed).
+template <typename... KArgs, typename... Args>
+inline cudaError_t launch_smem(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+                               Args... args) {
+#if defined(FASTLM_HOST_EMULATION)
+  (void)stream;
+  return emulation::launch_smem(kernel, grid, block, smem, static_cast<KArgs>(args)...);
+#else
+  if (smem > 48 * 1024) {
+    const cudaError_t err =
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+    if (err != cudaSuccess) return err;
+  }
+  kernel<<<grid, block, smem, stream>>>(static_cast<KArgs>(args)...);
+  return cudaGetLastError();
+#endif
+}
+
+// The dynamic shared memory of the running block.
+#if defined(FASTLM_HOST_EMULATION)
+#define FASTLM_DYN_SMEM(name) unsigned char* name = ::fastlm::emulation::dynamic_smem()
+#else
+#define FASTLM_DYN_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
+#endif
+
+// ---- PTX wrappers: a device body (inline asm) and a host body with the PTX ISA's semantics ----
+
+// d += a (16x16, row-major) * b (16x8, column-major): mma.sync.aligned.m16n8k16.row.col.f32.T.T.f32
+// for T = fp16 or bf16, one warp. Fragments (PTX ISA 9.7.14.5.8), g = lane / 4, c = lane % 4, the
+// lower column / k index in the low 16 bits of a register:
+//   a[0] = A(g, 2c..2c+1), a[1] = A(g+8, 2c..), a[2] = A(g, 2c+8..), a[3] = A(g+8, 2c+8..)
+//   b0 = B(k 2c..2c+1, n g), b1 = B(k 2c+8..2c+9, n g)
+//   d[0], d[1] = D(g, 2c..2c+1), d[2], d[3] = D(g+8, 2c..2c+1)
+// The host body sums the 16 exact products and d in fp64 and rounds once (the tensor core's own
+// accumulation order and truncation differ from it in the last bits).
+template <typename T>
+__device__ __forceinline__ void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  static_assert(std::is_same<T, __half>::value || std::is_same<T, __nv_bfloat16>::value, "mma_m16n8k16: fp16 or bf16");
+#if defined(FASTLM_HOST_EMULATION)
+  emulation::mma_m16n8k16_sync(std::is_same<T, __half>::value ? kFloat16 : kBFloat16, d, a, b0, b1, __FILE__, __LINE__);
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  if constexpr (std::is_same<T, __half>::value) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+#else
+  __trap();
 #endif
 }
 

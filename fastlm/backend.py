@@ -2,7 +2,8 @@
 
 A backend is one implementation of every op: "torch" (the plain-PyTorch reference, also the CPU
 fallback), "triton" (fastlm/triton, also runs on CPU tensors under TRITON_INTERPRET=1) and "cuda"
-(fastlm._C, built from csrc/). Selection order for one call: the op's explicit ``backend=``
+(the csrc/ kernels: fastlm._C on CUDA tensors, fastlm._C_host, their host-emulation build, on CPU
+tensors). Selection order for one call: the op's explicit ``backend=``
 argument, then the innermost ``use_backend(...)`` context, then the ``FASTLM_BACKEND`` environment
 variable, then the default: the fastest measured backend on CUDA tensors (Triton until the GPU
 measurements say otherwise), the reference on CPU tensors, Triton on CPU tensors when the
@@ -92,16 +93,13 @@ def why_unavailable(name: str, device: torch.device | str | None = None) -> str 
         return f"triton kernels do not run on {dev.type} tensors"
     from fastlm import cuda as _cuda
 
-    err = _cuda.load_error()
-    if err:
-        return err
     if dev is None:
-        if torch.cuda.is_available():
-            return None
-        return "fastlm._C is built but no CUDA GPU is visible to torch"
-    if dev.type != "cuda":
-        return f"the cuda backend needs CUDA tensors, got {dev.type} tensors"
-    return None
+        gpu = _cuda.load_error("cuda") or (None if torch.cuda.is_available() else "fastlm._C is built but no CUDA GPU is visible to torch")
+        host = _cuda.load_error("cpu")
+        return None if gpu is None or host is None else f"on CUDA tensors: {gpu}; on CPU tensors: {host}"
+    if dev.type in ("cuda", "cpu"):
+        return _cuda.load_error(dev)
+    return f"the cuda backend runs on CUDA tensors (fastlm._C) and CPU tensors (fastlm._C_host), got {dev.type} tensors"
 
 
 def available_backends(device: torch.device | str | None = None) -> list[str]:

@@ -23,11 +23,18 @@ def collect() -> dict:
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         gpu = f"{props.name} (sm_{props.major}{props.minor}, {props.total_memory / 2**30:.0f} GiB, {props.multi_processor_count} SMs)"
-    ext = {"built": fcuda.load_error() is None, "why_not": fcuda.load_error()}
+    ext = {"built": fcuda.load_error("cuda") is None, "why_not": fcuda.load_error("cuda")}
     if ext["built"]:
-        lib = fcuda.lib()
+        lib = fcuda.lib("cuda")
         ext["archs"] = list(lib.built_archs())
         ext["cuda_runtime"] = lib.cuda_runtime_version()
+    host = {"built": fcuda.load_error("cpu") is None, "why_not": fcuda.load_error("cpu")}
+    if host["built"]:
+        lib = fcuda.lib("cpu")
+        host["file"] = lib.__file__
+        host["seed"] = lib.emulation_seed()
+        host["sm_count"] = lib.emulation_sm_count()
+    if ext["built"] or host["built"]:
         ext["coverage"] = fcuda.coverage()
     return {
         "fastlm": fastlm.__version__,
@@ -39,6 +46,11 @@ def collect() -> dict:
         "why_no_gpu": None if gpu else "torch.cuda.is_available() is False (no CUDA device or driver visible, or a CPU-only torch)",
         "interpreter": backend.interpreter_on(),
         "extension": ext,
+        "host_extension": host,
+        "cuda_backend": {
+            "cuda tensors": "fastlm._C" if ext["built"] else None,
+            "cpu tensors": "fastlm._C_host" if host["built"] else None,
+        },
         "backends": {b: backend.why_unavailable(b) for b in backend.BACKENDS},
         "selected": backend.current_backend(),
         "default_cuda": dict(backend.DEFAULT_CUDA_BACKEND),
@@ -60,13 +72,24 @@ def render(info: dict) -> str:
         f"GPU: {info['gpu'] or 'none: ' + info['why_no_gpu']}",
         f"Triton interpreter (TRITON_INTERPRET=1): {'on: Triton kernels run on CPU tensors, slowly' if info['interpreter'] else 'off'}",
     ]
-    ext = info["extension"]
+    ext, host = info["extension"], info["host_extension"]
     if ext["built"]:
         lines.append(f"fastlm._C: built for {', '.join(ext['archs'])} (CUDA runtime {ext['cuda_runtime']})")
-        for op, text in ext["coverage"].items():
-            lines.append(f"  cuda {op}: {text}")
     else:
         lines.append(f"fastlm._C: {ext['why_not']}")
+    if host["built"]:
+        lines.append(f"fastlm._C_host: built (host emulation of csrc/, sanitized; fiber-schedule seed {host['seed']}, "
+                     f"{host['sm_count']} emulated SMs)")
+    else:
+        lines.append(f"fastlm._C_host: {host['why_not']}")
+    serves = info["cuda_backend"]
+    lines.append(
+        "cuda backend: CUDA tensors "
+        + (f"by {serves['cuda tensors']}" + ("" if info["gpu"] else " (none visible here)") if serves["cuda tensors"] else "unavailable (fastlm._C is not built)")
+        + "; CPU tensors " + (f"by {serves['cpu tensors']}" if serves["cpu tensors"] else "unavailable (fastlm._C_host is not built)")
+    )
+    for op, text in ext.get("coverage", {}).items():
+        lines.append(f"  cuda {op}: {text}")
     lines.append("Backends:")
     for b, why in info["backends"].items():
         lines.append(f"  {b:7s} {'available' if why is None else 'unavailable: ' + why}")

@@ -37,7 +37,9 @@ def test_info_explains_missing_gpu():
     assert "Backends:" in r.stdout and "torch   available" in r.stdout
     if not fastlm.backend.torch.cuda.is_available():
         assert "GPU: none" in r.stdout
-        assert "cuda    unavailable" in r.stdout
+        host = fastlm.cuda.load_error("cpu") is None
+        assert ("cuda    available" if host else "cuda    unavailable") in r.stdout
+        assert ("CPU tensors by fastlm._C_host" if host else "CPU tensors unavailable (fastlm._C_host is not built)") in r.stdout
     r = _run("info", "--json")
     data = json.loads(r.stdout)
     assert set(data["backends"]) == {"torch", "triton", "cuda"}

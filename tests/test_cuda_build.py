@@ -25,6 +25,7 @@ def _null_fwd(C, M=1, N=1):
 
 def test_extension_imports(C):
     assert hasattr(C, "layer_norm_fwd") and hasattr(C, "layer_norm_bwd")
+    assert not hasattr(C, "EMULATION"), "fastlm._C is the nvcc build; only fastlm._C_host is the emulation"
 
 
 def test_built_archs(C):
@@ -80,14 +81,20 @@ def test_launch_without_gpu_returns_error_code(C):
     assert C.layer_norm_bwd_workspace_size(4, 4) == -1
 
 
-def test_python_launchers_reject_cpu_tensors():
+def test_python_launchers_reject_other_devices():
+    """CUDA tensors run on fastlm._C, CPU tensors on fastlm._C_host (BackendUnavailableError where it
+    is not built); any other device is a ValueError."""
     from fastlm.cuda import layer_norm as cln
 
-    x = torch.randn(3, 8)
-    with pytest.raises(ValueError, match="CUDA device"):
-        cln.layer_norm_fwd(x, None, None, None, 1e-5, False, torch.empty_like(x), None, None, torch.empty(3))
-    with pytest.raises(ValueError, match="CUDA device"):
-        cln.layer_norm_bwd(x, None, x, None, None, torch.empty(3), True, torch.empty_like(x), None, None)
+    x = torch.randn(3, 8, device="meta")
+    with pytest.raises(ValueError, match="CUDA tensors .* or CPU tensors .*, got meta"):
+        cln.layer_norm_fwd(x, None, None, None, 1e-5, False, torch.empty_like(x), None, None, torch.empty(3, device="meta"))
+    with pytest.raises(ValueError, match="CUDA tensors .* or CPU tensors .*, got meta"):
+        cln.layer_norm_bwd(x, None, x, None, None, torch.empty(3, device="meta"), True, torch.empty_like(x), None, None)
+    if fcuda.load_error("cpu"):
+        x = torch.randn(3, 8)
+        with pytest.raises(fcuda.BackendUnavailableError, match="fastlm._C_host is not built"):
+            cln.layer_norm_fwd(x, None, None, None, 1e-5, False, torch.empty_like(x), None, None, torch.empty(3))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -262,7 +262,7 @@ def test_errors_q_k():
     with pytest.raises(ValueError, match="inplace=True needs q and k in separate memory"):
         fastlm.ops.rotary(q, q, 0, inplace=True)
     fastlm.ops.rotary(q, q, 0)
-    if DEVICE == "cpu":
+    if DEVICE == "cpu" and fastlm.cuda.load_error("cpu"):
         with pytest.raises(fastlm.BackendUnavailableError, match="backend 'cuda' is unavailable"):
             fastlm.ops.rotary(q, k, 0, backend="cuda")
 

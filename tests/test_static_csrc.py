@@ -196,9 +196,10 @@ def test_launchers_accept_large_batch_heads_without_gpu(C):
     assert code not in (0, CUDA_ERROR_INVALID_VALUE), code
 
 
-def test_python_gate_takes_cuda_past_65535(C):
+def test_python_gate_takes_cuda_past_65535(C, monkeypatch):
     from fastlm.cuda import attention as cattn
 
+    monkeypatch.setattr(cattn, "lib", lambda device=None: C)
     q = torch.empty(1, 1, 1, 64, dtype=torch.float16).expand(70000, 1, 1, 64)
     assert cattn.fwd_runs_cuda(q, q, q, False, -1, -1, q)
     assert cattn.decode_runs_cuda(q, q, q)

@@ -57,6 +57,12 @@ def attention_cases(device: str, full: bool = False) -> list[Case]:
     for dt in dtypes:
         out.append(_attn(device, B=2, Hq=4, Hkv=2, Sq=97, Sk=97, D=80, dtype=dt, causal=True, layout="bshd"))
         out.append(_attn(device, Sq=17, Sk=97, D=64, dtype=dt, causal=True, window=(8, -1), dlse=True))
+    # the shapes the CUDA kernel serves (fp16, head dim 64/128, no window): ragged both ways, one
+    # query, GQA, (B, S, H, D) storage, the LSE gradient; on CPU they run the host build of csrc
+    for (sq, sk), d, causal in itertools.product(((97, 200), (200, 97), (1, 130)), (64, 128), (False, True)):
+        out.append(_attn(device, Sq=sq, Sk=sk, D=d, dtype="float16", causal=causal))
+    out.append(_attn(device, B=2, Hq=8, Hkv=2, Sq=65, Sk=129, D=128, dtype="float16", causal=True, layout="bshd"))
+    out.append(_attn(device, Hq=4, Hkv=1, Sq=63, Sk=63, D=64, dtype="float16", causal=True, dlse=True))
     if gpu:
         for (sq, sk), causal, dt in itertools.product(((1025, 1025), (2048, 2048), (1025, 2048), (2048, 1025)), (False, True), ("float16", "bfloat16")):
             out.append(_attn(device, B=2, Hq=4, Hkv=2, Sq=sq, Sk=sk, D=128, dtype=dt, causal=causal))
@@ -81,6 +87,11 @@ def decode_cases(device: str, full: bool = False) -> list[Case]:
     out.append(_dec(device, Sq=16, D=16, Hq=8, Hkv=2, B=2, lens=(90, 50), S_max=90, window=(10, -1)))
     out.append(_dec(device, Sq=3, D=128, Hq=2, Hkv=2, B=2, lens=(200, 151), S_max=200))
     out.append(_dec(device, Sq=2, D=64, Hq=6, Hkv=3, B=1, lens=(1,), S_max=1, dtype="float16"))
+    # the CUDA split-KV kernel's instantiations (head dim 64/128/256, query blocks of 1, 4 and 16),
+    # ragged and empty lengths, windows
+    for d, sq in zip((64, 128, 256, 64, 128, 256), (1, 4, 16, 5, 1, 3), strict=True):
+        out.append(_dec(device, Sq=sq, D=d, Hq=4, Hkv=2, B=3, lens=(257, 0, 40), S_max=257, dtype="float16",
+                        window=(33, -1) if sq == 5 else None))
     if gpu:
         for d, dt in itertools.product((64, 128, 256), ("float16", "bfloat16")):
             out.append(_dec(device, B=4, Hq=32, Hkv=8, Sq=1, S_max=4096, D=d, lens=(4096, 4000, 1, 2049), dtype=dt))

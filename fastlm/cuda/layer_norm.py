@@ -1,4 +1,5 @@
-"""LayerNorm and RMSNorm launchers for the CUDA backend (csrc/layer_norm.cu through fastlm._C).
+"""LayerNorm and RMSNorm launchers for the CUDA backend (csrc/layer_norm.cu through fastlm._C, or
+fastlm._C_host on CPU tensors).
 
 Same signatures as fastlm/triton/layer_norm.py: they write into caller-given outputs (None where
 absent), pass data_ptr()s, row strides and the current stream to the plain-CUDA launchers, and raise
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from fastlm.cuda import DTYPE_CODE, check, dtype_code, lib, ptr, stream_handle
+from fastlm.cuda import DTYPE_CODE, check, check_device, dtype_code, lib, ptr, stream_handle
 
 
 def _rows(name: str, t: torch.Tensor | None, shape: tuple[int, int], dtype: torch.dtype, device) -> int:
@@ -53,8 +54,7 @@ def _param_dtype(x: torch.Tensor, *params: torch.Tensor | None) -> torch.dtype:
 
 
 def _check_device(x: torch.Tensor) -> None:
-    if x.device.type != "cuda":
-        raise ValueError(f"cuda layer_norm: tensors must be on a CUDA device, got {x.device}")
+    check_device("cuda layer_norm", x)
     dtype_code(x)
 
 
@@ -78,7 +78,7 @@ def layer_norm_fwd(x, residual, weight, bias, eps, is_rms, y, h, mean, rstd) -> 
     _vector("rstd", rstd, M, torch.float32, dev)
     if M == 0 or N == 0:
         return
-    code = lib().layer_norm_fwd(
+    code = lib(dev).layer_norm_fwd(
         ptr(x), ptr(residual), ptr(weight), ptr(bias), ptr(y), ptr(h), ptr(mean), ptr(rstd),
         M, N, sx, sr, sy, sh, float(eps), bool(is_rms),
         dtype_code(x), DTYPE_CODE[wdt], stream_handle(x),
@@ -117,7 +117,7 @@ def layer_norm_bwd(dy, dh, x, weight, mean, rstd, is_rms, dx, dweight, dbias) ->
             if g is not None:
                 g.zero_()
         return
-    C = lib()
+    C = lib(dev)
     workspace = None
     if dweight is not None or dbias is not None:
         nbytes = C.layer_norm_bwd_workspace_size(M, N)

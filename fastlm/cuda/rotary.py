@@ -1,7 +1,7 @@
 """CUDA launchers for rotary (csrc/rotary.cu), with the signatures of fastlm/triton/rotary.py.
 
 Each passes data pointers, sizes, element strides (0 on a broadcast batch), dtype codes and the
-current stream to fastlm._C.rotary and raises on a non-zero CUDA error code.
+current stream to fastlm._C.rotary (fastlm._C_host.rotary on CPU tensors) and raises on a non-zero CUDA error code.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ def _launch(q, k, qo, ko, positions, offset, theta, rotary_dim, interleaved, bac
     if cos is not None:
         table = [_bcast(cos, B), cos.stride(1), cos.stride(2), _bcast(sin, B), sin.stride(1), sin.stride(2)]
     strides = [*q.stride(), *k.stride(), *qo.stride(), *ko.stride(), *pos_strides, *table]
-    code = lib().rotary(
+    code = lib(q.device).rotary(
         ptr(q), ptr(k), ptr(qo), ptr(ko), ptr(positions), 0 if positions is None else positions.element_size() * 8,
         ptr(cos), ptr(sin), dtype_code(cos), B, S, HQ, HK, D, rotary_dim, strides, int(offset), float(theta),
         bool(interleaved), bool(backward), dtype_code(q), stream_handle(q),

@@ -2,7 +2,7 @@
 
 Per-row parameter tensors are cast on the device (no sync) to the kernel's types (fp32, top_k
 int64); data pointers, sizes, strides, the dtype code and the current stream go to
-fastlm._C.sampling, and a non-zero CUDA error code raises.
+fastlm._C.sampling (fastlm._C_host on CPU tensors), and a non-zero CUDA error code raises.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def _launch(logits, params, seed, tokens, logprobs, out, what) -> None:
     if B == 0:
         return
     tensors, vals, flags = params
-    code = lib().sampling(
+    code = lib(logits.device).sampling(
         ptr(logits), B, V, logits.stride(0), dtype_code(logits), *(ptr(t) for t in tensors), *vals, *flags,
         ptr(seed), ptr(tokens), ptr(logprobs), ptr(out), 0 if out is None else out.stride(0), stream_handle(logits),
     )

@@ -1,5 +1,5 @@
 """CUDA launchers for the sinusoidal encoding (csrc/sinusoidal.cu), with the signatures of
-fastlm/triton/sinusoidal.py.
+fastlm/triton/sinusoidal.py (fastlm._C on CUDA tensors, fastlm._C_host on CPU tensors).
 
 The deterministic backward sorts the ids (torch.sort, stable) before its kernel; the atomic one
 accumulates into an fp32 buffer (the gradient itself when it is fp32 and contiguous).
@@ -24,7 +24,7 @@ def _fwd(ids, weight, positions, offset, scale, base, out) -> None:
     s_pt = 0
     if positions is not None and positions.dim() == 2 and positions.shape[0] == T and T > 1:
         s_pt = positions.stride(0)
-    code = lib().embed_sinusoidal_fwd(
+    code = lib(out.device).embed_sinusoidal_fwd(
         ptr(ids), _bits(ids), ptr(weight), ptr(positions), _bits(positions), ptr(out), T, S, D,
         weight.shape[0] if has_w else 0,
         ids.stride(0) if has_w else 0, ids.stride(1) if has_w else 0,
@@ -58,7 +58,7 @@ def embed_sinusoidal_bwd(dout, input_ids, scale, deterministic, dweight) -> None
     if deterministic:
         sorted_ids, order = torch.sort(input_ids.reshape(N).to(torch.int64), stable=True)
         d2 = dout.reshape(N, D)
-        code = lib().embed_sinusoidal_bwd_sorted(
+        code = lib(dout.device).embed_sinusoidal_bwd_sorted(
             ptr(d2), ptr(sorted_ids), ptr(order), ptr(dweight), N, D, V, d2.stride(0), d2.stride(1),
             dweight.stride(0), sc, has, dtype_code(dweight), stream,
         )
@@ -67,7 +67,7 @@ def embed_sinusoidal_bwd(dout, input_ids, scale, deterministic, dweight) -> None
     acc = dweight if dweight.dtype == torch.float32 and dweight.is_contiguous() else torch.zeros(
         (V, D), device=dweight.device, dtype=torch.float32
     )
-    code = lib().embed_sinusoidal_bwd_atomic(
+    code = lib(dout.device).embed_sinusoidal_bwd_atomic(
         ptr(dout), ptr(input_ids), _bits(input_ids), ptr(acc), T, S, D, V, *dout.stride(), *input_ids.stride(),
         sc, has, dtype_code(dout), stream,
     )

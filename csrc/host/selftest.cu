@@ -1,0 +1,142 @@
+// Self-tests of the host emulation, independent of the fastlm kernels: the mma.m16n8k16 fragment
+// layout as the PTX ISA states it, and one kernel per sanitizer check with its bug planted
+// (kind "none" runs the same kernels with every bug removed, the positive control).
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "common.h"
+#include "host/selftest.h"
+
+namespace fastlm {
+namespace emulation {
+void set_extents(const std::vector<std::tuple<uintptr_t, size_t, std::string>>& extents);
+}  // namespace emulation
+
+namespace {
+
+// PTX ISA 9.7.14.5.8, "Matrix Fragments for mma.m16n8k16 with floating point type":
+// groupID = %laneid >> 2, threadID_in_group = %laneid % 4;
+// A: a0..a7 (registers {a0,a1} {a2,a3} {a4,a5} {a6,a7}), row = groupID for a0, a1, a4, a5 and
+//    groupID + 8 for a2, a3, a6, a7; col = threadID_in_group * 2 + (i & 1) for i < 4, + 8 for i >= 4.
+// B: b0..b3 (registers {b0,b1} {b2,b3}), row = threadID_in_group * 2 + (i & 1) for i < 2, + 8 for
+//    i >= 2; col = groupID.
+// C, D: c0..c3, row = groupID for i < 2, groupID + 8 for i >= 2; col = threadID_in_group * 2 + (i & 1).
+template <typename T>
+__global__ void selftest_mma_kernel(const float* A, const float* B, const float* C, float* D) {
+  const int lane = threadIdx.x;
+  const int group = lane >> 2, tig = lane % 4;
+  uint16_t ah[8], bh[4];
+  for (int i = 0; i < 8; ++i) {
+    const int row = (i == 0 || i == 1 || i == 4 || i == 5) ? group : group + 8;
+    const int col = tig * 2 + (i & 1) + (i >= 4 ? 8 : 0);
+    const T v = from_float<T>(A[row * 16 + col]);
+    memcpy(&ah[i], &v, 2);
+  }
+  for (int i = 0; i < 4; ++i) {
+    const int row = tig * 2 + (i & 1) + (i >= 2 ? 8 : 0);
+    const T v = from_float<T>(B[row * 8 + group]);
+    memcpy(&bh[i], &v, 2);
+  }
+  uint32_t a[4];
+  for (int r = 0; r < 4; ++r) a[r] = static_cast<uint32_t>(ah[2 * r]) | (static_cast<uint32_t>(ah[2 * r + 1]) << 16);
+  const uint32_t b0 = static_cast<uint32_t>(bh[0]) | (static_cast<uint32_t>(bh[1]) << 16);
+  const uint32_t b1 = static_cast<uint32_t>(bh[2]) | (static_cast<uint32_t>(bh[3]) << 16);
+  float d[4];
+  for (int i = 0; i < 4; ++i) d[i] = C[(i < 2 ? group : group + 8) * 8 + tig * 2 + (i & 1)];
+  mma_m16n8k16<T>(d, a, b0, b1);
+  for (int i = 0; i < 4; ++i) D[(i < 2 ? group : group + 8) * 8 + tig * 2 + (i & 1)] = d[i];
+}
+
+// 64 threads. Each thread overwrites its own slot and reads its partner's in the other warp.
+__global__ void planted_race_kernel(float* out, bool planted) {
+  __shared__ float s[64];
+  const int t = threadIdx.x;
+  s[t] = 0.f;
+  __syncthreads();
+  s[t] = static_cast<float>(t);
+  if (!planted) __syncthreads();
+  out[t] = s[(t + 32) % 64];
+}
+
+// 64 threads and an output of `n` floats: thread t writes out[t].
+__global__ void planted_oob_store_kernel(float* out) { out[threadIdx.x] = 1.f; }
+
+// 32 threads: thread t writes s[t + shift].
+__global__ void planted_shared_oob_kernel(float* out, int shift) {
+  __shared__ float s[32];
+  const int t = threadIdx.x;
+  s[(t + shift) % 33] = 1.f;
+  __syncthreads();
+  out[t] = t + shift < 32 ? s[t + shift] : 0.f;
+}
+
+// 64 threads: threads below `writers` fill s, then every thread reads its slot.
+__global__ void planted_uninit_kernel(float* out, int writers) {
+  __shared__ float s[64];
+  const int t = threadIdx.x;
+  if (t < writers) s[t] = 1.f;
+  __syncthreads();
+  out[t] = s[t];
+}
+
+// 64 threads: only threads below `reach` call __syncthreads.
+__global__ void planted_barrier_kernel(float* out, int reach) {
+  const int t = threadIdx.x;
+  if (t < reach) __syncthreads();
+  out[t] = 1.f;
+}
+
+// 32 threads: lanes below `reach` take part in a full-mask shuffle.
+__global__ void planted_warp_kernel(float* out, int reach) {
+  const int t = threadIdx.x;
+  float v = static_cast<float>(t);
+  if (t < reach) v = __shfl_xor_sync(0xffffffffu, v, 1);
+  out[t] = v;
+}
+
+template <typename... KArgs, typename... Args>
+int run(void (*kernel)(KArgs...), unsigned threads, float* buf, size_t n, Args... args) {
+  emulation::set_extents({{reinterpret_cast<uintptr_t>(buf), n * sizeof(float), "float32[" + std::to_string(n) + "] out"}});
+  const int code = launch(kernel, dim3(1), dim3(threads), nullptr, buf, args...);
+  emulation::set_extents({});
+  return code;
+}
+
+}  // namespace
+
+namespace emulation {
+
+int selftest_mma(int dtype, uintptr_t a, uintptr_t b, uintptr_t c, uintptr_t d) {
+  const auto* A = reinterpret_cast<const float*>(a);
+  const auto* B = reinterpret_cast<const float*>(b);
+  const auto* C = reinterpret_cast<const float*>(c);
+  auto* D = reinterpret_cast<float*>(d);
+  if (!A || !B || !C || !D) return cudaErrorInvalidValue;
+  if (dtype == kFloat16) return fastlm::launch(selftest_mma_kernel<__half>, dim3(1), dim3(32), nullptr, A, B, C, D);
+  if (dtype == kBFloat16) return fastlm::launch(selftest_mma_kernel<__nv_bfloat16>, dim3(1), dim3(32), nullptr, A, B, C, D);
+  return cudaErrorInvalidValue;
+}
+
+int selftest_planted(const std::string& kind) {
+  std::vector<float> storage(64);
+  float* buf = storage.data();
+  const bool none = kind == "none";
+  int code = cudaSuccess;
+  if (none || kind == "race") code = run(planted_race_kernel, 64, buf, 64, !none);
+  if (code == cudaSuccess && (none || kind == "oob_store")) {
+    code = none ? run(planted_oob_store_kernel, 64, buf, 64) : run(planted_oob_store_kernel, 64, buf, 63);
+  }
+  if (code == cudaSuccess && (none || kind == "shared_oob")) code = run(planted_shared_oob_kernel, 32, buf, 32, none ? 0 : 1);
+  if (code == cudaSuccess && (none || kind == "uninit_shared")) code = run(planted_uninit_kernel, 64, buf, 64, none ? 64 : 32);
+  if (code == cudaSuccess && (none || kind == "divergent_barrier")) code = run(planted_barrier_kernel, 64, buf, 64, none ? 64 : 32);
+  if (code == cudaSuccess && (none || kind == "warp_divergence")) code = run(planted_warp_kernel, 32, buf, 32, none ? 32 : 16);
+  if (!none && kind != "race" && kind != "oob_store" && kind != "shared_oob" && kind != "uninit_shared" &&
+      kind != "divergent_barrier" && kind != "warp_divergence") {
+    return cudaErrorInvalidValue;
+  }
+  return code;
+}
+
+}  // namespace emulation
+}  // namespace fastlm

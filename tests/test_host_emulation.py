@@ -1,0 +1,163 @@
+"""The host build of csrc (fastlm._C_host) checks itself: the emulated PTX against the PTX ISA's
+fragment formulas, and each sanitizer check against a kernel with that bug planted.
+
+The mma test kernel (csrc/host/selftest.cu) places every fragment element by the formulas of PTX ISA
+9.7.14.5.8 ("Matrix Fragments for mma.m16n8k16 with floating point type") and scatters D back by
+them; the one-hot cases below then pin the owner of each element of A, B and C/D, one at a time.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+DTYPES = {1: torch.float16, 2: torch.bfloat16}
+
+
+def _mma(H, code, A, B, C):
+    A, B, C = (t.float().contiguous() for t in (A, B, C))
+    D = torch.full((16, 8), float("nan"))
+    rc = H.selftest_mma(code, A.data_ptr(), B.data_ptr(), C.data_ptr(), D.data_ptr())
+    assert rc == 0, H.emulation_last_report()
+    return D
+
+
+@pytest.mark.parametrize("code", [1, 2], ids=["fp16", "bf16"])
+def test_mma_m16n8k16_random_matches_matmul(C_host, code):
+    dt = DTYPES[code]
+    g = torch.Generator().manual_seed(code)
+    A = torch.randn(16, 16, generator=g).to(dt).float()
+    B = torch.randn(16, 8, generator=g).to(dt).float()
+    Cm = torch.randn(16, 8, generator=g)
+    D = _mma(C_host, code, A, B, Cm)
+    truth = (A.double() @ B.double() + Cm.double()).float()
+    assert torch.equal(D, truth)
+
+
+@pytest.mark.parametrize("code", [1, 2], ids=["fp16", "bf16"])
+def test_mma_m16n8k16_fragment_ownership(C_host, code):
+    """One element at a time: A(r, k) = 1 moves row k of B into row r of D; B(k, n) = 1 moves column
+    k of A into column n of D; with A = B = 0, D = C element for element."""
+    dt = DTYPES[code]
+    ramp_b = torch.arange(1, 9, dtype=torch.float32).to(dt).float()
+    ramp_a = torch.arange(1, 17, dtype=torch.float32).to(dt).float()
+    zeros_c = torch.zeros(16, 8)
+    for r in range(16):
+        for k in range(16):
+            A = torch.zeros(16, 16)
+            A[r, k] = 1
+            B = torch.zeros(16, 8)
+            B[k] = ramp_b
+            want = torch.zeros(16, 8)
+            want[r] = ramp_b
+            assert torch.equal(_mma(C_host, code, A, B, zeros_c), want), f"A({r}, {k})"
+    for k in range(16):
+        for n in range(8):
+            A = torch.zeros(16, 16)
+            A[:, k] = ramp_a
+            B = torch.zeros(16, 8)
+            B[k, n] = 1
+            want = torch.zeros(16, 8)
+            want[:, n] = ramp_a
+            assert torch.equal(_mma(C_host, code, A, B, zeros_c), want), f"B({k}, {n})"
+    Cm = torch.arange(128, dtype=torch.float32).reshape(16, 8)
+    assert torch.equal(_mma(C_host, code, torch.zeros(16, 16), torch.zeros(16, 8), Cm), Cm)
+
+
+def test_planted_bugs_absent_pass(C_host):
+    """The positive control: the same kernels with every bug removed run clean."""
+    assert C_host.selftest_planted("none") == 0, C_host.emulation_last_report()
+    assert C_host.emulation_last_report() == ""
+
+
+PLANTED = {
+    "race": (719, r"shared-memory race: thread \(\d+,0,0\) (reads|writes) 4 bytes at planted_race_kernel::s\+\d+ \(0x[0-9a-f]+\), which thread \(\d+,0,0\) (wrote|read)"),
+    "oob_store": (700, r"out-of-bounds global store: thread \(63,0,0\), 4 bytes at 0x[0-9a-f]+: 0 bytes past the end of float32\[63\] out"),
+    "shared_oob": (700, r"out-of-bounds shared store: thread \(31,0,0\), 4 bytes at 0x[0-9a-f]+ lie outside every __shared__ variable \(0 bytes past the end of planted_shared_oob_kernel::s \(128 bytes\)\)"),
+    "uninit_shared": (719, r"uninitialised shared read: thread \((3[2-9]|[4-5]\d|6[0-3]),0,0\) reads 4 bytes at planted_uninit_kernel::s\+\d+"),
+    "divergent_barrier": (719, r"divergent __syncthreads \(.*selftest.cu:\d+\)"),
+    "warp_divergence": (719, r"divergent warp operation: .*selftest.cu:\d+, mask 0xffffffff.*lane (1[6-9]|2\d|3[01]) exited"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(PLANTED))
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_planted_bug_is_caught(C_host, kind, seed):
+    """Each planted bug is reported, whatever the schedule, with the kernel, address and thread."""
+    code, pattern = PLANTED[kind]
+    C_host.emulation_set_seed(seed)
+    assert C_host.selftest_planted(kind) == code
+    report = C_host.emulation_last_report()
+    assert re.search(pattern, report), report
+    assert re.search(r"in kernel planted_\w+_kernel, block \(0,0,0\) \(grid \(1,1,1\), block \(\d+,1,1\), schedule seed " + str(seed) + r"\)", report), report
+    assert C_host.selftest_planted("none") == 0, C_host.emulation_last_report()
+
+
+def test_unknown_planted_kind_is_rejected(C_host):
+    assert C_host.selftest_planted("nonsense") == 1
+
+
+def test_shared_variables_found_in_symbol_table(C_host):
+    """Every __shared__ variable of the kernels is found (the checks depend on it), with its size."""
+    found = dict(C_host.emulation_shared_variables())
+    assert found["planted_race_kernel::s"] == 256
+    assert found["layer_norm_fwd_kernel<float, float, false, 4>::red"] > 0
+    assert any(name.startswith("decode_split_kernel<") for name in found)
+    assert any(name.startswith("sampling_kernel<") for name in found)
+
+
+def _exercise_every_instantiation():
+    """One small call per template instantiation the launchers can pick (dtype, weight dtype,
+    vector width, flags, head dim, query-block size)."""
+    import fastlm
+
+    f32, f16, bf16 = torch.float32, torch.float16, torch.bfloat16
+    for dt in (f32, f16, bf16):
+        for wdt in {dt, f32}:
+            for N in (64, 97):  # vector width kMaxVec, then 1
+                for rms in (False, True):
+                    x = torch.randn(3, N).to(dt).requires_grad_()
+                    w = torch.randn(N).to(wdt).requires_grad_()
+                    if rms:
+                        y = fastlm.ops.rms_norm(x, (N,), w, 1e-5, backend="cuda")
+                    else:
+                        y = fastlm.ops.layer_norm(x, (N,), w, torch.randn(N).to(wdt), 1e-5, backend="cuda")
+                    y.backward(torch.randn_like(y))
+        q = torch.randn(1, 2, 5, 16).to(dt)
+        k = torch.randn(1, 1, 5, 16).to(dt)
+        fastlm.ops.rotary(q, k, torch.arange(5)[None], backend="cuda")
+        for cdt in (f32, f16, bf16):
+            cos, sin = torch.randn(1, 5, 16).to(cdt), torch.randn(1, 5, 16).to(cdt)
+            fastlm.ops.apply_rotary_pos_emb(q, k, cos, sin, backend="cuda")
+        w = torch.randn(10, 8).to(dt).requires_grad_()
+        for det in (True, False):
+            out = fastlm.ops.embed_sinusoidal(torch.randint(0, 10, (2, 3)), w, deterministic=det, backend="cuda")
+            out.backward(torch.randn_like(out))
+        logits = torch.randn(2, 50).to(dt)
+        fastlm.ops.sample(logits, top_k=5, seed=0, backend="cuda")
+        fastlm.ops.top_k_top_p_filter(logits, top_k=5, backend="cuda")
+    for dt in (f16, bf16):
+        for D in (64, 128):
+            for causal in (False, True):
+                q = torch.randn(1, 2, 9, D).to(dt)
+                kv = torch.randn(1, 1, 9, D).to(dt)
+                fastlm.ops.attention(q, kv, kv, causal=causal, backend="cuda")
+        for D in (64, 128, 256):
+            for Sq in (1, 3, 9):  # query blocks of 1, 4 and 16 rows
+                q = torch.randn(1, 2, Sq, D).to(dt)
+                kv = torch.randn(1, 1, 20, D).to(dt)
+                fastlm.ops.decode_attention(q, kv, kv, torch.tensor([15], dtype=torch.int32), backend="cuda")
+
+
+def test_every_kernel_instantiation_executes(C_host):
+    """The host tier runs every kernel the module contains: each instantiation in its symbol table
+    (other than the self-tests) is launched by some op call."""
+    before = dict(C_host.emulation_launch_counts())
+    _exercise_every_instantiation()
+    after = C_host.emulation_launch_counts()
+    kernels = [k for k in C_host.emulation_kernels() if not k.startswith(("planted_", "selftest_"))]
+    assert len(kernels) >= 100
+    missed = [k for k in kernels if after.get(k, 0) == before.get(k, 0)]
+    assert not missed, f"{len(missed)} kernel instantiations never ran: {missed}"
