@@ -66,6 +66,78 @@ def test_mma_m16n8k16_fragment_ownership(C_host, code):
     assert torch.equal(_mma(C_host, code, torch.zeros(16, 16), torch.zeros(16, 8), Cm), Cm)
 
 
+def _expected_warp_rows() -> list[list[int]]:
+    """The CUDA C++ Programming Guide's warp shuffle and vote semantics, lane by lane, for the
+    selftest_warp kernel: value 100 * tid; a source lane outside [0, width) of the segment (up/down)
+    keeps the caller's own value; idx takes srcLane modulo width within the segment."""
+    rows = [[0] * 64 for _ in range(12)]
+    for t in range(64):
+        lane, base = t % 32, t - t % 32
+
+        def idx(src, width):
+            seg = lane - lane % width
+            return 100 * (base + seg + src % width)
+
+        def up(d, width):
+            return 100 * (t - d) if lane % width >= d else 100 * t
+
+        def down(d, width):
+            return 100 * (t + d) if lane % width + d < width else 100 * t
+
+        def xor(m, width):
+            src = lane ^ m
+            return 100 * (base + src) if src // width == lane // width else 100 * t
+
+        rows[0][t], rows[1][t] = idx(5, 32), idx(lane + 3, 8)
+        rows[2][t], rows[3][t] = up(3, 32), up(2, 16)
+        rows[4][t], rows[5][t] = down(5, 32), down(3, 4)
+        rows[6][t], rows[7][t] = xor(9, 32), xor(3, 8)
+        ballot = sum(1 << i for i in range(32) if (base + i) % 3 == 0)
+        rows[8][t] = ballot - (1 << 32) if ballot >= 1 << 31 else ballot
+        rows[9][t] = int(base == 32)
+        rows[10][t] = int(base != 0)
+        rows[11][t] = 100 * (t ^ 1) if lane < 16 else -1
+    return rows
+
+
+def test_warp_operations_follow_the_programming_guide(C_host):
+    out = torch.full((12, 64), -7, dtype=torch.int32)
+    assert C_host.selftest_warp(out.data_ptr()) == 0, C_host.emulation_last_report()
+    assert out.tolist() == _expected_warp_rows()
+
+
+def _conversion_probe() -> torch.Tensor:
+    """Every fp16 value and its midpoints (ties both ways), the fp16 overflow and subnormal edges,
+    bf16 ties, signed zeros, infinities, and random floats of every magnitude."""
+    halves = torch.arange(0, 1 << 16, dtype=torch.int32).to(torch.int16).view(torch.float16).float()
+    halves = halves[torch.isfinite(halves)]
+    mids = (halves[:-1] + halves[1:]) / 2
+    edges = torch.tensor([65504.0, 65519.996, 65520.0, 65536.0, 2.0**-24, 2.0**-25, 1.5 * 2.0**-25, 2.0**-14, 1e-30,
+                          0.0, -0.0, float("inf"), float("-inf"), 3.4e38])
+    bf_ties = (torch.arange(0, 1 << 16, 7, dtype=torch.int64) << 16 | 0x8000).to(torch.int32).view(torch.float32)
+    g = torch.Generator().manual_seed(0)
+    rand = torch.randn(20000, generator=g) * torch.exp2(torch.randint(-140, 120, (20000,), generator=g).float())
+    x = torch.cat([halves, mids, edges, -edges, bf_ties, rand])
+    return x[torch.isfinite(x) | torch.isinf(x)]
+
+
+@pytest.mark.parametrize("code", [1, 2], ids=["fp16", "bf16"])
+def test_half_conversions_round_like_the_gpu(C_host, code):
+    """fp32 -> fp16/bf16 rounds to nearest even with the GPU's overflow and subnormal behaviour
+    (the same bits as torch's conversion), and back exactly; NaN becomes the GPU's 0x7fff."""
+    x = _conversion_probe()
+    bits = torch.empty(x.numel(), dtype=torch.int16)
+    back = torch.empty_like(x)
+    assert C_host.selftest_convert(code, x.data_ptr(), bits.data_ptr(), back.data_ptr(), x.numel()) == 0
+    want = x.to(DTYPES[code])
+    assert torch.equal(bits, want.view(torch.int16))
+    assert torch.equal(back, want.float())
+    nan = torch.tensor([float("nan"), -float("nan")])
+    nb = torch.empty(2, dtype=torch.int16)
+    assert C_host.selftest_convert(code, nan.data_ptr(), nb.data_ptr(), torch.empty(2).data_ptr(), 2) == 0
+    assert nb.tolist() == [0x7FFF, 0x7FFF]
+
+
 def test_planted_bugs_absent_pass(C_host):
     """The positive control: the same kernels with every bug removed run clean."""
     assert C_host.selftest_planted("none") == 0, C_host.emulation_last_report()
@@ -78,6 +150,7 @@ PLANTED = {
     "shared_oob": (700, r"out-of-bounds shared store: thread \(31,0,0\), 4 bytes at 0x[0-9a-f]+ lie outside every __shared__ variable \(0 bytes past the end of planted_shared_oob_kernel::s \(128 bytes\)\)"),
     "uninit_shared": (719, r"uninitialised shared read: thread \((3[2-9]|[4-5]\d|6[0-3]),0,0\) reads 4 bytes at planted_uninit_kernel::s\+\d+"),
     "divergent_barrier": (719, r"divergent __syncthreads \(.*selftest.cu:\d+\)"),
+    "warp_mismatch": (719, r"divergent warp operation: __shfl_(xor|down)_sync \(.*selftest.cu:\d+, mask 0xffffffff\) in warp 0: lanes 0x(ffff|ffff0000) arrived; never arriving: lanes 0x(ffff|ffff0000) \(at another warp operation, .*selftest.cu:\d+\)"),
     "warp_divergence": (719, r"divergent warp operation: .*selftest.cu:\d+, mask 0xffffffff.*lane (1[6-9]|2\d|3[01]) exited"),
 }
 

@@ -106,10 +106,13 @@ struct Fiber {
 #endif
   State state = State::kRunnable;
   uint64_t result = 0;
+  const char* wait_file = nullptr;  // where it waits (a barrier or a warp operation)
+  int wait_line = 0;
 };
 
-struct WarpState {
-  bool open = false;
+// One warp operation in progress: lanes of `mask` that called it so far. Lanes of one warp may be
+// in several at once (disjoint masks, or lanes that will join a later one).
+struct Collective {
   WarpOp op = WarpOp::kSync;
   unsigned mask = 0, arrived = 0;
   int width = 32, dtype = 0;
@@ -120,6 +123,10 @@ struct WarpState {
   float* mma_d[32];
   const uint32_t* mma_a[32];
   uint32_t mma_b[32][2];
+};
+
+struct WarpState {
+  std::vector<Collective> open;
   uint32_t W = 0;  // sync epoch: advances at every full-mask __syncwarp and every __syncthreads
 };
 
@@ -212,12 +219,15 @@ uint64_t splitmix(uint64_t& s) {
 }
 
 std::string format(const char* fmt, ...) {
-  char buf[1024];
-  va_list ap;
+  va_list ap, again;
   va_start(ap, fmt);
-  vsnprintf(buf, sizeof buf, fmt, ap);
+  va_copy(again, ap);
+  const int n = vsnprintf(nullptr, 0, fmt, ap);
   va_end(ap);
-  return buf;
+  std::string out(n > 0 ? static_cast<size_t>(n) : 0, '\0');
+  if (n > 0) vsnprintf(&out[0], static_cast<size_t>(n) + 1, fmt, again);
+  va_end(again);
+  return out;
 }
 
 // "fastlm::(anonymous namespace)::f<float>(fastlm::(anonymous namespace)::P)::red" -> "f<float>::red"
@@ -533,15 +543,19 @@ void make_runnable(int tid) {
 }
 
 // A waiting warp collective that can no longer complete because lane `tid` left (or waits elsewhere).
-// (file, line): the __syncthreads lane `tid` is at, or null when it exited.
+const char* op_name(WarpOp op);
+
+// A warp operation of lane `tid`'s warp that names it and can no longer complete, because the lane
+// exited (file null) or waits at the __syncthreads at (file, line).
 void check_warp_lost(int tid, const char* file, int line) {
-  WarpState& ws = g_warps[warp_of(tid)];
   const unsigned bit = 1u << (tid & 31);
-  if (ws.open && (ws.mask & bit) && !(ws.arrived & bit)) {
-    const std::string now = file ? format("is at __syncthreads (%s:%d)", file, line) : "exited";
-    fail(cudaErrorLaunchFailure,
-         format("divergent warp operation: lanes %#x of warp %d wait at a warp operation (%s:%d, mask %#x), but lane %d %s",
-                ws.arrived, warp_of(tid), ws.file, ws.line, ws.mask, tid & 31, now.c_str()));
+  for (const Collective& c : g_warps[warp_of(tid)].open) {
+    if ((c.mask & bit) && !(c.arrived & bit)) {
+      const std::string now = file ? format("is at __syncthreads (%s:%d)", file, line) : "exited";
+      fail(cudaErrorLaunchFailure,
+           format("divergent warp operation: lanes %#x of warp %d wait at %s (%s:%d, mask %#x), but lane %d %s", c.arrived,
+                  warp_of(tid), op_name(c.op), c.file, c.line, c.mask, tid & 31, now.c_str()));
+    }
   }
 }
 
@@ -633,18 +647,22 @@ void run_fiber(int tid) {
 
 // Every fiber of the block waits and none can run: name the operation that can never complete.
 void deadlock() {
-  for (int t = 0; t < g_launch.nthreads; ++t) {
-    if (g_fibers[t].state != State::kWarp) continue;
-    const WarpState& ws = g_warps[warp_of(t)];
-    const unsigned missing = ws.mask & ~ws.arrived;
-    std::string who;
-    for (int l = 0; l < 32; ++l) {
-      if (!(missing >> l & 1)) continue;
-      const int o = (warp_of(t) << 5) + l;
-      who += format(" lane %d (%s)", l, g_fibers[o].state == State::kBarrier ? "at __syncthreads" : "exited");
+  for (size_t w = 0; w < g_warps.size(); ++w) {
+    for (const Collective& c : g_warps[w].open) {
+      std::map<std::string, unsigned> where_lanes;
+      for (int l = 0; l < 32; ++l) {
+        if (!((c.mask & ~c.arrived) >> l & 1)) continue;
+        const Fiber& f = g_fibers[(w << 5) + l];
+        where_lanes[f.state == State::kExited    ? std::string("exited")
+                    : f.state == State::kBarrier ? format("at __syncthreads %s:%d", f.wait_file, f.wait_line)
+                                                 : format("at another warp operation, %s:%d", f.wait_file, f.wait_line)] |= 1u << l;
+      }
+      std::string who;
+      for (const auto& [at, lanes] : where_lanes) who += format(" lanes %#x (%s)", lanes, at.c_str());
+      return record(cudaErrorLaunchFailure,
+                    format("divergent warp operation: %s (%s:%d, mask %#x) in warp %zu: lanes %#x arrived; never arriving:%s",
+                           op_name(c.op), c.file, c.line, c.mask, w, c.arrived, who.c_str()));
     }
-    return record(cudaErrorLaunchFailure, format("divergent warp operation (%s:%d, mask %#x): arrived %#x; never arriving:%s",
-                                                 ws.file, ws.line, ws.mask, ws.arrived, who.c_str()));
   }
   record(cudaErrorLaunchFailure, barrier_message("the others exited or wait at a warp operation"));
 }
@@ -700,6 +718,8 @@ void syncthreads(const char* file, int line) {
                                         file, line, thread_name(tid).c_str(), g_exited));
   }
   g_fibers[tid].state = State::kBarrier;
+  g_fibers[tid].wait_file = file;
+  g_fibers[tid].wait_line = line;
   ++g_at_barrier;
   if (g_at_barrier == g_launch.nthreads) release_barrier();
   g_active = false;
@@ -720,7 +740,7 @@ float half_value(int dtype, uint16_t bits) {
   return dtype == kFloat16 ? __half2float(__half{bits}) : __bfloat162float(__nv_bfloat16{bits});
 }
 
-void complete_mma(WarpState& ws) {
+void complete_mma(Collective& ws) {
   float A[16][16], B[16][8], C[16][8];
   for (int lane = 0; lane < 32; ++lane) {
     const int g = lane >> 2, c = lane & 3;
@@ -745,7 +765,7 @@ void complete_mma(WarpState& ws) {
   }
 }
 
-uint64_t complete(WarpState& ws, int warp) {
+uint64_t complete(Collective& ws, int warp) {
   const int base = warp << 5;
   uint64_t own = 0;
   const int me = g_current & 31;
@@ -789,7 +809,7 @@ uint64_t complete(WarpState& ws, int warp) {
       break;
     }
     case WarpOp::kSync:
-      if (mask == 0xffffffffu) ++ws.W;
+      if (mask == 0xffffffffu) ++g_warps[warp].W;
       for (int lane = 0; lane < 32; ++lane) {
         if (mask >> lane & 1) give(lane, 0);
       }
@@ -799,8 +819,6 @@ uint64_t complete(WarpState& ws, int warp) {
       for (int lane = 0; lane < 32; ++lane) give(lane, 0);
       break;
   }
-  ws.open = false;
-  ws.arrived = 0;
   return own;
 }
 
@@ -819,13 +837,15 @@ const char* op_name(WarpOp op) {
   return "?";
 }
 
-// Registers lane g_current at op; returns true when that completed the operation.
-bool arrive(WarpOp op, unsigned mask, int width, const char* file, int line) {
+// Lane g_current joins the oldest operation of its warp with the same op, mask and width that it
+// is not yet in, or opens one; *done when that completed its mask.
+Collective& arrive(WarpOp op, unsigned mask, int width, const char* file, int line, bool* done) {
   const int tid = g_current, warp = warp_of(tid), lane = tid & 31;
   WarpState& ws = g_warps[warp];
   const int lanes_here = std::min(32, g_launch.nthreads - (warp << 5));
   const unsigned present = lanes_here == 32 ? 0xffffffffu : (1u << lanes_here) - 1u;
-  if (!(mask >> lane & 1)) {
+  const unsigned bit = 1u << lane;
+  if (!(mask & bit)) {
     fail(cudaErrorLaunchFailure, format("%s (%s:%d): thread %s calls it with mask %#x, which omits its own lane %d",
                                         op_name(op), file, line, thread_name(tid).c_str(), mask, lane));
   }
@@ -836,66 +856,80 @@ bool arrive(WarpOp op, unsigned mask, int width, const char* file, int line) {
   if (width < 1 || width > 32 || (width & (width - 1))) {
     fail(cudaErrorLaunchFailure, format("%s (%s:%d): width %d is not a power of two up to 32", op_name(op), file, line, width));
   }
-  if (!ws.open) {
-    ws.open = true;
-    ws.op = op;
-    ws.mask = mask;
-    ws.width = width;
-    ws.file = file;
-    ws.line = line;
-    ws.arrived = 0;
-    for (int l = 0; l < 32; ++l) {
-      const int o = (warp << 5) + l;
-      if ((mask >> l & 1) && o < g_launch.nthreads && g_fibers[o].state == State::kExited) {
-        fail(cudaErrorLaunchFailure, format("divergent warp operation: thread %s calls %s (%s:%d, mask %#x), but lane %d exited",
-                                            thread_name(tid).c_str(), op_name(op), file, line, mask, l));
-      }
+  for (int l = 0; l < 32; ++l) {
+    if ((mask >> l & 1) && g_fibers[(warp << 5) + l].state == State::kExited) {
+      fail(cudaErrorLaunchFailure, format("divergent warp operation: thread %s calls %s (%s:%d, mask %#x), but lane %d exited",
+                                          thread_name(tid).c_str(), op_name(op), file, line, mask, l));
     }
-  } else if (ws.op != op || ws.mask != mask || ws.width != width) {
-    fail(cudaErrorLaunchFailure,
-         format("divergent warp operation: thread %s calls %s (%s:%d, mask %#x) while lanes %#x of warp %d wait at %s (%s:%d, mask %#x)",
-                thread_name(tid).c_str(), op_name(op), file, line, mask, ws.arrived, warp, op_name(ws.op), ws.file, ws.line,
-                ws.mask));
   }
-  ws.arrived |= 1u << lane;
-  return ws.arrived == ws.mask;
+  Collective* c = nullptr;
+  for (Collective& o : ws.open) {
+    if (o.op == op && o.mask == mask && o.width == width && !(o.arrived & bit)) {
+      c = &o;
+      break;
+    }
+  }
+  if (!c) {
+    ws.open.emplace_back();
+    c = &ws.open.back();
+    c->op = op;
+    c->mask = mask;
+    c->width = width;
+    c->file = file;
+    c->line = line;
+  }
+  c->arrived |= bit;
+  *done = c->arrived == c->mask;
+  return *c;
+}
+
+// Completes c (lane g_current arrived last), removes it from its warp, returns this lane's result.
+uint64_t finish(Collective& c) {
+  const int warp = warp_of(g_current);
+  const uint64_t own = complete(c, warp);
+  auto& open = g_warps[warp].open;
+  open.erase(open.begin() + (&c - open.data()));
+  return own;
+}
+
+uint64_t wait_for(const char* file, int line) {
+  Fiber& f = g_fibers[g_current];
+  f.state = State::kWarp;
+  f.wait_file = file;
+  f.wait_line = line;
+  g_active = false;
+  switch_to_scheduler();
+  return f.result;
 }
 
 }  // namespace
 
 uint64_t warp_collective(WarpOp op, unsigned mask, uint64_t value, int arg, int width, const char* file, int line) {
-  const int tid = g_current;
-  const bool done = arrive(op, mask, width, file, line);
-  WarpState& ws = g_warps[warp_of(tid)];
-  ws.value[tid & 31] = value;
-  ws.arg[tid & 31] = arg;
-  if (done) return complete(ws, warp_of(tid));
-  g_fibers[tid].state = State::kWarp;
-  g_active = false;
-  switch_to_scheduler();
-  return g_fibers[tid].result;
+  bool done = false;
+  Collective& c = arrive(op, mask, width, file, line, &done);
+  c.value[g_current & 31] = value;
+  c.arg[g_current & 31] = arg;
+  if (done) return finish(c);
+  return wait_for(file, line);
 }
 
 void mma_m16n8k16_sync(int dtype, float* d, const uint32_t* a, uint32_t b0, uint32_t b1, const char* file, int line) {
-  const int tid = g_current;
-  const bool done = arrive(WarpOp::kMma, 0xffffffffu, 32, file, line);
-  WarpState& ws = g_warps[warp_of(tid)];
-  const int lane = tid & 31;
-  if (ws.arrived != (1u << lane) && ws.dtype != dtype) {
+  const int lane = g_current & 31;
+  bool done = false;
+  Collective& c = arrive(WarpOp::kMma, 0xffffffffu, 32, file, line, &done);
+  if (c.arrived != (1u << lane) && c.dtype != dtype) {
     fail(cudaErrorLaunchFailure, format("mma.sync (%s:%d): lanes disagree on the operand type", file, line));
   }
-  ws.dtype = dtype;
-  ws.mma_d[lane] = d;
-  ws.mma_a[lane] = a;
-  ws.mma_b[lane][0] = b0;
-  ws.mma_b[lane][1] = b1;
+  c.dtype = dtype;
+  c.mma_d[lane] = d;
+  c.mma_a[lane] = a;
+  c.mma_b[lane][0] = b0;
+  c.mma_b[lane][1] = b1;
   if (done) {
-    complete(ws, warp_of(tid));
+    finish(c);
     return;
   }
-  g_fibers[tid].state = State::kWarp;
-  g_active = false;
-  switch_to_scheduler();
+  wait_for(file, line);
 }
 
 cudaError_t run_grid(const void* kernel, dim3 grid, dim3 block, size_t dyn_bytes, void (*body)(void*), void* ctx) {
@@ -1007,6 +1041,9 @@ void bind(pybind11::module_& m) {
         "launches per kernel instantiation since the module loaded");
   m.def("selftest_mma", &selftest_mma, py::arg("dtype"), py::arg("a"), py::arg("b"), py::arg("c"), py::arg("d"));
   m.def("selftest_planted", &selftest_planted, py::arg("kind"));
+  m.def("selftest_warp", &selftest_warp, py::arg("out"));
+  m.def("selftest_convert", &selftest_convert, py::arg("dtype"), py::arg("src"), py::arg("out_bits"), py::arg("back"),
+        py::arg("n"));
 }
 
 }  // namespace emulation

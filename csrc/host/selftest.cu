@@ -95,6 +95,53 @@ __global__ void planted_warp_kernel(float* out, int reach) {
   out[t] = v;
 }
 
+// out_bits[i] = the bits of from_float<T>(src[i]); back[i] = to_float of them.
+template <typename T>
+__global__ void selftest_convert_kernel(const float* src, uint16_t* out_bits, float* back, int64_t n) {
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
+    const T v = from_float<T>(src[i]);
+    memcpy(&out_bits[i], &v, 2);
+    back[i] = to_float(v);
+  }
+}
+
+// 64 threads (two warps); row r of out (kWarpRows x 64 ints) holds lane results of warp operation r.
+constexpr int kWarpRows = 12;
+__global__ void selftest_warp_kernel(int* out) {
+  const int t = threadIdx.x;
+  const int lane = t & 31;
+  const int v = 100 * t;
+  int* o = out + t;
+  o[0 * 64] = __shfl_sync(0xffffffffu, v, 5);
+  o[1 * 64] = __shfl_sync(0xffffffffu, v, lane + 3, 8);
+  o[2 * 64] = __shfl_up_sync(0xffffffffu, v, 3);
+  o[3 * 64] = __shfl_up_sync(0xffffffffu, v, 2, 16);
+  o[4 * 64] = __shfl_down_sync(0xffffffffu, v, 5);
+  o[5 * 64] = __shfl_down_sync(0xffffffffu, v, 3, 4);
+  o[6 * 64] = __shfl_xor_sync(0xffffffffu, v, 9);
+  o[7 * 64] = __shfl_xor_sync(0xffffffffu, v, 3, 8);
+  o[8 * 64] = static_cast<int>(__ballot_sync(0xffffffffu, t % 3 == 0));
+  o[9 * 64] = __any_sync(0xffffffffu, t == 40);
+  o[10 * 64] = __all_sync(0xffffffffu, t != 7);
+  int w = -1;
+  if (lane < 16) w = __shfl_xor_sync(0x0000ffffu, v, 1);  // a partial mask: only the low half
+  __syncwarp();
+  o[11 * 64] = w;
+}
+
+// 32 threads: the low half shuffles with xor, the high half (when planted) with down, both naming
+// the whole warp: neither operation can complete.
+__global__ void planted_warp_mismatch_kernel(float* out, bool planted) {
+  const int t = threadIdx.x;
+  float v = static_cast<float>(t);
+  if (t < 16 || !planted) {
+    v = __shfl_xor_sync(0xffffffffu, v, 1);
+  } else {
+    v = __shfl_down_sync(0xffffffffu, v, 1);
+  }
+  out[t] = v;
+}
+
 template <typename... KArgs, typename... Args>
 int run(void (*kernel)(KArgs...), unsigned threads, float* buf, size_t n, Args... args) {
   emulation::set_extents({{reinterpret_cast<uintptr_t>(buf), n * sizeof(float), "float32[" + std::to_string(n) + "] out"}});
@@ -118,6 +165,22 @@ int selftest_mma(int dtype, uintptr_t a, uintptr_t b, uintptr_t c, uintptr_t d) 
   return cudaErrorInvalidValue;
 }
 
+int selftest_warp(uintptr_t out) {
+  auto* O = reinterpret_cast<int*>(out);
+  if (!O) return cudaErrorInvalidValue;
+  return fastlm::launch(selftest_warp_kernel, dim3(1), dim3(64), nullptr, O);
+}
+
+int selftest_convert(int dtype, uintptr_t src, uintptr_t out_bits, uintptr_t back, int64_t n) {
+  const auto* S = reinterpret_cast<const float*>(src);
+  auto* O = reinterpret_cast<uint16_t*>(out_bits);
+  auto* Bk = reinterpret_cast<float*>(back);
+  if (!S || !O || !Bk || n < 0) return cudaErrorInvalidValue;
+  if (dtype == kFloat16) return fastlm::launch(selftest_convert_kernel<__half>, dim3(1), dim3(256), nullptr, S, O, Bk, n);
+  if (dtype == kBFloat16) return fastlm::launch(selftest_convert_kernel<__nv_bfloat16>, dim3(1), dim3(256), nullptr, S, O, Bk, n);
+  return cudaErrorInvalidValue;
+}
+
 int selftest_planted(const std::string& kind) {
   std::vector<float> storage(64);
   float* buf = storage.data();
@@ -131,8 +194,9 @@ int selftest_planted(const std::string& kind) {
   if (code == cudaSuccess && (none || kind == "uninit_shared")) code = run(planted_uninit_kernel, 64, buf, 64, none ? 64 : 32);
   if (code == cudaSuccess && (none || kind == "divergent_barrier")) code = run(planted_barrier_kernel, 64, buf, 64, none ? 64 : 32);
   if (code == cudaSuccess && (none || kind == "warp_divergence")) code = run(planted_warp_kernel, 32, buf, 32, none ? 32 : 16);
+  if (code == cudaSuccess && (none || kind == "warp_mismatch")) code = run(planted_warp_mismatch_kernel, 32, buf, 32, !none);
   if (!none && kind != "race" && kind != "oob_store" && kind != "shared_oob" && kind != "uninit_shared" &&
-      kind != "divergent_barrier" && kind != "warp_divergence") {
+      kind != "divergent_barrier" && kind != "warp_divergence" && kind != "warp_mismatch") {
     return cudaErrorInvalidValue;
   }
   return code;

@@ -10,8 +10,14 @@ namespace emulation {
 // D (16x8) = A (16x16) B (16x8) + C through mma_m16n8k16, one warp, fragments placed by the PTX ISA
 // formulas; a, b, c, d: contiguous fp32 host buffers; dtype 1 (fp16) or 2 (bf16). Returns the code.
 int selftest_mma(int dtype, uintptr_t a, uintptr_t b, uintptr_t c, uintptr_t d);
+// out (12, 64) int32: lane results of shuffles (idx, up, down, xor, each with and without a width),
+// ballot, any, all and a partial-mask shuffle over two warps (csrc/host/selftest.cu). Returns the code.
+int selftest_warp(uintptr_t out);
+// out_bits (n,) uint16 = the bits of from_float<T>(src) for T fp16 (dtype 1) or bf16 (2); back (n,)
+// fp32 = to_float of them: the conversions the kernels use. Returns the code.
+int selftest_convert(int dtype, uintptr_t src, uintptr_t out_bits, uintptr_t back, int64_t n);
 // Runs a kernel with the named bug planted ("race", "oob_store", "shared_oob", "uninit_shared",
-// "divergent_barrier", "warp_divergence", "none" for the same kernels without it). Returns the code.
+// "divergent_barrier", "warp_divergence", "warp_mismatch", "none" for the same kernels without it). Returns the code.
 int selftest_planted(const std::string& kind);
 
 }  // namespace emulation
