@@ -66,6 +66,24 @@ def test_mma_m16n8k16_fragment_ownership(C_host, code):
     assert torch.equal(_mma(C_host, code, torch.zeros(16, 16), torch.zeros(16, 8), Cm), Cm)
 
 
+def _shfl_idx(t, src, width):
+    lane = t % 32
+    return 100 * (t - lane + lane - lane % width + src % width)
+
+
+def _shfl_up(t, d, width):
+    return 100 * (t - d) if t % 32 % width >= d else 100 * t
+
+
+def _shfl_down(t, d, width):
+    return 100 * (t + d) if t % 32 % width + d < width else 100 * t
+
+
+def _shfl_xor(t, m, width):
+    lane = t % 32
+    return 100 * (t - lane + (lane ^ m)) if (lane ^ m) // width == lane // width else 100 * t
+
+
 def _expected_warp_rows() -> list[list[int]]:
     """The CUDA C++ Programming Guide's warp shuffle and vote semantics, lane by lane, for the
     selftest_warp kernel: value 100 * tid; a source lane outside [0, width) of the segment (up/down)
@@ -73,25 +91,10 @@ def _expected_warp_rows() -> list[list[int]]:
     rows = [[0] * 64 for _ in range(12)]
     for t in range(64):
         lane, base = t % 32, t - t % 32
-
-        def idx(src, width):
-            seg = lane - lane % width
-            return 100 * (base + seg + src % width)
-
-        def up(d, width):
-            return 100 * (t - d) if lane % width >= d else 100 * t
-
-        def down(d, width):
-            return 100 * (t + d) if lane % width + d < width else 100 * t
-
-        def xor(m, width):
-            src = lane ^ m
-            return 100 * (base + src) if src // width == lane // width else 100 * t
-
-        rows[0][t], rows[1][t] = idx(5, 32), idx(lane + 3, 8)
-        rows[2][t], rows[3][t] = up(3, 32), up(2, 16)
-        rows[4][t], rows[5][t] = down(5, 32), down(3, 4)
-        rows[6][t], rows[7][t] = xor(9, 32), xor(3, 8)
+        rows[0][t], rows[1][t] = _shfl_idx(t, 5, 32), _shfl_idx(t, lane + 3, 8)
+        rows[2][t], rows[3][t] = _shfl_up(t, 3, 32), _shfl_up(t, 2, 16)
+        rows[4][t], rows[5][t] = _shfl_down(t, 5, 32), _shfl_down(t, 3, 4)
+        rows[6][t], rows[7][t] = _shfl_xor(t, 9, 32), _shfl_xor(t, 3, 8)
         ballot = sum(1 << i for i in range(32) if (base + i) % 3 == 0)
         rows[8][t] = ballot - (1 << 32) if ballot >= 1 << 31 else ballot
         rows[9][t] = int(base == 32)
