@@ -226,8 +226,8 @@ inline cudaError_t launch_smem(void (*kernel)(KArgs...), dim3 grid, dim3 block, 
 // ---- PTX wrappers: a device body (inline asm) and a host body with the PTX ISA's semantics ----
 
 // d += a (16x16, row-major) * b (16x8, column-major): mma.sync.aligned.m16n8k16.row.col.f32.T.T.f32
-// for T = fp16 or bf16, one warp. Fragments (PTX ISA 9.7.14.5.8), g = lane / 4, c = lane % 4, the
-// lower column / k index in the low 16 bits of a register:
+// for T = fp16 or bf16, one warp. Fragments (PTX ISA, "Matrix Fragments for mma.m16n8k16 with
+// floating point type"), g = lane / 4, c = lane % 4, the lower column / k index in the low 16 bits:
 //   a[0] = A(g, 2c..2c+1), a[1] = A(g+8, 2c..), a[2] = A(g, 2c+8..), a[3] = A(g+8, 2c+8..)
 //   b0 = B(k 2c..2c+1, n g), b1 = B(k 2c+8..2c+9, n g)
 //   d[0], d[1] = D(g, 2c..2c+1), d[2], d[3] = D(g+8, 2c..2c+1)
@@ -252,6 +252,68 @@ __device__ __forceinline__ void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[
   }
 #else
   __trap();
+#endif
+}
+
+// r[i] = this lane's part of 8x8 b16 matrix i (i < NUM): ldmatrix.sync.aligned.m8n8.x{NUM}[.trans]
+// .shared.b16, one warp (sm_75+). Lane 8i + j gives the 16-byte aligned shared address of row j of
+// matrix i (lanes from 8 NUM on are not read). Without .trans lane l gets row l / 4, columns
+// 2 (l % 4) and 2 (l % 4) + 1 (the lower column in the low 16 bits); with .trans, column l / 4,
+// rows 2 (l % 4) and 2 (l % 4) + 1: the B operand of mma from a row-major [k][n] tile.
+template <int NUM, bool TRANS>
+__device__ __forceinline__ void ldmatrix(uint32_t (&r)[NUM], const void* row) {
+  static_assert(NUM == 1 || NUM == 2 || NUM == 4, "ldmatrix: .x1, .x2 or .x4");
+#if defined(FASTLM_HOST_EMULATION)
+  emulation::ldmatrix_sync(NUM, TRANS, r, row, __FILE__, __LINE__);
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 750
+  const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(row));
+  if constexpr (NUM == 1 && !TRANS) asm volatile("ldmatrix.sync.aligned.m8n8.x1.shared.b16 {%0}, [%1];\n" : "=r"(r[0]) : "r"(a));
+  if constexpr (NUM == 1 && TRANS) asm volatile("ldmatrix.sync.aligned.m8n8.x1.trans.shared.b16 {%0}, [%1];\n" : "=r"(r[0]) : "r"(a));
+  if constexpr (NUM == 2 && !TRANS)
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n" : "=r"(r[0]), "=r"(r[1]) : "r"(a));
+  if constexpr (NUM == 2 && TRANS)
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];\n" : "=r"(r[0]), "=r"(r[1]) : "r"(a));
+  if constexpr (NUM == 4 && !TRANS)
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a));
+  if constexpr (NUM == 4 && TRANS)
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a));
+#else
+  __trap();
+#endif
+}
+
+// 16 bytes from global src to shared dst (both 16-byte aligned) without waiting: cp.async.cg
+// .shared.global (sm_80+); with src_bytes < 16 only that many are read and the rest of dst is zeroed.
+// The copy belongs to the group the next cp_async_commit closes; cp_async_wait<N> returns when at
+// most the N most recent groups of this thread are in flight (its copies are then visible to this
+// thread; to the others after a barrier).
+__device__ __forceinline__ void cp_async_16(void* dst, const void* src, int src_bytes = 16) {
+#if defined(FASTLM_HOST_EMULATION)
+  emulation::cp_async(dst, src, src_bytes, __FILE__, __LINE__);
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(src_bytes));
+#else
+  __trap();
+#endif
+}
+
+__device__ __forceinline__ void cp_async_commit() {
+#if defined(FASTLM_HOST_EMULATION)
+  emulation::cp_async_commit();
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;\n" ::);
+#endif
+}
+
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+#if defined(FASTLM_HOST_EMULATION)
+  emulation::cp_async_wait(N);
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 #endif
 }
 

@@ -1,9 +1,10 @@
 """The host build of csrc (fastlm._C_host) checks itself: the emulated PTX against the PTX ISA's
 fragment formulas, and each sanitizer check against a kernel with that bug planted.
 
-The mma test kernel (csrc/host/selftest.cu) places every fragment element by the formulas of PTX ISA
-9.7.14.5.8 ("Matrix Fragments for mma.m16n8k16 with floating point type") and scatters D back by
-them; the one-hot cases below then pin the owner of each element of A, B and C/D, one at a time.
+The mma test kernel (csrc/host/selftest.cu) places every fragment element by the formulas of the
+PTX ISA section "Matrix Fragments for mma.m16n8k16 with floating point type" (9.7.14.5.8 in the 8.x
+manuals) and scatters D back by them; the one-hot cases below then pin the owner of each element of
+A, B and C/D, one at a time.
 """
 
 from __future__ import annotations
@@ -237,3 +238,43 @@ def test_every_kernel_instantiation_executes(C_host):
     assert len(kernels) >= 100
     missed = [k for k in kernels if after.get(k, 0) == before.get(k, 0)]
     assert not missed, f"{len(missed)} kernel instantiations never ran: {missed}"
+
+
+def _expected_ldmatrix(num: int, trans: bool) -> list[list[int]]:
+    """PTX ISA, ldmatrix: without .trans lane l holds row l // 4, columns 2 (l % 4) and 2 (l % 4) + 1
+    of each matrix (lower column in the low half); with .trans, column l // 4, rows 2 (l % 4), +1.
+    The test matrices have element (i, r, c) = 64 i + 8 r + c."""
+    rows = []
+    for lane in range(32):
+        r, c = lane // 4, 2 * (lane % 4)
+        regs = []
+        for i in range(num):
+            lo, hi = (64 * i + 8 * c + r, 64 * i + 8 * (c + 1) + r) if trans else (64 * i + 8 * r + c, 64 * i + 8 * r + c + 1)
+            regs.append(lo | hi << 16)
+        rows.append(regs)
+    return rows
+
+
+def test_ldmatrix_fragment_ownership(C_host):
+    out = torch.full((6, 32, 4), -1, dtype=torch.int32)  # every register value is below 2^24
+    assert C_host.selftest_ldmatrix(out.data_ptr()) == 0, C_host.emulation_last_report()
+    for v, (num, trans) in enumerate([(4, False), (4, True), (2, False), (2, True), (1, False), (1, True)]):
+        assert out[v, :, :num].tolist() == _expected_ldmatrix(num, trans), f"x{num} trans={trans}"
+
+
+def test_cp_async_copies_at_the_wait_and_zero_fills(C_host):
+    src = torch.randn(256)
+    out = torch.full((256,), float("nan"))
+    assert C_host.selftest_cp_async(out.data_ptr(), src.data_ptr(), False) == 0, C_host.emulation_last_report()
+    want = src.clone()
+    want[254:] = 0  # the last chunk copies 8 of its 16 bytes and zero-fills the rest
+    assert torch.equal(out, want)
+
+
+def test_cp_async_read_before_its_wait_is_caught(C_host):
+    """Reading a cp.async destination whose group the thread has not waited for: the copy has not
+    landed (the emulation performs it at the wait), so the read is of bytes never written."""
+    src, out = torch.randn(256), torch.empty(256)
+    assert C_host.selftest_cp_async(out.data_ptr(), src.data_ptr(), True) == 719
+    assert re.search(r"uninitialised shared read: thread \(\d+,0,0\) reads 4 bytes at planted_cp_async_kernel::s\+\d+",
+                     C_host.emulation_last_report()), C_host.emulation_last_report()

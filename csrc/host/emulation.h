@@ -191,13 +191,20 @@ struct ThreadCoords {
 extern ThreadCoords g_coords;
 
 // Warp collectives (one entry point: op, the lanes that take part, this lane's 64-bit operand).
-enum class WarpOp : int { kShflIdx, kShflUp, kShflDown, kShflXor, kBallot, kAny, kAll, kSync, kMma };
+enum class WarpOp : int { kShflIdx, kShflUp, kShflDown, kShflXor, kBallot, kAny, kAll, kSync, kMma, kLdmatrix };
 uint64_t warp_collective(WarpOp op, unsigned mask, uint64_t value, int arg, int width, const char* file, int line);
 void syncthreads(const char* file, int line);
 [[noreturn]] void trap(const char* file, int line);
 
 // d += A (16x16) B (16x8) for one warp; dtype 1 = fp16, 2 = bf16 (runtime.cpp: PTX ISA layouts).
 void mma_m16n8k16_sync(int dtype, float* d, const uint32_t* a, uint32_t b0, uint32_t b1, const char* file, int line);
+
+// ldmatrix .x{num}[.trans] for one warp (runtime.cpp: PTX ISA layout); r has num registers.
+void ldmatrix_sync(int num, bool trans, uint32_t* r, const void* row, const char* file, int line);
+// cp.async: queued per thread, performed (and checked) by the wait that covers its group.
+void cp_async(void* dst, const void* src, int src_bytes, const char* file, int line);
+void cp_async_commit();
+void cp_async_wait(int n);
 
 unsigned char* dynamic_smem();
 cudaError_t sm_count(int* sms);

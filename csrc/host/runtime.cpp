@@ -108,6 +108,13 @@ struct Fiber {
   uint64_t result = 0;
   const char* wait_file = nullptr;  // where it waits (a barrier or a warp operation)
   int wait_line = 0;
+  struct Copy {
+    void* dst;
+    const void* src;
+    int src_bytes;
+  };
+  std::vector<Copy> uncommitted;            // cp.async issued since the last commit
+  std::vector<std::vector<Copy>> in_flight;  // committed groups, oldest first
 };
 
 // One warp operation in progress: lanes of `mask` that called it so far. Lanes of one warp may be
@@ -123,6 +130,7 @@ struct Collective {
   float* mma_d[32];
   const uint32_t* mma_a[32];
   uint32_t mma_b[32][2];
+  uint32_t* ld_r[32];
 };
 
 struct WarpState {
@@ -573,11 +581,17 @@ std::string barrier_message(const std::string& why) {
                                       g_barrier_line, g_at_barrier, g_launch.nthreads, why.c_str());
 }
 
+void perform_copies(std::vector<Fiber::Copy>& copies);
+
 void fiber_main() {
   g_active = true;
   g_body(g_body_ctx);
-  g_active = false;
   const int tid = g_current;
+  Fiber& self = g_fibers[tid];
+  for (auto& group : self.in_flight) perform_copies(group);
+  perform_copies(self.uncommitted);
+  self.in_flight.clear();
+  g_active = false;
   g_fibers[tid].state = State::kExited;
   ++g_exited;
   g_active = true;
@@ -613,6 +627,8 @@ void init_fiber(Fiber& f) {
   makecontext(&f.ctx, &fiber_entry_uc, 0);
 #endif
   f.state = State::kRunnable;
+  f.uncommitted.clear();
+  f.in_flight.clear();
 }
 
 void ensure_fibers() {
@@ -732,7 +748,7 @@ void syncthreads(const char* file, int line) {
 
 namespace {
 
-// PTX ISA 9.7.14.5.8 (mma.m16n8k16, .f16/.bf16 A and B, .f32 C/D), g = lane / 4, c = lane % 4:
+// PTX ISA, "Matrix Fragments for mma.m16n8k16 with floating point type" (.f16/.bf16 A and B, .f32 C/D), g = lane / 4, c = lane % 4:
 //   A element i of 8 (register i / 2, half i % 2): row g + 8 * ((i / 2) % 2), col 2c + (i % 2) + 8 * (i / 4)
 //   B element i of 4: row (k) 2c + (i % 2) + 8 * (i / 2), col (n) g
 //   C/D element i of 4: row g + 8 * (i / 2), col 2c + (i % 2)
@@ -761,6 +777,65 @@ void complete_mma(Collective& ws) {
       double acc = C[r][n];
       for (int k = 0; k < 16; ++k) acc += static_cast<double>(A[r][k]) * B[k][n];
       ws.mma_d[lane][i] = static_cast<float>(acc);
+    }
+  }
+}
+
+bool is_shared(uintptr_t a, size_t n) {
+  const uintptr_t dyn = reinterpret_cast<uintptr_t>(g_dyn_smem);
+  if (a - dyn < kDynSmemCapacity) return a + n <= dyn + g_launch.dyn_bytes;
+  auto it = std::upper_bound(g_image->shared.begin(), g_image->shared.end(), a,
+                             [](uintptr_t x, const SharedVar& v) { return x < v.lo; });
+  return it != g_image->shared.begin() && a + n <= (it - 1)->lo + (it - 1)->size;
+}
+
+// The access of `n` bytes at a checked as lane `tid`'s own.
+void access_as(int tid, uintptr_t a, size_t n, bool write) {
+  const int saved = g_current;
+  g_current = tid;
+  on_access(a, n, write);
+  g_current = saved;
+}
+
+// Performs this thread's cp.async copies: reads src_bytes of global memory, writes 16 shared bytes.
+void perform_copies(std::vector<Fiber::Copy>& copies) {
+  for (const Fiber::Copy& c : copies) {
+    const uintptr_t d = reinterpret_cast<uintptr_t>(c.dst);
+    if (c.src_bytes > 0) on_access(reinterpret_cast<uintptr_t>(c.src), static_cast<size_t>(c.src_bytes), false);
+    on_access(d, 16, true);
+    unsigned char buf[16] = {};
+    if (c.src_bytes > 0) std::memcpy(buf, c.src, static_cast<size_t>(c.src_bytes));
+    std::memcpy(c.dst, buf, 16);
+  }
+  copies.clear();
+}
+
+// PTX ISA, ldmatrix: lane 8i + j holds the address of row j of matrix i; without .trans lane l
+// receives row l / 4, elements 2 (l % 4) and 2 (l % 4) + 1; with .trans the same of the transpose.
+void complete_ldmatrix(Collective& ws, int warp) {
+  const int num = ws.arg[0] & 7;
+  const bool trans = ws.arg[0] >> 4;
+  uint16_t M[4][8][8];
+  for (int i = 0; i < num; ++i) {
+    for (int j = 0; j < 8; ++j) {
+      const int lane = 8 * i + j;
+      const uintptr_t a = static_cast<uintptr_t>(ws.value[lane]);
+      if (a % 16 != 0 || !is_shared(a, 16)) {
+        g_current = (warp << 5) + lane;
+        fail(cudaErrorIllegalAddress, format("ldmatrix (%s:%d): lane %d gives row address %#" PRIxPTR
+                                             ", which is not a 16-byte aligned row inside shared memory",
+                                             ws.file, ws.line, lane, a));
+      }
+      access_as((warp << 5) + lane, a, 16, false);
+      std::memcpy(M[i][j], reinterpret_cast<const void*>(a), 16);
+    }
+  }
+  for (int lane = 0; lane < 32; ++lane) {
+    const int r = lane / 4, c = 2 * (lane % 4);
+    for (int i = 0; i < num; ++i) {
+      const uint16_t lo = trans ? M[i][c][r] : M[i][r][c];
+      const uint16_t hi = trans ? M[i][c + 1][r] : M[i][r][c + 1];
+      ws.ld_r[lane][i] = static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16);
     }
   }
 }
@@ -818,6 +893,10 @@ uint64_t complete(Collective& ws, int warp) {
       complete_mma(ws);
       for (int lane = 0; lane < 32; ++lane) give(lane, 0);
       break;
+    case WarpOp::kLdmatrix:
+      complete_ldmatrix(ws, warp);
+      for (int lane = 0; lane < 32; ++lane) give(lane, 0);
+      break;
   }
   return own;
 }
@@ -833,6 +912,7 @@ const char* op_name(WarpOp op) {
     case WarpOp::kAll: return "__all_sync";
     case WarpOp::kSync: return "__syncwarp";
     case WarpOp::kMma: return "mma.sync";
+    case WarpOp::kLdmatrix: return "ldmatrix";
   }
   return "?";
 }
@@ -930,6 +1010,51 @@ void mma_m16n8k16_sync(int dtype, float* d, const uint32_t* a, uint32_t b0, uint
     return;
   }
   wait_for(file, line);
+}
+
+void ldmatrix_sync(int num, bool trans, uint32_t* r, const void* row, const char* file, int line) {
+  const int lane = g_current & 31;
+  bool done = false;
+  Collective& c = arrive(WarpOp::kLdmatrix, 0xffffffffu, 32, file, line, &done);
+  const int arg = num | (trans ? 16 : 0);
+  if (c.arrived == (1u << lane)) {
+    c.arg[0] = arg;
+  } else if (c.arg[0] != arg) {
+    fail(cudaErrorLaunchFailure, format("ldmatrix (%s:%d): lanes disagree on .x%d / .trans", file, line, num));
+  }
+  c.value[lane] = reinterpret_cast<uintptr_t>(row);
+  c.ld_r[lane] = r;
+  if (done) {
+    finish(c);
+    return;
+  }
+  wait_for(file, line);
+}
+
+void cp_async(void* dst, const void* src, int src_bytes, const char* file, int line) {
+  const uintptr_t d = reinterpret_cast<uintptr_t>(dst);
+  if (src_bytes < 0 || src_bytes > 16 || d % 16 != 0 || !is_shared(d, 16) ||
+      (src_bytes > 0 && reinterpret_cast<uintptr_t>(src) % 16 != 0)) {
+    fail(cudaErrorIllegalAddress,
+         format("cp.async (%s:%d): thread %s copies %d bytes from %p to %p; expected 0..16 bytes from a 16-byte aligned "
+                "global address into a 16-byte aligned shared one",
+                file, line, thread_name(g_current).c_str(), src_bytes, src, dst));
+  }
+  g_fibers[g_current].uncommitted.push_back({dst, src, src_bytes});
+}
+
+void cp_async_commit() {
+  Fiber& f = g_fibers[g_current];
+  f.in_flight.push_back(std::move(f.uncommitted));
+  f.uncommitted.clear();
+}
+
+void cp_async_wait(int n) {
+  Fiber& f = g_fibers[g_current];
+  while (static_cast<int>(f.in_flight.size()) > n) {
+    perform_copies(f.in_flight.front());
+    f.in_flight.erase(f.in_flight.begin());
+  }
 }
 
 cudaError_t run_grid(const void* kernel, dim3 grid, dim3 block, size_t dyn_bytes, void (*body)(void*), void* ctx) {
@@ -1042,6 +1167,8 @@ void bind(pybind11::module_& m) {
   m.def("selftest_mma", &selftest_mma, py::arg("dtype"), py::arg("a"), py::arg("b"), py::arg("c"), py::arg("d"));
   m.def("selftest_planted", &selftest_planted, py::arg("kind"));
   m.def("selftest_warp", &selftest_warp, py::arg("out"));
+  m.def("selftest_ldmatrix", &selftest_ldmatrix, py::arg("out"));
+  m.def("selftest_cp_async", &selftest_cp_async, py::arg("out"), py::arg("src"), py::arg("planted"));
   m.def("selftest_convert", &selftest_convert, py::arg("dtype"), py::arg("src"), py::arg("out_bits"), py::arg("back"),
         py::arg("n"));
 }

@@ -15,7 +15,7 @@ void set_extents(const std::vector<std::tuple<uintptr_t, size_t, std::string>>& 
 
 namespace {
 
-// PTX ISA 9.7.14.5.8, "Matrix Fragments for mma.m16n8k16 with floating point type":
+// PTX ISA, "Matrix Fragments for mma.m16n8k16 with floating point type" (9.7.14.5.8 in the 8.x manuals):
 // groupID = %laneid >> 2, threadID_in_group = %laneid % 4;
 // A: a0..a7 (registers {a0,a1} {a2,a3} {a4,a5} {a6,a7}), row = groupID for a0, a1, a4, a5 and
 //    groupID + 8 for a2, a3, a6, a7; col = threadID_in_group * 2 + (i & 1) for i < 4, + 8 for i >= 4.
@@ -142,6 +142,51 @@ __global__ void planted_warp_mismatch_kernel(float* out, bool planted) {
   out[t] = v;
 }
 
+// 32 threads: four 8x8 b16 matrices, element (i, r, c) = 64 i + 8 r + c, loaded by ldmatrix in
+// each form; out (6, 32, 4) uint32: x4, x4.trans, x2, x2.trans, x1, x1.trans per lane.
+__global__ void selftest_ldmatrix_kernel(uint32_t* out) {
+  __shared__ __align__(16) uint16_t tile[4][8][8];
+  const int lane = threadIdx.x;
+  for (int e = lane; e < 256; e += 32) tile[e / 64][e / 8 % 8][e % 8] = static_cast<uint16_t>(e);
+  __syncthreads();
+  const void* row = &tile[lane / 8][lane % 8][0];
+  uint32_t* o = out + lane * 4;
+  uint32_t r4[4], r2[2], r1[1];
+  ldmatrix<4, false>(r4, row);
+  for (int i = 0; i < 4; ++i) o[0 * 128 + i] = r4[i];
+  ldmatrix<4, true>(r4, row);
+  for (int i = 0; i < 4; ++i) o[1 * 128 + i] = r4[i];
+  ldmatrix<2, false>(r2, row);
+  for (int i = 0; i < 2; ++i) o[2 * 128 + i] = r2[i];
+  ldmatrix<2, true>(r2, row);
+  for (int i = 0; i < 2; ++i) o[3 * 128 + i] = r2[i];
+  ldmatrix<1, false>(r1, row);
+  o[4 * 128] = r1[0];
+  ldmatrix<1, true>(r1, row);
+  o[5 * 128] = r1[0];
+}
+
+// 32 threads: thread t copies 16-byte chunks t (group 0) and 32 + t (group 1) of src into shared
+// memory, chunk 63 with 8 source bytes (the rest zero-filled), then reads both back into out. With
+// `planted` it waits only for group 0 before reading group 1.
+__global__ void planted_cp_async_kernel(float* out, const float* src, bool planted) {
+  __shared__ __align__(16) float s[64 * 4];
+  const int t = threadIdx.x;
+  cp_async_16(&s[t * 4], &src[t * 4]);
+  cp_async_commit();
+  cp_async_16(&s[(32 + t) * 4], &src[(32 + t) * 4], t == 31 ? 8 : 16);
+  cp_async_commit();
+  if (planted) {
+    cp_async_wait<1>();
+  } else {
+    cp_async_wait<0>();
+  }
+  for (int i = 0; i < 4; ++i) {
+    out[t * 4 + i] = s[t * 4 + i];
+    out[(32 + t) * 4 + i] = s[(32 + t) * 4 + i];
+  }
+}
+
 template <typename... KArgs, typename... Args>
 int run(void (*kernel)(KArgs...), unsigned threads, float* buf, size_t n, Args... args) {
   emulation::set_extents({{reinterpret_cast<uintptr_t>(buf), n * sizeof(float), "float32[" + std::to_string(n) + "] out"}});
@@ -163,6 +208,19 @@ int selftest_mma(int dtype, uintptr_t a, uintptr_t b, uintptr_t c, uintptr_t d) 
   if (dtype == kFloat16) return fastlm::launch(selftest_mma_kernel<__half>, dim3(1), dim3(32), nullptr, A, B, C, D);
   if (dtype == kBFloat16) return fastlm::launch(selftest_mma_kernel<__nv_bfloat16>, dim3(1), dim3(32), nullptr, A, B, C, D);
   return cudaErrorInvalidValue;
+}
+
+int selftest_ldmatrix(uintptr_t out) {
+  auto* O = reinterpret_cast<uint32_t*>(out);
+  if (!O) return cudaErrorInvalidValue;
+  return fastlm::launch(selftest_ldmatrix_kernel, dim3(1), dim3(32), nullptr, O);
+}
+
+int selftest_cp_async(uintptr_t out, uintptr_t src, bool planted) {
+  auto* O = reinterpret_cast<float*>(out);
+  const auto* S = reinterpret_cast<const float*>(src);
+  if (!O || !S) return cudaErrorInvalidValue;
+  return fastlm::launch(planted_cp_async_kernel, dim3(1), dim3(32), nullptr, O, S, planted);
 }
 
 int selftest_warp(uintptr_t out) {
