@@ -46,6 +46,12 @@ def interpreter_on() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def interpreted_bf16(x: torch.Tensor) -> bool:
+    """True when a Triton kernel on x would run through the interpreter in bf16, whose bf16 tl.dot
+    and arithmetic are wrong: callers run such kernels on fp32 copies and round the result once."""
+    return x.dtype == torch.bfloat16 and x.device.type == "cpu" and interpreter_on()
+
+
 def _check_name(name: str) -> str:
     if name not in BACKENDS:
         raise ValueError(f"unknown fastlm backend {name!r}; expected one of {', '.join(BACKENDS)}")

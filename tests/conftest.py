@@ -136,25 +136,30 @@ def nvcc_available() -> bool:
     return shutil.which("nvcc") is not None or os.access(os.path.join(home, "bin", "nvcc"), os.X_OK)
 
 
+def host_compiler_available() -> bool:
+    """CMake and a C++ compiler on PATH: what building fastlm._C_host needs."""
+    return shutil.which("cmake") is not None and any(shutil.which(c) for c in (os.environ.get("CXX", "c++"), "g++", "clang++"))
+
+
+def _require_built(err: str | None, module: str, tools: tuple[str, str], can_build: bool, skip_var: str, how: str) -> None:
+    """Skip (with the reason) where ``module`` cannot be built here; fail where it could but does
+    not import. tools: the reason it cannot be built, and the words for when it can."""
+    if err is None:
+        return
+    if not can_build:
+        pytest.skip(f"{tools[0]} and fastlm.{module} is not built: {err}")
+    if os.environ.get(skip_var, "0") not in ("", "0"):
+        pytest.skip(f"{skip_var} is set and fastlm.{module} is not built: {err}")
+    pytest.fail(f"{tools[1]} but fastlm.{module} does not import (run `{how}`): {err}")
+
+
 @pytest.fixture(scope="module")
 def C():
     """fastlm._C; skipped (with the reason) only where it cannot be built here."""
     import fastlm.cuda as fcuda
 
-    err = fcuda.load_error()
-    if err is not None:
-        if not nvcc_available():
-            pytest.skip(f"nvcc is absent and fastlm._C is not built: {err}")
-        if os.environ.get("FASTLM_SKIP_CUDA_BUILD", "0") not in ("", "0"):
-            pytest.skip(f"FASTLM_SKIP_CUDA_BUILD is set and fastlm._C is not built: {err}")
-        pytest.fail(f"nvcc is present but fastlm._C does not import (run `make cuda-check`): {err}")
+    _require_built(fcuda.load_error(), "_C", ("nvcc is absent", "nvcc is present"), nvcc_available(), "FASTLM_SKIP_CUDA_BUILD", "make cuda-check")
     return fcuda.lib()
-
-
-
-def host_compiler_available() -> bool:
-    """CMake and a C++ compiler on PATH: what building fastlm._C_host needs."""
-    return shutil.which("cmake") is not None and any(shutil.which(c) for c in (os.environ.get("CXX", "c++"), "g++", "clang++"))
 
 
 @pytest.fixture(scope="module")
@@ -164,12 +169,7 @@ def C_host():
     where it cannot be built here."""
     import fastlm.cuda as fcuda
 
-    err = fcuda.load_error("cpu")
-    if err is not None:
-        if not host_compiler_available():
-            pytest.skip(f"CMake or a C++ compiler is absent and fastlm._C_host is not built: {err}")
-        if os.environ.get("FASTLM_SKIP_HOST_BUILD", "0") not in ("", "0"):
-            pytest.skip(f"FASTLM_SKIP_HOST_BUILD is set and fastlm._C_host is not built: {err}")
-        pytest.fail(f"CMake and a C++ compiler are present but fastlm._C_host does not import "
-                    f"(run `.venv/bin/python setup.py -q build_ext --inplace`): {err}")
+    _require_built(fcuda.load_error("cpu"), "_C_host",
+                   ("CMake or a C++ compiler is absent", "CMake and a C++ compiler are present"), host_compiler_available(),
+                   "FASTLM_SKIP_HOST_BUILD", ".venv/bin/python setup.py -q build_ext --inplace")
     return fcuda.lib("cpu")

@@ -284,36 +284,36 @@ inline T shfl(WarpOp op, unsigned mask, T v, int arg, int width, const char* fil
 }  // namespace fastlm
 
 // Atomics: a fiber is never preempted between the read and the write, so plain code is atomic;
-// the accesses stay visible to the sanitizer hooks.
+// the accesses stay visible to the sanitizer hooks. Each returns the old value.
+namespace fastlm {
+namespace emulation {
+template <typename T, typename F>
+inline T atomic_update(T* p, F new_value) {
+  const T old = *p;
+  *p = new_value(old);
+  return old;
+}
+}  // namespace emulation
+}  // namespace fastlm
 template <typename T>
 inline T atomicAdd(T* p, T v) {
-  const T old = *p;
-  *p = old + v;
-  return old;
+  return fastlm::emulation::atomic_update(p, [v](T old) { return old + v; });
 }
 template <typename T>
 inline T atomicMax(T* p, T v) {
-  const T old = *p;
-  *p = old < v ? v : old;
-  return old;
+  return fastlm::emulation::atomic_update(p, [v](T old) { return old < v ? v : old; });
 }
 template <typename T>
 inline T atomicMin(T* p, T v) {
-  const T old = *p;
-  *p = v < old ? v : old;
-  return old;
+  return fastlm::emulation::atomic_update(p, [v](T old) { return v < old ? v : old; });
 }
 template <typename T>
 inline T atomicExch(T* p, T v) {
-  const T old = *p;
-  *p = v;
-  return old;
+  return fastlm::emulation::atomic_update(p, [v](T) { return v; });
 }
 template <typename T>
 inline T atomicCAS(T* p, T cmp, T v) {
-  const T old = *p;
-  if (old == cmp) *p = v;
-  return old;
+  return fastlm::emulation::atomic_update(p, [cmp, v](T old) { return old == cmp ? v : old; });
 }
 template <typename T>
 inline T __ldg(const T* p) {

@@ -183,7 +183,6 @@ std::string g_report;
 std::map<std::string, int64_t> g_launch_counts;  // launches per kernel instantiation
 
 struct Launch {
-  const void* kernel = nullptr;
   std::string kernel_name;
   dim3 grid, block;
   int nthreads = 0;
@@ -345,12 +344,14 @@ Image& image() {
   return *g_image;
 }
 
-std::string function_name(const void* fn) {
+const std::string& function_name(const void* fn) {
+  static std::map<const void*, std::string> names;
+  auto hit = names.find(fn);
+  if (hit != names.end()) return hit->second;
   const uintptr_t a = reinterpret_cast<uintptr_t>(fn);
-  for (const auto& f : image().functions) {
-    if (f.first == a) return short_name(demangle(f.second.c_str()));
-  }
-  return format("kernel@%p", fn);
+  const auto& fs = image().functions;
+  auto it = std::lower_bound(fs.begin(), fs.end(), a, [](const auto& f, uintptr_t x) { return f.first < x; });
+  return names[fn] = it != fs.end() && it->first == a ? short_name(demangle(it->second.c_str())) : format("kernel@%p", fn);
 }
 
 // ---- reports ---------------------------------------------------------------------------------
@@ -1074,7 +1075,6 @@ cudaError_t run_grid(const void* kernel, dim3 grid, dim3 block, size_t dyn_bytes
     return cudaErrorInvalidValue;
   }
   if (nblocks == 0) return cudaSuccess;
-  g_launch.kernel = kernel;
   g_launch.kernel_name = function_name(kernel);
   ++g_launch_counts[g_launch.kernel_name];
   g_launch.grid = grid;
@@ -1090,15 +1090,19 @@ cudaError_t run_grid(const void* kernel, dim3 grid, dim3 block, size_t dyn_bytes
   ensure_fibers();
   if (g_dyn_shadow.empty()) g_dyn_shadow.assign(kDynSmemCapacity, Shadow{0, -1, 0, 0, -1, -1, 0, 0});
 
-  pthread_attr_t attr;
-  if (pthread_getattr_np(pthread_self(), &attr) == 0) {
+  // The launching thread's stack, once per thread (pthread_getattr_np reads /proc on the main thread).
+  thread_local const std::pair<uintptr_t, size_t> host_stack = [] {
+    pthread_attr_t attr;
     void* lo = nullptr;
     size_t size = 0;
-    pthread_attr_getstack(&attr, &lo, &size);
-    pthread_attr_destroy(&attr);
-    g_host_stack_lo = reinterpret_cast<uintptr_t>(lo);
-    g_host_stack_size = size;
-  }
+    if (pthread_getattr_np(pthread_self(), &attr) == 0) {
+      pthread_attr_getstack(&attr, &lo, &size);
+      pthread_attr_destroy(&attr);
+    }
+    return std::pair<uintptr_t, size_t>(reinterpret_cast<uintptr_t>(lo), size);
+  }();
+  g_host_stack_lo = host_stack.first;
+  g_host_stack_size = host_stack.second;
 
   std::vector<int64_t> order(static_cast<size_t>(nblocks));
   for (int64_t i = 0; i < nblocks; ++i) order[static_cast<size_t>(i)] = i;

@@ -9,10 +9,6 @@
 #include "host/selftest.h"
 
 namespace fastlm {
-namespace emulation {
-void set_extents(const std::vector<std::tuple<uintptr_t, size_t, std::string>>& extents);
-}  // namespace emulation
-
 namespace {
 
 // PTX ISA, "Matrix Fragments for mma.m16n8k16 with floating point type" (9.7.14.5.8 in the 8.x manuals):

@@ -3,9 +3,15 @@
 
 #include <cstdint>
 #include <string>
+#include <tuple>
+#include <vector>
 
 namespace fastlm {
 namespace emulation {
+
+// The global-memory extents (address, bytes, label) kernels may touch; [] turns the check off
+// (runtime.cpp; Python's emulation_set_extents).
+void set_extents(const std::vector<std::tuple<uintptr_t, size_t, std::string>>& extents);
 
 // D (16x8) = A (16x16) B (16x8) + C through mma_m16n8k16, one warp, fragments placed by the PTX ISA
 // formulas; a, b, c, d: contiguous fp32 host buffers; dtype 1 (fp16) or 2 (bf16). Returns the code.

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from fastlm.backend import BackendUnavailableError, interpreter_on
+from fastlm.backend import BackendUnavailableError, interpreted_bf16, interpreter_on
 from fastlm.cuda import check, dtype_code, lib, ptr, stream_handle
 
 CUDA_COVERAGE = (
@@ -43,12 +43,6 @@ def _triton(device: torch.device):
             f"fastlm.cuda.attention: this case is served by the Triton kernels (see CUDA_COVERAGE), and triton is not importable: {exc}"
         ) from exc
     return triton_attention
-
-
-def _interpreted_bf16(t: torch.Tensor) -> bool:
-    """bf16 on CPU tensors: the Triton interpreter's bf16 arithmetic is wrong, so a Triton fallback
-    runs on fp32 copies and rounds its outputs once (as fastlm.ops does for the triton backend)."""
-    return t.dtype == torch.bfloat16 and t.device.type == "cpu"
 
 
 def _rows_aligned(*tensors, elems: int) -> bool:
@@ -78,7 +72,7 @@ def attention_fwd(q, k, v, causal, scale, window_left, window_right, out, lse) -
     """See fastlm.triton.attention.attention_fwd."""
     if not fwd_runs_cuda(q, k, v, causal, window_left, window_right, out):
         T = _triton(q.device)
-        if not _interpreted_bf16(q):
+        if not interpreted_bf16(q):
             return T.attention_fwd(q, k, v, causal, scale, window_left, window_right, out, lse)
         out32 = torch.empty_like(out, dtype=torch.float32)
         T.attention_fwd(q.float(), k.float(), v.float(), causal, scale, window_left, window_right, out32, lse)
@@ -98,7 +92,7 @@ def attention_fwd(q, k, v, causal, scale, window_left, window_right, out, lse) -
 def attention_bwd(do, dlse, q, k, v, out, lse, causal, scale, window_left, window_right, dq, dk, dv, deterministic=True) -> None:
     """The Triton backward (no CUDA backward yet); see fastlm.triton.attention.attention_bwd."""
     T = _triton(q.device)
-    if not _interpreted_bf16(q):
+    if not interpreted_bf16(q):
         return T.attention_bwd(do, dlse, q, k, v, out, lse, causal, scale, window_left, window_right, dq, dk, dv, deterministic)
     grads = [torch.empty_like(g, dtype=torch.float32) for g in (dq, dk, dv)]
     T.attention_bwd(do.float(), dlse, q.float(), k.float(), v.float(), out.float(), lse, causal, scale,
@@ -132,7 +126,7 @@ def decode_attention_fwd(q, k_cache, v_cache, cache_seqlens, scale, window_left,
     """See fastlm.triton.attention.decode_attention_fwd."""
     if not decode_runs_cuda(q, k_cache, v_cache):
         T = _triton(q.device)
-        if not _interpreted_bf16(q):
+        if not interpreted_bf16(q):
             return T.decode_attention_fwd(q, k_cache, v_cache, cache_seqlens, scale, window_left, window_right, out, lse, num_splits)
         out32 = torch.empty_like(out, dtype=torch.float32)
         T.decode_attention_fwd(q.float(), k_cache.float(), v_cache.float(), cache_seqlens, scale, window_left, window_right,

@@ -9,7 +9,7 @@ import types
 
 import torch
 
-from fastlm.backend import interpreter_on
+from fastlm.backend import interpreted_bf16
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
@@ -108,7 +108,7 @@ def emulate_bf16(backend: str, x: torch.Tensor) -> bool:
     """True when a Triton kernel would run through the interpreter on bf16 CPU tensors: its bf16
     tl.dot and bf16 arithmetic are wrong there, so the matrix and norm ops run the kernel on fp32
     copies and round the result to bf16 (rotary, sinusoidal and sampling compute in fp32 already)."""
-    return backend == "triton" and x.dtype == torch.bfloat16 and x.device.type == "cpu" and interpreter_on()
+    return backend == "triton" and interpreted_bf16(x)
 
 
 def _nonoverlapping_by_strides(shape, strides) -> bool:
