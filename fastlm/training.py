@@ -867,11 +867,14 @@ def train(tc: TrainConfig, on_step=None, log=print) -> dict:
                 on_step(step, raw)
 
             time_up = bool(tc.time_limit) and time.perf_counter() - t_start > tc.time_limit
-            if world > 1:  # every rank stops after the same step
-                stop[0], stop[1] = float(interrupt.flag), float(time_up)
+            asked = interrupt.flag
+            # every rank stops after the same step; interrupt.flag is never written back, so a signal
+            # handled just after the reduce returns is counted in the next step's
+            if world > 1:
+                stop[0], stop[1] = float(asked), float(time_up)
                 torch.distributed.all_reduce(stop)
-                interrupt.flag, time_up = bool(stop[0] > 0), bool(stop[1] > 0)
-            stopping = interrupt.flag or time_up
+                asked, time_up = bool(stop[0] > 0), bool(stop[1] > 0)
+            stopping = asked or time_up
             final = stopping or step == tc.steps
             if step % tc.log_interval == 0 or final:
                 if world > 1:
@@ -901,10 +904,10 @@ def train(tc: TrainConfig, on_step=None, log=print) -> dict:
             if tc.ckpt_interval and step % tc.ckpt_interval == 0 and step < tc.steps:
                 checkpoint()
             if stopping:
-                if main and time_up and not interrupt.flag:
+                if main and time_up and not asked:
                     fitted = " (with --fit-time-limit the warm-up and the cosine decay ran on the time, and are complete)"
                     log(f"time limit of {tc.time_limit:g} s reached at step {step}{fitted * tc.fit_time_limit}")
-                interrupted = interrupt.flag
+                interrupted = asked
                 break
         signum = interrupt.signum
         if bar is not None:

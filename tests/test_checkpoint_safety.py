@@ -247,6 +247,54 @@ def test_ctrl_c_with_ranks_through_torchrun_exits_130_without_a_traceback(corpus
     assert state["step"] >= 1 and state["world_size"] == 2
 
 
+_RANK = """
+import json, signal, sys
+import torch.distributed as dist
+from fastlm.training import TrainConfig, train
+real, stops = dist.all_reduce, []
+def all_reduce(t, *a, **k):
+    out = real(t, *a, **k)
+    if t.shape == (2,):  # the stop flags: the signal is handled as the reduce returns
+        stops.append(1)
+        if len(stops) == 3:
+            signal.raise_signal(signal.SIGINT)
+    return out
+dist.all_reduce = all_reduce
+tc = TrainConfig(**json.loads(sys.argv[1]))
+s = train(tc, log=lambda *a: None)
+print(json.dumps({"step": s["step"], "interrupted": s["interrupted"]}))
+dist.destroy_process_group()
+"""
+
+
+def test_a_signal_handled_as_the_stop_reduce_returns_stops_every_rank_after_the_next_step(corpus, tmp_path):
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    tc = dict(data=[str(corpus)], model=dict(MODEL), steps=8, batch_size=2, seq_len=32, vocab_size=300,
+              eval_interval=0, log_interval=1, out=str(tmp_path / "out"), progress=False, backend="torch", device="cpu",
+              tokenizer=None)
+    procs = []
+    for rank in range(2):
+        env = {**_env(), "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": str(port), "TORCHELASTIC_RUN_ID": "test", "FASTLM_CACHE_DIR": os.environ["FASTLM_CACHE_DIR"]}
+        procs.append(subprocess.Popen([sys.executable, "-c", _RANK, json.dumps(tc)], env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    try:
+        results = [p.communicate(timeout=240) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for p, (stdout, stderr) in zip(procs, results, strict=True):
+        assert p.returncode == 0, stderr[-3000:]
+        # before the fix both ranks overwrote the flag with the reduced 0 and trained on to step 8
+        assert json.loads(stdout.strip().splitlines()[-1]) == {"step": 4, "interrupted": True}, stdout[-2000:]
+    assert json.loads((tmp_path / "out" / "checkpoint" / "trainer_state.json").read_text())["step"] == 4
+
+
 # ---- dependencies, symlinks, shard paths -------------------------------------------------------
 
 
