@@ -3,6 +3,8 @@
 // Plain CUDA: no torch headers, so the extension never depends on the torch ABI.
 #pragma once
 
+#include <array>
+#include <cmath>
 #include <cstdint>
 #include <type_traits>
 
@@ -151,6 +153,13 @@ __device__ __forceinline__ float2 warp_sum(float2 v) {
     v.x += __shfl_xor_sync(0xffffffffu, v.x, o);
     v.y += __shfl_xor_sync(0xffffffffu, v.y, o);
   }
+  return v;
+}
+
+// Maximum over the 32 lanes of a full warp, returned to every lane.
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
   return v;
 }
 
@@ -316,5 +325,30 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 #endif
 }
+
+// ---- attention (csrc/attention.cu, csrc/decode_attention.cu) ----
+
+constexpr float kNegInf = -INFINITY;
+constexpr float kLn2 = 0.6931471805599453f;
+
+inline dim3 to_dim3(const std::array<int64_t, 3>& g) {
+  return dim3(static_cast<unsigned>(g[0]), static_cast<unsigned>(g[1]), static_cast<unsigned>(g[2]));
+}
+
+template <typename F>
+int dispatch_half(int dtype, F&& f) {
+  if (dtype == kFloat16) return f(TypeTag<__half>{});
+  if (dtype == kBFloat16) return f(TypeTag<__nv_bfloat16>{});
+  return cudaErrorInvalidValue;
+}
+
+template <int... Ds, typename F>
+int dispatch_dim(int64_t D, F&& f) {
+  int code = cudaErrorInvalidValue;
+  const bool hit = ((D == Ds ? (code = f(std::integral_constant<int, Ds>{}), true) : false) || ...);
+  (void)hit;
+  return code;
+}
+
 
 }  // namespace fastlm

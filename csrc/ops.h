@@ -88,6 +88,7 @@ std::array<int64_t, 3> attention_fwd_block(int64_t index, int64_t Hq, int64_t Sq
 int attention_fwd(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, uintptr_t lse, int64_t B, int64_t Hq,
                   int64_t Hkv, int64_t Sq, int64_t Sk, int64_t D, const std::vector<int64_t>& strides, double scale,
                   bool causal, int dtype, uintptr_t stream);
+// ---- decode_attention (csrc/decode_attention.cu) ----
 // Decode (split-KV + combine): q (B, Hq, Sq <= 16, D) over caches (B, Hkv, S_max, D) with lengths
 // cache_seqlens (B,) int32 (clamped to [0, S_max]); causal within each sequence, optional left
 // window (window_left >= 0; window_right is capped at 0). o_part (num_splits, B, Hq, Sq, D) and
