@@ -31,7 +31,10 @@ ARCHS = [90, 80]
 
 @pytest.fixture(scope="session")
 def compiled(tmp_path_factory):
-    root = tmp_path_factory.getbasetemp().parent / "static-triton"
+    base = tmp_path_factory.getbasetemp()
+    # xdist workers share their session's directory (basetemp's parent); without xdist the parent
+    # outlives the session and would hand a later run stale rows, so each session keeps its own.
+    root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "static-triton"
     root.mkdir(exist_ok=True)
 
     def get(op: str, cc: int) -> list[sass.Row]:
@@ -111,7 +114,7 @@ def test_sampling_ieee_division_regression(compiled, cc):
 def test_attention_head_dim_specialised_regression(compiled, cc):
     """HEAD_DIM in do_not_specialize kept the kernels from proving alignment: Q/O and masked K/V went
     through 2-byte loads and head dims that are not powers of two lost cp.async."""
-    rows = [r for r in compiled("attention", cc) if r.kernel != "_bwd_preprocess_kernel"]
+    rows = [r for r in compiled("attention", cc) if r.kernel not in ("_bwd_preprocess_kernel", "_attn_fwd_tma_kernel")]
     for r in rows:
         assert r.sass["LDG.16"] == 0, f"{r.kernel} [{r.config}]: 2-byte global loads {r.sass['LDG.16']}"
         if not r.config.endswith(" s1"):  # a single-stage config has no pipeline to feed
@@ -119,15 +122,33 @@ def test_attention_head_dim_specialised_regression(compiled, cc):
     assert any(r.config.startswith("D=80") for r in rows) and any(r.config.startswith("D=96") for r in rows)
 
 
+def test_attention_fwd_tma_loads_through_tma(compiled):
+    """On sm_90a the TMA forward loads Q, K, V by UTMALDG (no pointer loads of them: no LDGSTS, no
+    128-bit LDG) in every head-dim row and dtype it serves, without spills. sm_80 has no TMA plan:
+    the launcher keeps the pointer kernel there (uses_tma)."""
+    rows = [r for r in compiled("attention", 90) if r.kernel == "_attn_fwd_tma_kernel"]
+    assert {r.config.split()[0] for r in rows} >= {"D=64", "D=128", "D=256"}
+    assert {r.config.split()[1] for r in rows} == {"fp16", "bf16", "fp32"}
+    for r in rows:
+        assert r.error is None, f"[{r.config}]: {r.error}"
+        assert r.sass["UTMALDG"] > 0, f"[{r.config}]: no TMA load"
+        assert r.sass["LDGSTS"] == 0 and r.sass["LDG.128"] == 0, f"[{r.config}]: pointer loads beside TMA"
+        assert not sass.spills(r), f"[{r.config}]: spills ({r.local} B local, {r.stack} B stack)"
+    assert not [r for r in compiled("attention", 80) if r.kernel == "_attn_fwd_tma_kernel"]
+
+
 @pytest.mark.parametrize("cc", ARCHS, ids=lambda c: sass.ARCHS[c])
 def test_decode_cp_async_regression(compiled, cc):
-    """The decode split kernel got no cp.async (and 247 registers) while HEAD_DIM was unspecialised."""
+    """The decode split kernel got no cp.async (and 247 registers) while HEAD_DIM was unspecialised,
+    and BLOCK_D 256 ran single-stage (one K/V tile in flight). Every config now streams K/V through
+    a cp.async ring; the only global loads beside it are Q's 128-bit rows and the scalar length."""
     rows = [r for r in compiled("decode_attention", cc) if r.kernel == "_decode_split_kernel"]
-    assert rows
+    assert any(r.config.startswith("D=256") for r in rows)
     for r in rows:
-        assert r.sass["LDG.16"] == 0, f"[{r.config}]: 2-byte loads"
-        if not r.config.endswith(" s1"):
-            assert r.sass["LDGSTS"] > 0, f"[{r.config}]: no cp.async"
+        assert r.sass["LDGSTS"] > 0, f"[{r.config}]: no cp.async"
+        assert r.sass["LDG.128"] > 0, f"[{r.config}]: no 128-bit load of Q"
+        narrow = {k: r.sass[k] for k in ("LDG.64", "LDG.32", "LDG.16", "LDG.8") if r.sass[k]}
+        assert narrow == {"LDG.32": 1}, f"[{r.config}]: narrow global loads beside the length: {narrow}"
 
 
 @pytest.mark.parametrize("cc", ARCHS, ids=lambda c: sass.ARCHS[c])

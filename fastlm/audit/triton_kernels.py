@@ -166,12 +166,32 @@ def attention_plans(exhaustive: bool = False, cc: int = 90) -> list[Plan]:
                 label = f"{base} BM={c['BLOCK_M']} BN={c['BLOCK_N']} w{c['num_warps']} s{c['num_stages']}"
                 plans.append(Plan("attention", kernel, label, vals, {**meta, **c}, role="default" if i == 0 else "candidate",
                                   kind="matrix", allowed=FP32_FMA if meta["DOT_PREC"] == "ieee" else None))
+        if cc == 90 and meta["DOT_PREC"] != "ieee":  # where fastlm.triton.attention.uses_tma may pick it
+            for i, cfg in enumerate(A.candidates("fwd_tma", meta["BLOCK_D"], fp32, meta["EVEN_D"], cc)[: None if exhaustive else 1]):
+                c = dict(cfg)
+                vals = dict(_tma_descriptors(A, dtype, D, {**meta, **c}), LSE=torch.float32, LEFT=left, RIGHT=right,
+                            qk_scale=0.18, GROUP=2, Hq=8, Sq=1000, Sk=1000, SEQ_BUCKET=1024)
+                label = f"{base} BM={c['BLOCK_M']} BN={c['BLOCK_N']} w{c['num_warps']} s{c['num_stages']}"
+                plans.append(Plan("attention", A._attn_fwd_tma_kernel, label, vals, {**meta, **c},
+                                  role="default" if i == 0 else "candidate", kind="matrix"))
         if mask == "full":
             plans.append(Plan("attention", A._bwd_preprocess_kernel, f"D={D} {dt} BM={A.PREPROCESS_BLOCK_M}",
                               dict(O=dtype, DO=dtype, Delta=torch.float32, Hq=8, Sq=1000),
                               dict(HEAD_DIM=D, BLOCK_D=meta["BLOCK_D"], EVEN_D=meta["EVEN_D"], BLOCK_M=A.PREPROCESS_BLOCK_M,
                                    num_warps=4, num_stages=3), kind="memory"))
     return plans
+
+
+def _tma_descriptors(A, dtype, D: int, meta: dict) -> dict:
+    """Host tensor descriptors of Q, K, V, O over 16-byte aligned mock tensors (B, H, S, D), with the
+    block shapes the launcher gives them for this config."""
+    from triton.runtime.jit import MockTensor
+
+    shape = [4, 8, 1024, D]
+    strides = [8 * 1024 * D, 1024 * D, D, 1]
+    descs = {n: A.TensorDescriptor(MockTensor(dtype), shape, strides, [1, 1, 16, meta["BLOCK_D"]]) for n in "QKVO"}
+    A._set_tma_blocks({**descs, **meta})
+    return descs
 
 
 def decode_plans(exhaustive: bool = False, cc: int = 90) -> list[Plan]:

@@ -30,6 +30,11 @@ vector loads and cp.async for every head dim (one compile per head dim). fp32 in
 dots on tensor cores (fp32-level accuracy) up to BLOCK_D 128 and IEEE FMA dots above (see
 dot_precision): both on small tiles, several times slower than 16-bit inputs.
 
+On sm_90 the forward loads Q, K, V and stores O through host tensor descriptors (TMA:
+_attn_fwd_tma_kernel, rank-4 descriptors over (B, H, S, D), so any 16-byte aligned layout works and
+boxes past a sequence's end or the head dim read as zeros); the pointer kernel serves sm_80, older
+Triton, and layouts no descriptor expresses (uses_tma, FASTLM_ATTENTION_TMA).
+
 Grids are one-dimensional (blocks x heads x batch on grid x, which allows 2^31 - 1 programs;
 y and z allow only 65535); each kernel splits program_id(0) again, query/key blocks fastest.
 
@@ -204,6 +209,80 @@ def _attn_fwd_kernel(
     lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
     tl.store(O + offs_m[:, None].to(tl.int64) * stride_os + offs_d[None, :], out.to(O.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
     tl.store(LSE + offs_m, lse, mask=m_ok)
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward through tensor descriptors (TMA, sm_90)
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _fwd_blocks_tma(
+    acc, m_i, l_i, q, K, V, b, hk,  # K, V: descriptors of (B, Hkv, Sk, D), blocks (1, 1, BLOCK_N, BLOCK_D)
+    offs_m, lo, hi, Sk, diag, LEFT, RIGHT, qk_scale,
+    MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    """_fwd_blocks with K and V tiles fetched by TMA: keys past Sk and columns past the head dim
+    arrive as zeros, so only the scores are masked."""
+    offs_nb = tl.arange(0, BLOCK_N)
+    for start_n in range(lo, hi, BLOCK_N):
+        k = K.load([b, hk, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
+        v = V.load([b, hk, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+        if MASKED:
+            offs_n = start_n + offs_nb
+            ok = offs_n[None, :] < Sk
+            if HAS_RIGHT:
+                ok = ok & (offs_n[None, :] <= offs_m[:, None] + (diag + RIGHT))
+            if HAS_LEFT:
+                ok = ok & (offs_n[None, :] >= offs_m[:, None] + (diag - LEFT))
+            s = tl.where(ok, s, float("-inf"))
+        acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, s, v, DOT_PREC)
+    return acc, m_i, l_i
+
+
+@triton.jit(do_not_specialize=["Hq", "GROUP", "Sq", "Sk", "LEFT", "RIGHT", "SEQ_BUCKET"])
+def _attn_fwd_tma_kernel(
+    Q, K, V, O, LSE,  # descriptors of q, o (B, Hq, Sq, D) and k, v (B, Hkv, Sk, D); lse (B, Hq, Sq) fp32 pointer
+    stride_lb, stride_lh,
+    Hq, GROUP, Sq, Sk, LEFT, RIGHT, qk_scale, SEQ_BUCKET,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+    DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """_attn_fwd_kernel with Q, K, V loaded and O stored by TMA (block shapes set by the launcher
+    or the autotuner's pre_hook: (1, 1, BLOCK_M, BLOCK_D) for Q/O, (1, 1, BLOCK_N, BLOCK_D) for K/V)."""
+    num_m = tl.cdiv(Sq, BLOCK_M)
+    pid_m = tl.program_id(0) % num_m
+    bh = tl.program_id(0) // num_m
+    h = bh % Hq
+    b = bh // Hq
+    if HAS_RIGHT:
+        pid_m = num_m - 1 - pid_m
+    hk = h // GROUP
+    m0 = pid_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    q = Q.load([b, h, m0, 0]).reshape(BLOCK_M, BLOCK_D)
+
+    diag = Sk - Sq
+    lo_blk, a_hi, b_lo, b_hi, c_lo, hi = _query_block_key_ranges(m0, Sq, Sk, LEFT, RIGHT, HAS_LEFT, HAS_RIGHT, BLOCK_M, BLOCK_N)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    acc, m_i, l_i = _fwd_blocks_tma(acc, m_i, l_i, q, K, V, b, hk, offs_m, lo_blk, a_hi, Sk, diag, LEFT, RIGHT, qk_scale,
+                                    True, HAS_LEFT, HAS_RIGHT, BLOCK_N, BLOCK_D, DOT_PREC)
+    acc, m_i, l_i = _fwd_blocks_tma(acc, m_i, l_i, q, K, V, b, hk, offs_m, b_lo, b_hi, Sk, diag, LEFT, RIGHT, qk_scale,
+                                    False, HAS_LEFT, HAS_RIGHT, BLOCK_N, BLOCK_D, DOT_PREC)
+    acc, m_i, l_i = _fwd_blocks_tma(acc, m_i, l_i, q, K, V, b, hk, offs_m, c_lo, hi, Sk, diag, LEFT, RIGHT, qk_scale,
+                                    True, HAS_LEFT, HAS_RIGHT, BLOCK_N, BLOCK_D, DOT_PREC)
+
+    seen = l_i > 0.0
+    out = acc / tl.where(seen, l_i, 1.0)[:, None]
+    lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+    O.store([b, h, m0, 0], out.to(q.dtype).reshape(1, 1, BLOCK_M, BLOCK_D))
+    LSE += b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh
+    tl.store(LSE + offs_m, lse, mask=offs_m < Sq)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -498,15 +577,21 @@ _KEY = ["BLOCK_D", "EVEN_D", "HAS_LEFT", "HAS_RIGHT", "DOT_PREC", "SEQ_BUCKET"]
 # Under the interpreter: one small fixed config (BLOCK_M != BLOCK_N, so mismatched block boundaries
 # are exercised); inside fastlm.triton._configs.gpu_configs() the GPU defaults instead.
 _INTERP = {"fwd": dict(BLOCK_M=32, BLOCK_N=16), "dkdv": dict(BLOCK_M=16, BLOCK_N=32), "dq": dict(BLOCK_M=32, BLOCK_N=16)}
+_INTERP["fwd_tma"] = _INTERP["fwd"]
+# The TMA forward ("fwd_tma") takes the "fwd" rows except where these differ.
+_TMA: dict = {}
 
 
 def table_row(kind: str, bd: int, fp32: bool, even: bool = True, cc: int = 90) -> list[tuple[int, int, int, int]]:
     """The candidates of kernel ``kind`` ("fwd", "dkdv", "dq") for BLOCK_D = bd, the dtype class,
     whether the head dim fills BLOCK_D, and the GPU's compute capability cc (sm_80 keeps whole
-    mma.sync accumulators per warp, so some rows differ there)."""
+    mma.sync accumulators per warp, so some rows differ there). "fwd_tma" (the TMA forward, sm_90
+    only) is the "fwd" row unless _TMA has its own."""
+    tma = kind == "fwd_tma"
+    kind = "fwd" if tma else kind
     table = _TABLES[kind][fp32]
     key = min((k for k in table if k >= bd), default=max(table))
-    for override, applies in ((_SM80, cc < 90), (_UNEVEN, not even)):
+    for override, applies in ((_TMA, tma), (_SM80, cc < 90), (_UNEVEN, not even)):
         row = override.get(kind, {}).get(fp32, {}).get(key) if applies else None
         if row:
             return row
@@ -530,25 +615,42 @@ def seq_bucket(Sq: int, Sk: int) -> int:
     return min(max(triton.next_power_of_2(max(Sq, Sk, 1)), 128), 16384)
 
 
+def _set_tma_blocks(nargs: dict) -> None:
+    """Give the TMA forward's descriptors the block shapes of the config in nargs (its pre_hook)."""
+    bm, bn, bd = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_D"]
+    nargs["Q"].block_shape = [1, 1, bm, bd]
+    nargs["O"].block_shape = [1, 1, bm, bd]
+    nargs["K"].block_shape = [1, 1, bn, bd]
+    nargs["V"].block_shape = [1, 1, bn, bd]
+
+
+_PRE_HOOKS = {"fwd_tma": _set_tma_blocks}
+
+
 def _autotuned(kind: str, kernel):
-    configs = sorted({c for t in (_TABLES, _UNEVEN, _SM80) for rows in t.get(kind, {}).values() for cs in rows.values() for c in cs})
+    table_kind = "fwd" if kind == "fwd_tma" else kind
+    tables = (_TABLES, _UNEVEN, _SM80, _TMA) if kind == "fwd_tma" else (_TABLES, _UNEVEN, _SM80)
+    configs = sorted({c for t in tables for rows in t.get(table_kind, {}).values() for cs in rows.values() for c in cs})
 
     def prune(configs, named_args, **kwargs):
         meta = {**named_args, **kwargs}
-        want = table_row(kind, meta["BLOCK_D"], is_fp32_prec(meta["DOT_PREC"]), meta["EVEN_D"], capability(meta["Q"]))
+        q = meta["Q"]
+        want = table_row(kind, meta["BLOCK_D"], is_fp32_prec(meta["DOT_PREC"]), meta["EVEN_D"], capability(getattr(q, "base", q)))
         keep = [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in want]
         return keep or configs[:1]
 
+    hook = _PRE_HOOKS.get(kind)
     return triton.autotune(
-        [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for (bm, bn, w, s) in configs],
+        [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s, pre_hook=hook) for (bm, bn, w, s) in configs],
         key=_KEY, prune_configs_by={"early_config_prune": prune},
     )(kernel)
 
 
 _fwd_tuned = _autotuned("fwd", _attn_fwd_kernel)
+_fwd_tma_tuned = _autotuned("fwd_tma", _attn_fwd_tma_kernel)
 _dkdv_tuned = _autotuned("dkdv", _attn_bwd_dkdv_kernel)
 _dq_tuned = _autotuned("dq", _attn_bwd_dq_kernel)
-_KERNELS = {"fwd": (_attn_fwd_kernel, _fwd_tuned), "dkdv": (_attn_bwd_dkdv_kernel, _dkdv_tuned), "dq": (_attn_bwd_dq_kernel, _dq_tuned)}
+_KERNELS = {"fwd": (_attn_fwd_kernel, _fwd_tuned), "fwd_tma": (_attn_fwd_tma_kernel, _fwd_tma_tuned), "dkdv": (_attn_bwd_dkdv_kernel, _dkdv_tuned), "dq": (_attn_bwd_dq_kernel, _dq_tuned)}
 
 
 def autotune_enabled() -> bool:
@@ -560,14 +662,17 @@ def autotune_enabled() -> bool:
 def _launch(kind, grid_fn, args, meta):
     raw, tuned = _KERNELS[kind]
     fp32 = is_fp32_prec(meta["DOT_PREC"])
-    if not args[0].is_cuda or interpreter_on():
+    first = getattr(args[0], "base", args[0])  # a tensor, or the tensor under a descriptor
+    if not first.is_cuda or interpreter_on():
         cfg = _INTERP[kind] if small_configs() else default_config(kind, meta["BLOCK_D"], fp32, meta["EVEN_D"])
-        raw[grid_fn(cfg)](*args, **meta, **cfg)
     elif autotune_enabled():
         tuned[lambda m: grid_fn(m)](*args, **meta)
+        return
     else:
-        cfg = default_config(kind, meta["BLOCK_D"], fp32, meta["EVEN_D"], capability(args[0]))
-        raw[grid_fn(cfg)](*args, **meta, **cfg)
+        cfg = default_config(kind, meta["BLOCK_D"], fp32, meta["EVEN_D"], capability(first))
+    if kind in _PRE_HOOKS:
+        _PRE_HOOKS[kind](dict(zip("QKVO", args[:4], strict=True), **meta, **cfg))
+    raw[grid_fn(cfg)](*args, **meta, **cfg)
 
 
 def fwd_meta(D: int, dtype: torch.dtype, causal: bool, window_left: int, window_right: int) -> tuple[dict, int, int]:
@@ -589,23 +694,70 @@ def _check_unit_d(**tensors):
 # ---------------------------------------------------------------------------------------------
 
 
+def _tensor_descriptor_class():
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+    except ImportError:
+        return None
+    return TensorDescriptor
+
+
+TensorDescriptor = _tensor_descriptor_class()
+
+
+def _descriptor_ok(t: torch.Tensor) -> bool:
+    """A TMA descriptor can express t: 16-byte aligned base and strides, unit last stride, no empty dim."""
+    size = t.element_size()
+    return (t.dim() == 4 and t.stride(-1) == 1 and all(n > 0 for n in t.shape) and t.data_ptr() % 16 == 0
+            and all(st > 0 and st * size % 16 == 0 for st in t.stride()[:-1]))
+
+
+def uses_tma(q, k, v, out) -> bool:
+    """Whether attention_fwd loads Q, K, V and stores O through tensor descriptors (TMA): only
+    with FASTLM_ATTENTION_TMA=1 until a GPU run has validated it (the interpreter and the sm_90a
+    compile tier have; no GPU has yet): then on a device of capability 90 or more, and on CPU
+    tensors under TRITON_INTERPRET=1, whose interpreter executes descriptors, when this Triton has
+    host tensor descriptors (triton.tools.tensor_descriptor), every
+    tensor is expressible as one (_descriptor_ok) and the dots are not IEEE fp32 (head dims over
+    128 in fp32, whose TMA tile spills). Otherwise the pointer kernel, which also serves sm_80.
+    No warp specialisation: Triton's tl.range(warp_specialize=True) is Blackwell-only (on sm_90 the
+    3.9 compiler accepts it and emits the same code)."""
+    mode = os.environ.get("FASTLM_ATTENTION_TMA", "")
+    if mode == "0" or TensorDescriptor is None or not all(_descriptor_ok(t) for t in (q, k, v, out)):
+        return False
+    if dot_precision(q.dtype, block_d(q.shape[-1])) == "ieee":
+        return False
+    if not q.is_cuda:
+        return mode == "1" and interpreter_on()
+    if interpreter_on():
+        return False
+    return mode == "1" and capability(q) >= 90
+
+
 def attention_fwd(q, k, v, causal, scale, window_left, window_right, out, lse) -> None:
     """Forward into caller-given out (B, Hq, Sq, D) and lse (B, Hq, Sq) fp32 (unit stride in S).
     q (B, Hq, Sq, D), k/v (B, Hkv, Sk, D) with Hq % Hkv == 0, unit stride in D; window sides -1 =
-    unbounded; scale multiplies q.k."""
+    unbounded; scale multiplies q.k. Q, K, V and O go through TMA descriptors when uses_tma()."""
     _check_unit_d(q=q, k=k, v=v, out=out)
     B, Hq, Sq, D = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
     if B == 0 or Hq == 0 or Sq == 0:
         return
     meta, left, right = fwd_meta(D, q.dtype, causal, window_left, window_right)
+    grid = lambda m: grid_1d(triton.cdiv(Sq, m["BLOCK_M"]), Hq, B)  # noqa: E731
+    if uses_tma(q, k, v, out):
+        bd = meta["BLOCK_D"]
+        descs = [TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, 16, bd]) for t in (q, k, v, out)]
+        args = (*descs, lse, lse.stride(0), lse.stride(1), Hq, Hq // Hkv, Sq, Sk, left, right, scale * LOG2E, seq_bucket(Sq, Sk))
+        _launch("fwd_tma", grid, args, meta)
+        return
     args = (
         q, k, v, out, lse,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
         Hq, Hq // Hkv, Sq, Sk, left, right, scale * LOG2E, seq_bucket(Sq, Sk),
     )
-    _launch("fwd", lambda m: grid_1d(triton.cdiv(Sq, m["BLOCK_M"]), Hq, B), args, meta)
+    _launch("fwd", grid, args, meta)
 
 
 def attention_bwd(do, dlse, q, k, v, out, lse, causal, scale, window_left, window_right, dq, dk, dv, deterministic=True) -> None:

@@ -137,7 +137,10 @@ def config(head_dim: int, rows: int, dtype: torch.dtype, cc: int = 90) -> dict:
     to 64) and the GPU's compute capability cc, and the combine kernel's BLOCK_R; small tiles under
     the interpreter. Every config compiles without spills on sm_90a and sm_80 (the compile tier):
     BLOCK_D 256 and fp32 above BLOCK_D 64 take 16-row blocks (more row blocks, each reading the
-    cache), a 64-row block on sm_80 halves BLOCK_N, fp32 at BLOCK_D 256 (IEEE FMA dots) uses 16 x 16."""
+    cache), a 64-row block on sm_80 halves BLOCK_N, fp32 at BLOCK_D 256 (IEEE FMA dots) uses 16 x 16.
+    Every GPU config has num_stages >= 2: the key loop's K/V tiles stream through a cp.async ring
+    (16-byte LDGSTS per thread and row segment, the compile tier's gate), one tile in flight while
+    the previous one is multiplied."""
     bd = max(16, triton.next_power_of_2(head_dim))
     bm = min(max(16, triton.next_power_of_2(rows)), 64)
     if small_configs():
@@ -148,7 +151,7 @@ def config(head_dim: int, rows: int, dtype: torch.dtype, cc: int = 90) -> dict:
     bn = 32 if fp32 or bd > 128 else 64
     if cc < 90 and bm == 64:
         bn //= 2
-    stages = 1 if bd > 128 else 3 if bm <= 16 and not fp32 else 2
+    stages = 3 if bm <= 16 and bd <= 128 and not fp32 else 2
     if fp32 and bd > 128:
         bn = 16
     return dict(BLOCK_D=bd, BLOCK_M=bm, BLOCK_N=bn, num_warps=4, num_stages=stages, BLOCK_R=max(1, 2048 // bd))
