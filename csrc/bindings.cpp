@@ -119,23 +119,38 @@ PYBIND11_MODULE(FASTLM_MODULE_NAME, m) {
 
   // ---- attention (csrc/attention.cu) ----
   m.def("attention_fwd_supported", &fastlm::attention_fwd_supported, py::arg("D"), py::arg("dtype"));
+  m.def("attention_fwd_block_rows", &fastlm::attention_fwd_block_rows, "query rows per forward block");
   m.def("attention_fwd", &fastlm::attention_fwd, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"),
-        py::arg("lse"), py::arg("B"), py::arg("Hq"), py::arg("Hkv"), py::arg("Sq"), py::arg("Sk"), py::arg("D"),
-        py::arg("strides"), py::arg("scale"), py::arg("causal"), py::arg("dtype"), py::arg("stream"));
+        py::arg("lse"), py::arg("o_part"), py::arg("lse_part"), py::arg("B"), py::arg("Hq"), py::arg("Hkv"),
+        py::arg("Sq"), py::arg("Sk"), py::arg("D"), py::arg("strides"), py::arg("scale"), py::arg("causal"),
+        py::arg("window_left"), py::arg("window_right"), py::arg("num_splits"), py::arg("dtype"), py::arg("stream"));
   m.def("attention_fwd_grids", &fastlm::attention_fwd_grids, py::arg("B"), py::arg("Hq"), py::arg("Sq"),
-        "the launch grid (x, y, z) attention_fwd uses; [] when it exceeds the limits");
+        py::arg("num_splits"), "the launch grids (forward[, combine]) attention_fwd uses; [] when they exceed the limits");
   m.def("attention_fwd_block", &fastlm::attention_fwd_block, py::arg("index"), py::arg("Hq"), py::arg("Sq"),
-        py::arg("causal"), "(b, h, query block) of forward block index");
+        py::arg("reverse"), py::arg("num_splits"), "(b, h, query block, split) of forward block index");
   m.def("decode_attention_supported", &fastlm::decode_attention_supported, py::arg("D"), py::arg("dtype"));
-  m.def("decode_attention_grids", &fastlm::decode_attention_grids, py::arg("B"), py::arg("Hq"), py::arg("Sq"),
-        py::arg("num_splits"), "the grids (split, combine) decode_attention_fwd uses; [] when they exceed the limits");
-  m.def("decode_attention_block", &fastlm::decode_attention_block, py::arg("index"), py::arg("Hq"),
-        "(b, h) of split block index");
+  m.def("decode_attention_grids", &fastlm::decode_attention_grids, py::arg("B"), py::arg("Hq"), py::arg("Hkv"),
+        py::arg("Sq"), py::arg("num_splits"),
+        "the grids (split, combine) decode_attention_fwd uses; [] when they exceed the limits");
+  m.def("decode_attention_block", &fastlm::decode_attention_block, py::arg("index"), py::arg("Hkv"),
+        "(b, kv head) of split block index");
   m.def("decode_attention_fwd", &fastlm::decode_attention_fwd, py::arg("q"), py::arg("k_cache"),
         py::arg("v_cache"), py::arg("cache_seqlens"), py::arg("out"), py::arg("lse"), py::arg("o_part"),
         py::arg("lse_part"), py::arg("B"), py::arg("Hq"), py::arg("Hkv"), py::arg("Sq"), py::arg("S_max"),
         py::arg("D"), py::arg("strides"), py::arg("num_splits"), py::arg("scale"), py::arg("window_left"),
         py::arg("window_right"), py::arg("dtype"), py::arg("stream"));
+
+  // ---- attention backward (csrc/attention_bwd.cu) ----
+  m.def("attention_bwd_supported", &fastlm::attention_bwd_supported, py::arg("D"), py::arg("dtype"));
+  m.def("attention_bwd_workspace_size", &fastlm::attention_bwd_workspace_size, py::arg("B"), py::arg("Hq"),
+        py::arg("Sq"), "fp32 elements of the workspace attention_bwd needs; -1 beyond the limits");
+  m.def("attention_bwd_grids", &fastlm::attention_bwd_grids, py::arg("B"), py::arg("Hq"), py::arg("Hkv"),
+        py::arg("Sq"), py::arg("Sk"), "the grids (preprocess, dK/dV when Sk > 0, dQ) attention_bwd uses; [] beyond the limits");
+  m.def("attention_bwd", &fastlm::attention_bwd, py::arg("dout"), py::arg("dlse"), py::arg("q"), py::arg("k"),
+        py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("dq"), py::arg("dk"), py::arg("dv"), py::arg("workspace"),
+        py::arg("B"), py::arg("Hq"), py::arg("Hkv"), py::arg("Sq"), py::arg("Sk"), py::arg("D"), py::arg("strides"),
+        py::arg("scale"), py::arg("causal"), py::arg("window_left"), py::arg("window_right"), py::arg("dtype"),
+        py::arg("stream"));
 
   // ---- sampling (csrc/sampling.cu) ----
   m.def("sampling", &fastlm::sampling, py::arg("logits"), py::arg("B"), py::arg("V"), py::arg("stride_x"),

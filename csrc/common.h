@@ -6,6 +6,7 @@
 #include <array>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 
 #if defined(FASTLM_HOST_EMULATION)
@@ -234,6 +235,22 @@ inline cudaError_t launch_smem(void (*kernel)(KArgs...), dim3 grid, dim3 block, 
 
 // ---- PTX wrappers: a device body (inline asm) and a host body with the PTX ISA's semantics ----
 
+// 2^x by ex2.approx.ftz.f32 (one MUFU.EX2; exp2f adds a range test and two multiplies to keep
+// subnormal results): subnormal inputs and results are flushed to zero, 2^-inf = 0. The host body
+// rounds correctly where the GPU's is within 2 ulp (PTX ISA, "ex2").
+__device__ __forceinline__ float exp2_ftz(float x) {
+#if defined(FASTLM_HOST_EMULATION)
+  const float r = std::exp2(x);
+  return std::fpclassify(r) == FP_SUBNORMAL ? 0.f : r;
+#elif defined(__CUDA_ARCH__)
+  float r;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(r) : "f"(x));
+  return r;
+#else
+  return exp2f(x);
+#endif
+}
+
 // d += a (16x16, row-major) * b (16x8, column-major): mma.sync.aligned.m16n8k16.row.col.f32.T.T.f32
 // for T = fp16 or bf16, one warp. Fragments (PTX ISA, "Matrix Fragments for mma.m16n8k16 with
 // floating point type"), g = lane / 4, c = lane % 4, the lower column / k index in the low 16 bits:
@@ -328,6 +345,35 @@ __device__ __forceinline__ void cp_async_wait() {
 
 // ---- attention (csrc/attention.cu, csrc/decode_attention.cu) ----
 
+template <typename T>
+__device__ __forceinline__ uint16_t bits16(T v) {
+  uint16_t u;
+  memcpy(&u, &v, sizeof(u));
+  return u;
+}
+
+// Two elements of T (lo at the lower column / k index) in one 32-bit mma operand register.
+template <typename T>
+__device__ __forceinline__ uint32_t pack_raw(T lo, T hi) {
+  return static_cast<uint32_t>(bits16(lo)) | (static_cast<uint32_t>(bits16(hi)) << 16);
+}
+
+template <typename T>
+__device__ __forceinline__ uint32_t pack_float(float lo, float hi) {
+  return pack_raw(from_float<T>(lo), from_float<T>(hi));
+}
+
+// Maximum and sum over the 4 lanes of a quad (the lanes holding one row of an mma C fragment).
+__device__ __forceinline__ float quad_max(float v) {
+  v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
+  return fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 2));
+}
+
+__device__ __forceinline__ float quad_sum(float v) {
+  v += __shfl_xor_sync(0xffffffffu, v, 1);
+  return v + __shfl_xor_sync(0xffffffffu, v, 2);
+}
+
 constexpr float kNegInf = -INFINITY;
 constexpr float kLn2 = 0.6931471805599453f;
 
@@ -350,5 +396,67 @@ int dispatch_dim(int64_t D, F&& f) {
   return code;
 }
 
+
+// Split-KV partials (csrc/attention.cu, csrc/decode_attention.cu): o_part (splits, rows, D), l_part
+// (splits, rows); row = (b * Hq + h) * Sq + t.
+struct CombineParams {
+  const float* o_part;
+  const float* l_part;
+  void* o;
+  float* lse;
+  int64_t so[3], sl[2];
+  int Hq, Sq, splits;
+  int64_t rows;
+};
+
+// The combine's view of a split launcher's parameters (o_part, l_part, o, lse, so, sl, Hq, Sq, splits).
+template <typename P>
+inline CombineParams combine_params(const P& p, int64_t rows) {
+  CombineParams cp{};
+  cp.o_part = p.o_part;
+  cp.l_part = p.l_part;
+  cp.o = p.o;
+  cp.lse = p.lse;
+  for (int i = 0; i < 3; ++i) cp.so[i] = p.so[i];
+  cp.sl[0] = p.sl[0];
+  cp.sl[1] = p.sl[1];
+  cp.Hq = p.Hq;
+  cp.Sq = p.Sq;
+  cp.splits = p.splits;
+  cp.rows = rows;
+  return cp;
+}
+
+// Merges the split partials of row (b, h, t) = `row` (fp32 O normalised per split, log2-domain LSE;
+// -inf for a split that saw no key) in split order; one warp, lane `lane`:
+//     M = max_s L_s,  O = sum_s 2^(L_s - M) O_s / sum_s 2^(L_s - M),  LSE = (M + log2 sum_s 2^(L_s - M)) ln 2
+template <typename T, int D>
+__device__ __forceinline__ void combine_row(const CombineParams& p, int64_t row, int lane) {
+  constexpr int CPL = D / 32;
+  float mm = kNegInf;
+  for (int s = 0; s < p.splits; ++s) mm = fmaxf(mm, p.l_part[s * p.rows + row]);
+  const float m_use = mm == kNegInf ? 0.f : mm;
+  float total = 0.f;
+  float acc[CPL];
+#pragma unroll
+  for (int e = 0; e < CPL; ++e) acc[e] = 0.f;
+  for (int s = 0; s < p.splits; ++s) {
+    const int64_t prow = s * p.rows + row;
+    const float w = exp2f(p.l_part[prow] - m_use);
+    total += w;
+    if (w > 0.f) {
+#pragma unroll
+      for (int e = 0; e < CPL; ++e) acc[e] = fmaf(w, p.o_part[prow * D + e * 32 + lane], acc[e]);
+    }
+  }
+  const float inv = total > 0.f ? 1.f / total : 0.f;
+  const int64_t b = row / (static_cast<int64_t>(p.Hq) * p.Sq);
+  const int64_t h = (row / p.Sq) % p.Hq;
+  const int64_t t = row % p.Sq;
+  T* orow = static_cast<T*>(p.o) + b * p.so[0] + h * p.so[1] + t * p.so[2];
+#pragma unroll
+  for (int e = 0; e < CPL; ++e) orow[e * 32 + lane] = from_float<T>(acc[e] * inv);
+  if (lane == 0) p.lse[b * p.sl[0] + h * p.sl[1] + t] = total > 0.f ? (mm + log2f(total)) * kLn2 : kNegInf;
+}
 
 }  // namespace fastlm

@@ -1,14 +1,23 @@
 // KV-cache decode attention (split-KV + combine) in fp16/bf16 at head dim 64, 128, 256 with
-// per-sequence lengths and an optional left window; fp32 and other head dims are routed to Triton
-// by fastlm/cuda/attention.py.
+// per-sequence lengths and an optional left window; fp32, other head dims and GQA groups of more
+// than 64 rows are routed to Triton by fastlm/cuda/attention.py.
 //
-// Decode. Block (query head h, batch b, split s) of 4 warps covers keys [s*chunk, (s+1)*chunk)
-// of sequence b (chunk = ceil(L_b / splits) rounded up to 32). A warp takes 32 keys at a time,
-// one key per lane: the lane reads its key row and forms the Sq dot products against q in shared
-// memory, the warp updates the online softmax per token, then walks the 32 keys again reading V
-// rows coalesced (each lane owns D/32 output columns). The 4 warps merge in a fixed order through
-// shared memory and write an fp32 partial (normalised O and log2-domain LSE); the combine kernel
-// merges the splits per row: O = sum_s 2^(lse_s - M) O_s / sum_s 2^(lse_s - M).
+// Split kernel. Block (batch b, key/value head hk, split s) of 4 warps covers all G = Hq / Hkv
+// query heads and Sq tokens of hk: R = G * Sq rows (row r = query head hk * G + r / Sq, token
+// r % Sq), padded to MT m tiles of 16 (R <= 16 MT <= 64), so each K/V row is read once per group.
+// The visible keys of sequence b, [lo_b, L_b) (lo_b = L_b - Sq - window_left with a window, else
+// 0), are cut into `splits` chunks rounded up to the tile of N keys; block s walks chunk s in tiles
+// staged through a ring of STAGES shared-memory slots by 16-byte cp.async (consecutive threads copy
+// consecutive 16-byte pieces of a key row; keys past the chunk are zero-filled, never read), so
+// STAGES - 1 tiles are in flight while one is used, one barrier per tile. Warp w owns m tile
+// w / WN and key slice w % WN (WN = 4 / MT warps share an m tile, N / WN keys each): S = Q K^T
+// and O += P V on mma.sync m16n8k16 (ldmatrix for Q and K, ldmatrix .trans for V), P kept in
+// registers, the online softmax in fp32 in the log2 domain (x = s * scale * log2 e, p = 2^(x - m)).
+// The WN warps of an m tile merge in a fixed order through shared memory:
+//   M = max_w m_w, O = sum_w 2^(m_w - M) O_w / sum_w 2^(m_w - M) l_w,
+// and the block writes the fp32 partial (normalised O, log2-domain LSE) of its split; with one
+// split it writes out and lse directly. The combine kernel merges the splits per row:
+//   O = sum_s 2^(lse_s - M) O_s / sum_s 2^(lse_s - M).
 
 #include <array>
 #include <cmath>
@@ -22,6 +31,7 @@ namespace {
 
 constexpr int kDecThreads = 128;
 constexpr int kDecWarps = kDecThreads / 32;
+constexpr int kDecMaxRows = 64;
 
 struct DecodeParams {
   const void* q;
@@ -30,202 +40,306 @@ struct DecodeParams {
   const int* lens;
   float* o_part;  // (splits, B, Hq, Sq, D) fp32
   float* l_part;  // (splits, B, Hq, Sq) fp32, log2 domain
-  int64_t sq[3], sk[3], sv[3];
-  int B, Hq, group, Sq, S_max, splits, left, right;  // right <= 0 (decode is causal)
-  bool has_left;
+  void* o;        // written directly when splits == 1
+  float* lse;
+  int64_t sq[3], sk[3], sv[3], so[3], sl[2];
+  int B, Hq, Hkv, group, Sq, S_max, splits, left, right;  // right <= 0 (decode is causal)
+  bool has_left, q_vec;                                   // q_vec: q rows 16-byte aligned
   float scale_log2;
 };
 
-// Split blocks: grid x = b * Hq + h (2^31 - 1 blocks), grid y = the split (at most 65535).
+// Split blocks: grid x = b * Hkv + hk (2^31 - 1 blocks), grid y = the split (at most 65535).
 struct DecodeBlock {
-  int b, h;
+  int b, hk;
 };
 
-__host__ __device__ __forceinline__ DecodeBlock decode_block(int index, int Hq) {
-  return {index / Hq, index % Hq};
+__host__ __device__ __forceinline__ DecodeBlock decode_block(int index, int Hkv) {
+  return {index / Hkv, index % Hkv};
 }
 
-// Resident blocks per SM the split kernel is compiled for; ptxas then caps the registers at
-// 65536 / (128 n): 64 at SQ = 1; 96 (D = 64) or 128 at SQ = 4; 168 (D = 64) or 255 at SQ = 16 (acc
-// alone holds SQ * D / 32 floats). Each instantiation fits its cap without spilling, where ptxas's
-// own default target spilled some.
-template <int D, int SQ>
+// Tile shape of the split kernel for head dim D and MT m tiles of 16 rows.
+template <int D, int MT>
+struct DecodeTile {
+  static constexpr int kWarpsN = kDecWarps / MT;                  // warps sharing an m tile
+  static constexpr int kKeys = D == 256 && MT == 4 ? 32 : 64;     // keys per stage (N)
+  static constexpr int kSlice = kKeys / kWarpsN;                  // keys per warp per stage
+  static constexpr int kStages = D == 64 ? 3 : 2;
+  static constexpr int kLd = D + 8;                               // shared row, elements (16-byte multiple)
+  static constexpr int kRows = 16 * MT;
+  static constexpr int kKV = kKeys * kLd;                         // elements of one K or V slot
+  static constexpr int kOutLd = D + 8;                            // fp32 merge row, floats
+  static constexpr size_t kSmem = (2 * static_cast<size_t>(kStages) * kKV + kRows * kLd) * 2;
+  static_assert(kSlice % 16 == 0, "each warp takes whole 16-key mma steps");
+  static_assert(kDecThreads % (D / 8) == 0 && kKeys % (kDecThreads / (D / 8)) == 0, "equal copies per thread");
+  static_assert(kDecWarps * 16 * kOutLd * 4 <= 2 * kStages * kKV * 2, "the merge buffer reuses the K/V ring");
+};
+
+// Copies key rows [first, first + N) of K and V (row strides sk, sv) into one ring slot: this thread
+// the 16 bytes at column tcol of rows tr + i * RS; rows at or past `end` are zero-filled from a valid
+// row and never read.
+template <typename T, int D, int MT>
+__device__ __forceinline__ void decode_load_tile(T* kd, T* vd, const T* K, const T* V, int64_t sk, int64_t sv, int first,
+                                                 int end, int tr, int tcol) {
+  using Tile = DecodeTile<D, MT>;
+  constexpr int RS = kDecThreads / (D / 8);  // rows between one thread's copies
+  first += tr;
+  const T* kp = K + first * sk + tcol;
+  const T* vp = V + first * sv + tcol;
+  const int off = tr * Tile::kLd + tcol;
+#pragma unroll
+  for (int rep = 0; rep < Tile::kKeys / RS; ++rep) {
+    const bool in = first + rep * RS < end;
+    cp_async_16(kd + off + rep * RS * Tile::kLd, in ? kp : K + tcol, in ? 16 : 0);
+    cp_async_16(vd + off + rep * RS * Tile::kLd, in ? vp : V + tcol, in ? 16 : 0);
+    kp += RS * sk;
+    vp += RS * sv;
+  }
+}
+
+// Resident blocks per SM the split kernel is compiled for (its shared memory allows about as many on
+// sm_90a); ptxas then caps the registers at 65536 / (128 n): 170 at D = 64, 255 otherwise.
+template <int D>
 constexpr int decode_min_blocks() {
-  return SQ == 1 ? 8 : SQ <= 4 ? (D == 64 ? 5 : 4) : (D == 64 ? 3 : 1);
+  return D == 64 ? 3 : 1;
 }
 
-template <typename T, int D, int SQ>
-__global__ void __launch_bounds__(kDecThreads, decode_min_blocks<D, SQ>()) decode_split_kernel(DecodeParams p) {
-  constexpr int CPL = D / 32;  // output columns per lane
-  __shared__ __align__(16) float qs[SQ][D];
-  __shared__ __align__(16) float buf[SQ][D];
-  __shared__ float wm[kDecWarps][SQ];
-  __shared__ float wl[kDecWarps][SQ];
+template <typename T, int D, int MT>
+__global__ void __launch_bounds__(kDecThreads, decode_min_blocks<D>()) decode_split_kernel(DecodeParams p) {
+  using Tile = DecodeTile<D, MT>;
+  constexpr int N = Tile::kKeys;
+  constexpr int STAGES = Tile::kStages;
+  constexpr int LD = Tile::kLd;
+  constexpr int WN = Tile::kWarpsN;
+  constexpr int SL = Tile::kSlice;
+  constexpr int OLD = Tile::kOutLd;
+  constexpr int CH = D / 8;  // 16-byte pieces per row
+  FASTLM_DYN_SMEM(smem);
+  T* ks = reinterpret_cast<T*>(smem);  // [STAGES][N][LD]
+  T* vs = ks + STAGES * Tile::kKV;      // [STAGES][N][LD]
+  T* qs = vs + STAGES * Tile::kKV;      // [16 MT][LD]
+  float* ob = reinterpret_cast<float*>(smem);  // [4 warps][16][OLD], after the last tile
+  __shared__ float wm[kDecWarps][16];
+  __shared__ float wl[kDecWarps][16];
 
-  const DecodeBlock blk = decode_block(static_cast<int>(blockIdx.x), p.Hq);
+  const DecodeBlock blk = decode_block(static_cast<int>(blockIdx.x), p.Hkv);
   const int b = blk.b;
-  const int h = blk.h;
+  const int hk = blk.hk;
   const int split = blockIdx.y;
-  const int hk = h / p.group;
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
+  const int mw = warp / WN;
+  const int kw = warp % WN;
+  const int g = lane / 4;
+  const int c = lane % 4;
   const int Sq = p.Sq;
+  const int rows = p.group * Sq;
   const int L = min_of(max_of(p.lens[b], 0), p.S_max);
-  const int chunk = ceil_div(ceil_div(L, p.splits), 32) * 32;
-  const int start = split * chunk;
-  const int end = min_of(start + chunk, L);
-  int lo = start;
-  if (p.has_left) lo = max_of(start, L - Sq - p.left);
+  const int hi = L + p.right;
+  const int lo_all = p.has_left ? max_of(L - Sq - p.left, 0) : 0;
+  const int chunk = ceil_div(ceil_div(max_of(hi - lo_all, 0), p.splits), N) * N;
+  const int lo = lo_all + split * chunk;
+  const int end = min_of(lo + chunk, hi);
+  const int tiles = end > lo ? ceil_div(end - lo, N) : 0;
 
-  const T* Q = static_cast<const T*>(p.q) + b * p.sq[0] + h * p.sq[1];
   const T* K = static_cast<const T*>(p.k) + b * p.sk[0] + hk * p.sk[1];
   const T* V = static_cast<const T*>(p.v) + b * p.sv[0] + hk * p.sv[1];
-  for (int i = threadIdx.x; i < SQ * D; i += kDecThreads) {
-    const int t = i / D;
-    const int d = i % D;
-    qs[t][d] = t < Sq ? to_float(Q[t * p.sq[2] + d]) * p.scale_log2 : 0.f;
-    buf[t][d] = 0.f;
-  }
-  __syncthreads();
-
-  float m[SQ], lsum[SQ], acc[SQ][CPL];
+  const int tr = static_cast<int>(threadIdx.x) / CH;
+  const int tcol = (static_cast<int>(threadIdx.x) % CH) * 8;
 #pragma unroll
-  for (int t = 0; t < SQ; ++t) {
-    m[t] = kNegInf;
-    lsum[t] = 0.f;
-#pragma unroll
-    for (int e = 0; e < CPL; ++e) acc[t][e] = 0.f;
+  for (int s = 0; s < STAGES - 1; ++s) {
+    if (s < tiles) {
+      decode_load_tile<T, D, MT>(ks + s * Tile::kKV, vs + s * Tile::kKV, K, V, p.sk[2], p.sv[2], lo + s * N, end, tr, tcol);
+    }
+    cp_async_commit();
   }
 
-  for (int base = lo + warp * 32; base < end; base += kDecWarps * 32) {
-    const int key = base + lane;
-    float s[SQ];
+  const T* Q = static_cast<const T*>(p.q) + b * p.sq[0] + static_cast<int64_t>(hk) * p.group * p.sq[1];
+  for (int i = threadIdx.x; i < Tile::kRows * CH; i += kDecThreads) {
+    const int r = i / CH;
+    const int col = (i % CH) * 8;
+    Pack<T, 8> pk;
+    if (r < rows) {
+      const T* src = Q + (r / Sq) * p.sq[1] + (r % Sq) * p.sq[2] + col;
+      if (p.q_vec) {
+        pk = *reinterpret_cast<const Pack<T, 8>*>(src);
+      } else {
 #pragma unroll
-    for (int t = 0; t < SQ; ++t) s[t] = 0.f;
-    if (key < end) {
-      const T* kr = K + static_cast<int64_t>(key) * p.sk[2];
-#pragma unroll 4
-      for (int d0 = 0; d0 < D; d0 += 8) {
-        float kv[8];
-        load_float<T, 8>(kr + d0, kv);
+        for (int e = 0; e < 8; ++e) pk.v[e] = src[e];
+      }
+    } else {
 #pragma unroll
-        for (int t = 0; t < SQ; ++t) {
+      for (int e = 0; e < 8; ++e) pk.v[e] = from_float<T>(0.f);
+    }
+    *reinterpret_cast<Pack<T, 8>*>(qs + r * LD + col) = pk;
+  }
+
+  // This lane's rows mw * 16 + g + 8 h (h = 0, 1) see keys [klo[h], khi[h]] of the block's chunk.
+  int klo[2], khi[2];
 #pragma unroll
-          for (int e = 0; e < 8; ++e) s[t] = fmaf(qs[t][d0 + e], kv[e], s[t]);
+  for (int h = 0; h < 2; ++h) {
+    const int diag = L - Sq + (mw * 16 + g + 8 * h) % Sq;
+    klo[h] = p.has_left ? max_of(lo, diag - p.left) : lo;
+    khi[h] = min_of(end - 1, diag + p.right);
+  }
+
+  float acc[D / 8][4];
+#pragma unroll
+  for (int n = 0; n < D / 8; ++n) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[n][e] = 0.f;
+  }
+  float m[2] = {kNegInf, kNegInf};
+  float l[2] = {0.f, 0.f};
+
+  const T* qrow = qs + (mw * 16 + ((lane >> 3) & 1) * 8 + (lane & 7)) * LD + (lane >> 4) * 8;
+  for (int it = 0; it < tiles; ++it) {
+    cp_async_wait<STAGES - 2>();
+    __syncthreads();
+    const int next = it + STAGES - 1;
+    if (next < tiles) {
+      const int fill = next % STAGES;
+      decode_load_tile<T, D, MT>(ks + fill * Tile::kKV, vs + fill * Tile::kKV, K, V, p.sk[2], p.sv[2], lo + next * N, end,
+                                 tr, tcol);
+    }
+    cp_async_commit();
+    const int slot = it % STAGES;
+    const T* kt = ks + slot * Tile::kKV + kw * SL * LD;
+    const T* vt = vs + slot * Tile::kKV + kw * SL * LD;
+
+    float s[SL / 8][4];
+#pragma unroll
+    for (int j = 0; j < SL / 8; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[j][e] = 0.f;
+    }
+#pragma unroll
+    for (int kd = 0; kd < D / 16; ++kd) {
+      uint32_t qa[4];
+      ldmatrix<4, false>(qa, qrow + kd * 16);
+#pragma unroll
+      for (int j = 0; j < SL / 16; ++j) {
+        uint32_t kb[4];
+        ldmatrix<4, false>(kb, kt + (j * 16 + (lane >> 4) * 8 + (lane & 7)) * LD + kd * 16 + ((lane >> 3) & 1) * 8);
+        mma_m16n8k16<T>(s[2 * j], qa, kb[0], kb[1]);
+        mma_m16n8k16<T>(s[2 * j + 1], qa, kb[2], kb[3]);
+      }
+    }
+
+    const int kbase = lo + it * N + kw * SL + 2 * c;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      float mx = kNegInf;
+#pragma unroll
+      for (int j = 0; j < SL / 8; ++j) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int key = kbase + j * 8 + e;
+          const float x = key >= klo[h] && key <= khi[h] ? s[j][2 * h + e] * p.scale_log2 : kNegInf;
+          s[j][2 * h + e] = x;
+          mx = fmaxf(mx, x);
         }
       }
-    }
-#pragma unroll
-    for (int t = 0; t < SQ; ++t) {
-      if (t >= Sq) break;
-      const int diag = L - Sq + t;
-      const bool ok = key < end && key <= diag + p.right && (!p.has_left || key >= diag - p.left);
-      const float x = ok ? s[t] : kNegInf;
-      const float m_new = fmaxf(m[t], warp_max(x));
+      const float m_new = fmaxf(m[h], quad_max(mx));
       const float m_use = m_new == kNegInf ? 0.f : m_new;
-      const float alpha = exp2f(m[t] - m_use);
-      s[t] = exp2f(x - m_use);  // s now holds the probabilities
-      lsum[t] = lsum[t] * alpha + s[t];
-      m[t] = m_new;
+      const float alpha = exp2f(m[h] - m_use);
+      float sum = 0.f;
 #pragma unroll
-      for (int e = 0; e < CPL; ++e) acc[t][e] *= alpha;
+      for (int j = 0; j < SL / 8; ++j) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const float pr = exp2f(s[j][2 * h + e] - m_use);
+          s[j][2 * h + e] = pr;
+          sum += pr;
+        }
+      }
+      l[h] = l[h] * alpha + sum;
+      m[h] = m_new;
+#pragma unroll
+      for (int n = 0; n < D / 8; ++n) {
+        acc[n][2 * h] *= alpha;
+        acc[n][2 * h + 1] *= alpha;
+      }
     }
-    const int count = min_of(32, end - base);
-    for (int kk = 0; kk < count; ++kk) {
-      float vv[CPL];
-      load_float<T, CPL>(V + static_cast<int64_t>(base + kk) * p.sv[2] + lane * CPL, vv);
+
 #pragma unroll
-      for (int t = 0; t < SQ; ++t) {
-        if (t >= Sq) break;
-        const float pk = __shfl_sync(0xffffffffu, s[t], kk);
+    for (int j = 0; j < SL / 16; ++j) {
+      const uint32_t a[4] = {pack_float<T>(s[2 * j][0], s[2 * j][1]), pack_float<T>(s[2 * j][2], s[2 * j][3]),
+                             pack_float<T>(s[2 * j + 1][0], s[2 * j + 1][1]),
+                             pack_float<T>(s[2 * j + 1][2], s[2 * j + 1][3])};
 #pragma unroll
-        for (int e = 0; e < CPL; ++e) acc[t][e] = fmaf(pk, vv[e], acc[t][e]);
+      for (int n = 0; n < D / 8; n += 2) {
+        uint32_t vb[4];
+        ldmatrix<4, true>(vb, vt + (j * 16 + (lane & 15)) * LD + n * 8 + (lane >> 4) * 8);
+        mma_m16n8k16<T>(acc[n], a, vb[0], vb[1]);
+        mma_m16n8k16<T>(acc[n + 1], a, vb[2], vb[3]);
       }
     }
   }
+  cp_async_wait<0>();
+  __syncthreads();  // the ring is free: it becomes the merge buffer
 
-  // Merge the warps in a fixed order: M = max_w m_w, O = sum_w 2^(m_w - M) O_w, l likewise.
 #pragma unroll
-  for (int t = 0; t < SQ; ++t) {
-    const float l = warp_sum(lsum[t]);
-    if (lane == 0) {
-      wm[warp][t] = m[t];
-      wl[warp][t] = l;
+  for (int h = 0; h < 2; ++h) {
+    const float lsum = quad_sum(l[h]);
+    if (c == 0) {
+      wm[warp][g + 8 * h] = m[h];
+      wl[warp][g + 8 * h] = lsum;
     }
   }
   __syncthreads();
-  float scale_w[SQ];
 #pragma unroll
-  for (int t = 0; t < SQ; ++t) {
+  for (int h = 0; h < 2; ++h) {
     float mm = kNegInf;
-    for (int w = 0; w < kDecWarps; ++w) mm = fmaxf(mm, wm[w][t]);
-    const float m_use = mm == kNegInf ? 0.f : mm;
-    scale_w[t] = exp2f(m[t] - m_use);
-  }
-  for (int w = 0; w < kDecWarps; ++w) {
-    if (warp == w) {
 #pragma unroll
-      for (int t = 0; t < SQ; ++t) {
+    for (int w = 0; w < WN; ++w) mm = fmaxf(mm, wm[mw * WN + w][g + 8 * h]);
+    const float f = exp2f(m[h] - (mm == kNegInf ? 0.f : mm));
+    float* orow = ob + (warp * 16 + g + 8 * h) * OLD + 2 * c;
 #pragma unroll
-        for (int e = 0; e < CPL; ++e) buf[t][lane * CPL + e] += acc[t][e] * scale_w[t];
-      }
-    }
-    __syncthreads();
-  }
-  const int64_t rows = static_cast<int64_t>(p.B) * p.Hq * Sq;
-  for (int i = threadIdx.x; i < Sq * D; i += kDecThreads) {
-    const int t = i / D;
-    const int d = i % D;
-    float mm = kNegInf;
-    for (int w = 0; w < kDecWarps; ++w) mm = fmaxf(mm, wm[w][t]);
-    const float m_use = mm == kNegInf ? 0.f : mm;
-    float l = 0.f;
-    for (int w = 0; w < kDecWarps; ++w) l += wl[w][t] * exp2f(wm[w][t] - m_use);
-    const int64_t row = (static_cast<int64_t>(b) * p.Hq + h) * Sq + t;
-    const int64_t prow = static_cast<int64_t>(split) * rows + row;
-    p.o_part[prow * D + d] = l > 0.f ? buf[t][d] / l : 0.f;
-    if (d == 0) p.l_part[prow] = l > 0.f ? mm + log2f(l) : kNegInf;
-  }
-}
-
-struct CombineParams {
-  const float* o_part;
-  const float* l_part;
-  void* o;
-  float* lse;
-  int64_t so[3], sl[2];
-  int Hq, Sq, splits;
-  int64_t rows;
-};
-
-// Merges the split partials of row (b, h, t) = `row`; one warp, lane `lane`.
-template <typename T, int D>
-__device__ __forceinline__ void combine_row(const CombineParams& p, int64_t row, int lane) {
-  constexpr int CPL = D / 32;
-  float mm = kNegInf;
-  for (int s = 0; s < p.splits; ++s) mm = fmaxf(mm, p.l_part[s * p.rows + row]);
-  const float m_use = mm == kNegInf ? 0.f : mm;
-  float total = 0.f;
-  float acc[CPL];
-#pragma unroll
-  for (int e = 0; e < CPL; ++e) acc[e] = 0.f;
-  for (int s = 0; s < p.splits; ++s) {
-    const int64_t prow = s * p.rows + row;
-    const float w = exp2f(p.l_part[prow] - m_use);
-    total += w;
-    if (w > 0.f) {
-#pragma unroll
-      for (int e = 0; e < CPL; ++e) acc[e] = fmaf(w, p.o_part[prow * D + e * 32 + lane], acc[e]);
+    for (int n = 0; n < D / 8; ++n) {
+      *reinterpret_cast<float2*>(orow + n * 8) = make_float2(acc[n][2 * h] * f, acc[n][2 * h + 1] * f);
     }
   }
-  const float inv = total > 0.f ? 1.f / total : 0.f;
-  const int64_t b = row / (static_cast<int64_t>(p.Hq) * p.Sq);
-  const int64_t h = (row / p.Sq) % p.Hq;
-  const int64_t t = row % p.Sq;
-  T* orow = static_cast<T*>(p.o) + b * p.so[0] + h * p.so[1] + t * p.so[2];
+  __syncthreads();
+
+  const int64_t total_rows = static_cast<int64_t>(p.B) * p.Hq * Sq;
+  const int64_t row0 = (static_cast<int64_t>(b) * p.Hq + static_cast<int64_t>(hk) * p.group) * Sq;
+  for (int i = threadIdx.x; i < rows * (D / 4); i += kDecThreads) {
+    const int r = i / (D / 4);
+    const int col = (i % (D / 4)) * 4;
+    const int rm = r / 16;
+    const int rr = r % 16;
+    float mm = kNegInf;
 #pragma unroll
-  for (int e = 0; e < CPL; ++e) orow[e * 32 + lane] = from_float<T>(acc[e] * inv);
-  if (lane == 0) p.lse[b * p.sl[0] + h * p.sl[1] + t] = total > 0.f ? (mm + log2f(total)) * kLn2 : kNegInf;
+    for (int w = 0; w < WN; ++w) mm = fmaxf(mm, wm[rm * WN + w][rr]);
+    const float m_use = mm == kNegInf ? 0.f : mm;
+    float lsum = 0.f;
+    float4 o = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+    for (int w = 0; w < WN; ++w) {
+      lsum += wl[rm * WN + w][rr] * exp2f(wm[rm * WN + w][rr] - m_use);
+      const float4 part = *reinterpret_cast<const float4*>(ob + ((rm * WN + w) * 16 + rr) * OLD + col);
+      o.x += part.x;
+      o.y += part.y;
+      o.z += part.z;
+      o.w += part.w;
+    }
+    const float inv = lsum > 0.f ? 1.f / lsum : 0.f;
+    const float lse2 = lsum > 0.f ? mm + log2f(lsum) : kNegInf;
+    if (p.splits == 1) {
+      const int qh = hk * p.group + r / Sq;
+      const int t = r % Sq;
+      T* dst = static_cast<T*>(p.o) + b * p.so[0] + qh * p.so[1] + t * p.so[2] + col;
+      dst[0] = from_float<T>(o.x * inv);
+      dst[1] = from_float<T>(o.y * inv);
+      dst[2] = from_float<T>(o.z * inv);
+      dst[3] = from_float<T>(o.w * inv);
+      if (col == 0) p.lse[b * p.sl[0] + qh * p.sl[1] + t] = lse2 * kLn2;
+    } else {
+      const int64_t prow = split * total_rows + row0 + r;
+      *reinterpret_cast<float4*>(p.o_part + prow * D + col) = make_float4(o.x * inv, o.y * inv, o.z * inv, o.w * inv);
+      if (col == 0) p.l_part[prow] = lse2;
+    }
+  }
 }
 
 // One warp per row, grid-stride over the rows (B * Hq * Sq may exceed kDecWarps * (2^31 - 1)).
@@ -244,28 +358,34 @@ bool decode_attention_supported(int64_t D, int dtype) {
   return (D == 64 || D == 128 || D == 256) && (dtype == kFloat16 || dtype == kBFloat16);
 }
 
-std::vector<std::array<int64_t, 3>> decode_attention_grids(int64_t B, int64_t Hq, int64_t Sq, int64_t num_splits) {
-  if (B < 1 || Hq < 1 || Sq < 1 || Sq > 16 || num_splits < 1 || num_splits > kMaxGridYZ) return {};
-  const int64_t bh = mul_within(B, Hq, kMaxGridX);
-  if (bh < 0) return {};
-  return {{bh, num_splits, 1}, {min_of(ceil_div<int64_t>(bh * Sq, kDecWarps), kMaxGridX), 1, 1}};
+std::vector<std::array<int64_t, 3>> decode_attention_grids(int64_t B, int64_t Hq, int64_t Hkv, int64_t Sq,
+                                                           int64_t num_splits) {
+  if (B < 1 || Hkv < 1 || Hq < Hkv || Hq % Hkv != 0 || Sq < 1 || Sq > kDecMaxRows || num_splits < 1 ||
+      num_splits > kMaxGridYZ)
+    return {};
+  if ((Hq / Hkv) * Sq > kDecMaxRows) return {};
+  const int64_t bk = mul_within(B, Hkv, kMaxGridX);
+  const int64_t rows = mul_within(B, Hq * Sq, INT64_MAX / 4);
+  if (bk < 0 || rows < 0) return {};
+  return {{bk, num_splits, 1}, {min_of(ceil_div<int64_t>(rows, kDecWarps), kMaxGridX), 1, 1}};
 }
 
-std::array<int64_t, 2> decode_attention_block(int64_t index, int64_t Hq) {
-  if (index < 0 || index > kMaxGridX || Hq < 1 || Hq > kMaxGridX) return {-1, -1};
-  const DecodeBlock blk = decode_block(static_cast<int>(index), static_cast<int>(Hq));
-  return {blk.b, blk.h};
+std::array<int64_t, 2> decode_attention_block(int64_t index, int64_t Hkv) {
+  if (index < 0 || index > kMaxGridX || Hkv < 1 || Hkv > kMaxGridX) return {-1, -1};
+  const DecodeBlock blk = decode_block(static_cast<int>(index), static_cast<int>(Hkv));
+  return {blk.b, blk.hk};
 }
 
 int decode_attention_fwd(uintptr_t q, uintptr_t k_cache, uintptr_t v_cache, uintptr_t cache_seqlens, uintptr_t out,
                          uintptr_t lse, uintptr_t o_part, uintptr_t lse_part, int64_t B, int64_t Hq, int64_t Hkv,
                          int64_t Sq, int64_t S_max, int64_t D, const std::vector<int64_t>& strides, int64_t num_splits,
                          double scale, int64_t window_left, int64_t window_right, int dtype, uintptr_t stream) {
-  if (strides.size() != 14 || Hkv <= 0 || Hq % Hkv != 0 || Sq < 1 || Sq > 16 || num_splits < 1 ||
-      num_splits > 65535 || !decode_attention_supported(D, dtype))
+  if (strides.size() != 14 || Hkv <= 0 || Hq % Hkv != 0 || Sq < 1 || num_splits < 1 || num_splits > kMaxGridYZ ||
+      !decode_attention_supported(D, dtype))
     return cudaErrorInvalidValue;
+  if (num_splits > 1 && (o_part == 0 || lse_part == 0)) return cudaErrorInvalidValue;  // workspaces needed
   if (B == 0 || Hq == 0) return cudaSuccess;
-  const auto grids = decode_attention_grids(B, Hq, Sq, num_splits);
+  const auto grids = decode_attention_grids(B, Hq, Hkv, Sq, num_splits);
   if (grids.empty() || S_max > INT32_MAX / 2) return cudaErrorInvalidValue;
   for (int i = 3; i < 9; ++i) {
     if (strides[i] % 8 != 0) return cudaErrorInvalidValue;  // 16-byte K/V rows
@@ -280,13 +400,19 @@ int decode_attention_fwd(uintptr_t q, uintptr_t k_cache, uintptr_t v_cache, uint
   p.lens = reinterpret_cast<const int*>(cache_seqlens);
   p.o_part = reinterpret_cast<float*>(o_part);
   p.l_part = reinterpret_cast<float*>(lse_part);
+  p.o = reinterpret_cast<void*>(out);
+  p.lse = reinterpret_cast<float*>(lse);
   for (int i = 0; i < 3; ++i) {
     p.sq[i] = strides[i];
     p.sk[i] = strides[3 + i];
     p.sv[i] = strides[6 + i];
+    p.so[i] = strides[9 + i];
   }
+  p.sl[0] = strides[12];
+  p.sl[1] = strides[13];
   p.B = static_cast<int>(B);
   p.Hq = static_cast<int>(Hq);
+  p.Hkv = static_cast<int>(Hkv);
   p.group = static_cast<int>(Hq / Hkv);
   p.Sq = static_cast<int>(Sq);
   p.S_max = static_cast<int>(S_max);
@@ -294,38 +420,31 @@ int decode_attention_fwd(uintptr_t q, uintptr_t k_cache, uintptr_t v_cache, uint
   p.has_left = window_left >= 0;
   p.left = static_cast<int>(max_of<int64_t>(min_of<int64_t>(window_left, INT32_MAX / 2), 0));
   p.right = window_right < 0 ? 0 : static_cast<int>(min_of<int64_t>(window_right, 0));
+  p.q_vec = aligned_to(q, 16) && strides[0] % 8 == 0 && strides[1] % 8 == 0 && strides[2] % 8 == 0;
   p.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
-  CombineParams cp{};
-  cp.o_part = p.o_part;
-  cp.l_part = p.l_part;
-  cp.o = reinterpret_cast<void*>(out);
-  cp.lse = reinterpret_cast<float*>(lse);
-  for (int i = 0; i < 3; ++i) cp.so[i] = strides[9 + i];
-  cp.sl[0] = strides[12];
-  cp.sl[1] = strides[13];
-  cp.Hq = p.Hq;
-  cp.Sq = p.Sq;
-  cp.splits = p.splits;
-  cp.rows = B * Hq * Sq;
+  const CombineParams cp = combine_params(p, B * Hq * Sq);
   const auto st = reinterpret_cast<cudaStream_t>(stream);
   const dim3 grid = to_dim3(grids[0]);
   const dim3 cgrid = to_dim3(grids[1]);
+  const int64_t rows = p.group * Sq;
   return dispatch_half(dtype, [&](auto tt) -> int {
     using T = typename decltype(tt)::type;
     return dispatch_dim<64, 128, 256>(D, [&](auto dd) -> int {
       constexpr int kD = decltype(dd)::value;
-      auto split = [&](auto sqc) -> int {
-        return launch(decode_split_kernel<T, kD, decltype(sqc)::value>, grid, dim3(kDecThreads), st, p);
+      auto split = [&](auto mtc) -> int {
+        constexpr int kMT = decltype(mtc)::value;
+        return launch_smem(decode_split_kernel<T, kD, kMT>, grid, dim3(kDecThreads), DecodeTile<kD, kMT>::kSmem, st,
+                           p);
       };
       int code;
-      if (Sq == 1) {
+      if (rows <= 16) {
         code = split(std::integral_constant<int, 1>{});
-      } else if (Sq <= 4) {
-        code = split(std::integral_constant<int, 4>{});
+      } else if (rows <= 32) {
+        code = split(std::integral_constant<int, 2>{});
       } else {
-        code = split(std::integral_constant<int, 16>{});
+        code = split(std::integral_constant<int, 4>{});
       }
-      if (code != cudaSuccess) return code;
+      if (code != cudaSuccess || num_splits == 1) return code;
       return launch(decode_combine_kernel<T, kD>, cgrid, dim3(kDecThreads), st, cp);
     });
   });

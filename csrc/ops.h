@@ -74,33 +74,61 @@ int sampling(uintptr_t logits, int64_t B, int64_t V, int64_t stride_x, int dtype
              uintptr_t out, int64_t stride_o, uintptr_t stream);
 
 // ---- attention (csrc/attention.cu) ----
-// Forward, FlashAttention-2 style: out (B, Hq, Sq, D) and lse (B, Hq, Sq) fp32 from q (B, Hq, Sq, D),
-// k/v (B, Hkv, Sk, D); causal aligns bottom-right (query i sees keys j <= i + Sk - Sq). fp16/bf16,
-// D = 64 or 128 (attention_fwd_supported), B * Hq * ceil(Sq / 64) <= 2^31 - 1 blocks
-// (attention_fwd_grids). strides: 14 element strides: q, k, v, out
-// as (b, h, s) (multiples of 8; d unit-stride), lse (b, h) (s unit-stride); pointers 16-byte aligned.
+// Forward, FlashAttention-2 class: out (B, Hq, Sq, D) and lse (B, Hq, Sq) fp32 from q (B, Hq, Sq, D),
+// k/v (B, Hkv, Sk, D); causal aligns bottom-right (query i sees keys j <= i + Sk - Sq), windows as
+// fastlm/reference/attention.py (window_left/right -1: unbounded; causal caps right at 0). fp16/bf16,
+// D = 64, 96 or 128 (attention_fwd_supported), scale > 0. num_splits > 1 splits each query block's
+// key tiles over that many blocks, whose fp32 partials o_part (num_splits, B * Hq * Sq, D) and
+// lse_part (num_splits, B * Hq * Sq) a combine kernel merges (both 0 when num_splits == 1).
+// strides: 14 element strides: q, k, v, out as (b, h, s) (multiples of 8; d unit-stride), lse (b, h)
+// (s unit-stride); pointers 16-byte aligned. B * Hq * ceil(Sq / 128) * num_splits <= 2^31 - 1 blocks,
+// Sq + Sk <= 2^30 - 1.
 bool attention_fwd_supported(int64_t D, int dtype);
+int64_t attention_fwd_block_rows();  // query rows per block (128)
 // Launch grids: the (x, y, z) of each kernel the launcher runs for these sizes, in launch order, or
 // none when the sizes exceed the grid limits (the launcher then returns cudaErrorInvalidValue).
 // *_block: the coordinates the kernel derives from its block index (blockIdx.x), for tests.
-std::vector<std::array<int64_t, 3>> attention_fwd_grids(int64_t B, int64_t Hq, int64_t Sq);
-std::array<int64_t, 3> attention_fwd_block(int64_t index, int64_t Hq, int64_t Sq, bool causal);  // (b, h, q block)
-int attention_fwd(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, uintptr_t lse, int64_t B, int64_t Hq,
-                  int64_t Hkv, int64_t Sq, int64_t Sk, int64_t D, const std::vector<int64_t>& strides, double scale,
-                  bool causal, int dtype, uintptr_t stream);
+std::vector<std::array<int64_t, 3>> attention_fwd_grids(int64_t B, int64_t Hq, int64_t Sq, int64_t num_splits);
+// (b, h, query block, split); reverse: the order of a causal forward with no left window
+std::array<int64_t, 4> attention_fwd_block(int64_t index, int64_t Hq, int64_t Sq, bool reverse, int64_t num_splits);
+int attention_fwd(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, uintptr_t lse, uintptr_t o_part,
+                  uintptr_t lse_part, int64_t B, int64_t Hq, int64_t Hkv, int64_t Sq, int64_t Sk, int64_t D,
+                  const std::vector<int64_t>& strides, double scale, bool causal, int64_t window_left,
+                  int64_t window_right, int64_t num_splits, int dtype, uintptr_t stream);
+
 // ---- decode_attention (csrc/decode_attention.cu) ----
-// Decode (split-KV + combine): q (B, Hq, Sq <= 16, D) over caches (B, Hkv, S_max, D) with lengths
+// Decode (split-KV + combine): q (B, Hq, Sq, D) over caches (B, Hkv, S_max, D) with lengths
 // cache_seqlens (B,) int32 (clamped to [0, S_max]); causal within each sequence, optional left
 // window (window_left >= 0; window_right is capped at 0). o_part (num_splits, B, Hq, Sq, D) and
-// lse_part (num_splits, B, Hq, Sq) fp32 workspaces. fp16/bf16, D = 64, 128, 256
-// (decode_attention_supported), B * Hq <= 2^31 - 1, num_splits <= 65535 (decode_attention_grids);
+// lse_part (num_splits, B, Hq, Sq) fp32 workspaces (unused, may be 0, when num_splits == 1: the split
+// kernel then writes out and lse itself). fp16/bf16, D = 64, 128, 256
+// (decode_attention_supported), (Hq / Hkv) * Sq <= 64 rows per key/value head, B * Hkv <= 2^31 - 1,
+// num_splits <= 65535 (decode_attention_grids: split grid (B * Hkv, num_splits, 1), then combine);
 // strides as for attention_fwd (k/v (b, h, s) 16-byte multiples).
 bool decode_attention_supported(int64_t D, int dtype);
-std::vector<std::array<int64_t, 3>> decode_attention_grids(int64_t B, int64_t Hq, int64_t Sq, int64_t num_splits);
-std::array<int64_t, 2> decode_attention_block(int64_t index, int64_t Hq);  // (b, h) of a split block
+std::vector<std::array<int64_t, 3>> decode_attention_grids(int64_t B, int64_t Hq, int64_t Hkv, int64_t Sq,
+                                                           int64_t num_splits);
+std::array<int64_t, 2> decode_attention_block(int64_t index, int64_t Hkv);  // (b, kv head) of a split block
 int decode_attention_fwd(uintptr_t q, uintptr_t k_cache, uintptr_t v_cache, uintptr_t cache_seqlens, uintptr_t out,
                          uintptr_t lse, uintptr_t o_part, uintptr_t lse_part, int64_t B, int64_t Hq, int64_t Hkv,
                          int64_t Sq, int64_t S_max, int64_t D, const std::vector<int64_t>& strides, int64_t num_splits,
                          double scale, int64_t window_left, int64_t window_right, int dtype, uintptr_t stream);
+
+// ---- attention backward (csrc/attention_bwd.cu) ----
+// dq (like q), dk, dv (like k, v) from dout (like out), q, k, v, out and the forward's lse (B, Hq, Sq)
+// fp32; dlse (B, Hq, Sq) fp32 or 0 enters as delta_i - dlse_i. Causal and windows as for the Triton
+// kernels (window sides -1 = unbounded, causal caps the right side at 0, bottom-right aligned).
+// workspace: attention_bwd_workspace_size(B, Hq, Sq) fp32 elements, 16-byte aligned. fp16/bf16,
+// D = 64 or 128 (attention_bwd_supported), grids within the limits (attention_bwd_grids: preprocess,
+// dK/dV (only when Sk > 0), dQ). strides: 28 element strides: q, k, v, out, dout, dq, dk, dv as
+// (b, h, s) (multiples of 8; d unit-stride), lse (b, h), dlse (b, h) (s unit-stride). Sq == 0 does
+// nothing (the caller zeroes dk, dv); Sk == 0 writes dq = 0. Deterministic (no atomics).
+bool attention_bwd_supported(int64_t D, int dtype);
+int64_t attention_bwd_workspace_size(int64_t B, int64_t Hq, int64_t Sq);  // -1 beyond the limits
+std::vector<std::array<int64_t, 3>> attention_bwd_grids(int64_t B, int64_t Hq, int64_t Hkv, int64_t Sq, int64_t Sk);
+int attention_bwd(uintptr_t dout, uintptr_t dlse, uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, uintptr_t lse,
+                  uintptr_t dq, uintptr_t dk, uintptr_t dv, uintptr_t workspace, int64_t B, int64_t Hq, int64_t Hkv,
+                  int64_t Sq, int64_t Sk, int64_t D, const std::vector<int64_t>& strides, double scale, bool causal,
+                  int64_t window_left, int64_t window_right, int dtype, uintptr_t stream);
 
 }  // namespace fastlm

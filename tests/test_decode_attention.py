@@ -172,7 +172,8 @@ def test_cuda_routing_gpu():
     q, k = _rand(1, 4, 9, 128, dtype=torch.bfloat16), _rand(1, 2, 9, 128, dtype=torch.bfloat16)
     assert C.fwd_runs_cuda(q, k, k, True, -1, -1, q)
     assert C.fwd_runs_cuda(q, k, k, True, -1, 5, q)  # causal caps the right window at 0: plain causal
-    assert not C.fwd_runs_cuda(q, k, k, False, 8, -1, q)
+    assert C.fwd_runs_cuda(q, k, k, False, 8, -1, q)  # sliding windows run CUDA
+    assert not C.fwd_runs_cuda(q, k, k, True, -1, -1, q, scale=0.0)  # scale <= 0: Triton
     assert not C.fwd_runs_cuda(q.float(), k.float(), k.float(), True, -1, -1, q.float())
     q80 = _rand(1, 4, 9, 80, dtype=torch.float16)
     assert not C.fwd_runs_cuda(q80, q80, q80, False, -1, -1, q80)

@@ -216,16 +216,19 @@ def _exercise_every_instantiation():
         fastlm.ops.sample(logits, top_k=5, seed=0, backend="cuda")
         fastlm.ops.top_k_top_p_filter(logits, top_k=5, backend="cuda")
     for dt in (f16, bf16):
-        for D in (64, 128):
-            for causal in (False, True):
-                q = torch.randn(1, 2, 9, D).to(dt)
-                kv = torch.randn(1, 1, 9, D).to(dt)
-                fastlm.ops.attention(q, kv, kv, causal=causal, backend="cuda")
+        for D in (64, 96, 128):
+            q = torch.randn(1, 2, 9, D).to(dt).requires_grad_(D != 96)  # the backward serves D 64 and 128
+            kv = torch.randn(1, 1, 9, D).to(dt)
+            out = fastlm.ops.attention(q, kv, kv, causal=True, backend="cuda")
+            if D != 96:
+                out.backward(torch.randn_like(out))
+            long_kv = torch.randn(1, 1, 520, D).to(dt)  # 2 blocks on 132 SMs, 520 keys: 2 splits, the combine runs
+            fastlm.ops.attention(q.detach(), long_kv, long_kv, backend="cuda")
         for D in (64, 128, 256):
-            for Sq in (1, 3, 9):  # query blocks of 1, 4 and 16 rows
-                q = torch.randn(1, 2, Sq, D).to(dt)
-                kv = torch.randn(1, 1, 20, D).to(dt)
-                fastlm.ops.decode_attention(q, kv, kv, torch.tensor([15], dtype=torch.int32), backend="cuda")
+            for Sq in (1, 5, 9):  # 4, 20 and 36 rows per key/value head: 1, 2 and 4 m tiles
+                q = torch.randn(1, 4, Sq, D).to(dt)
+                kv = torch.randn(1, 1, 200, D).to(dt)  # two splits: the combine kernel runs
+                fastlm.ops.decode_attention(q, kv, kv, torch.tensor([150], dtype=torch.int32), backend="cuda")
 
 
 def test_every_kernel_instantiation_executes(C_host):

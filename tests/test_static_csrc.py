@@ -94,22 +94,59 @@ def test_allowed_entries_are_live(rows):
 
 def test_rows_carry_launch_facts(rows):
     fwd = [r for r in rows if r.kernel == "attention_fwd_kernel"]
-    assert len(fwd) == 2 * 2 * 2 * len(ARCHS)  # fp16/bf16 x D 64/128 x causal
+    assert len(fwd) == 2 * 3 * len(ARCHS)  # fp16/bf16 x D 64/96/128
     for r in fwd:
         d = int(dict(kv.split("=") for kv in r.config.split())["D"])
-        assert r.kind == "matrix" and r.threads == 128
-        assert r.shared >= 192 * (d + 8) * 2  # the dynamic Q/K/V tiles
+        assert r.kind == "matrix" and r.threads == 256
+        assert r.shared >= (128 + 4 * 64) * (d + 8) * 2  # the dynamic Q tile and two K/V stages
         assert r.occupancy >= 1
+        assert r.require == ("LDSM", "LDGSTS") and r.max_per_mma == (5.0 if d == 128 else 0.0)
+        assert r.per_mma is not None and r.sass["loop_mma"] == d  # QK^T and PV: 2 x (16 rows x 64 keys x D) / (16 x 8 x 16)
     split = {r.config for r in rows if r.kernel == "decode_split_kernel" and r.arch == "sm_90a"}
-    assert split == {f"T={t} D={d} SQ={q}" for t in ("fp16", "bf16") for d in (64, 128, 256) for q in (1, 4, 16)}
+    assert split == {f"T={t} D={d} MT={m}" for t in ("fp16", "bf16") for d in (64, 128, 256) for m in (1, 2, 4)}
 
 
 def test_parse_demangled_names():
-    name = "void fastlm::(anonymous namespace)::decode_split_kernel<__half, 64, 16>(fastlm::(anonymous namespace)::P)"
+    name = "void fastlm::(anonymous namespace)::decode_split_kernel<__half, 64, 4>(fastlm::(anonymous namespace)::P)"
     kernel, args = csrc.parse(name)
-    assert (kernel, args) == ("decode_split_kernel", ["__half", "64", "16"])
-    assert csrc.config_of(kernel, args)[0] == "T=fp16 D=64 SQ=16"
+    assert (kernel, args) == ("decode_split_kernel", ["__half", "64", "4"])
+    assert csrc.config_of(kernel, args)[0] == "T=fp16 D=64 MT=4"
     assert csrc.parse("void fastlm::(anonymous namespace)::k<float>(float const*, long)") == ("k", ["float"])
+
+
+def test_main_loop_is_the_backward_branch_range_with_the_most_mma():
+    text = """
+        Function : k
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+        /*0010*/                   HMMA.16816.F32 R4, R8, R12, R4 ;
+        /*0020*/                   IADD3 R2, R2, 0x1, RZ ;
+        /*0030*/                   HMMA.16816.F32 R4, R8, R12, R4 ;
+        /*0040*/                   LDSM.16.M88.4 R8, [R3] ;
+        /*0050*/                   HMMA.16816.F32 R4, R8, R12, R4 ;
+        /*0060*/               @P0 BRA 0x20 ;
+        /*0070*/                   LDGSTS.E.BYPASS.128 [R5], desc[UR4][R6.64] ;
+        /*0080*/                   LDGSTS.E [R5], desc[UR4][R6.64] ;
+        /*0090*/              @!P1 BRA 0x70 ;
+        /*00a0*/                   EXIT ;
+    """
+    (counts,) = sass.count_sass(text).values()
+    assert (counts["loop"], counts["loop_mma"]) == (5, 2)  # 0x20..0x60: the loop with the most HMMAs
+    assert counts["HMMA"] == 3 and counts["LDSM"] == 1 and counts["LDGSTS"] == 2 and counts["LDGSTS.128"] == 1
+    assert sass.main_loop([(0, "HMMA.16816.F32", " R4"), (16, "BRA", " 0x20")]) == (0, 0)  # a forward branch
+
+
+def test_evidence_gates_can_fail():
+    good = dict(HMMA=128, LDSM=64, LDGSTS=8, loop=600, loop_mma=128)
+    row = sass.Row(source="csrc", op="attention", kernel="k", config="", arch="sm_90a", kind="matrix",
+                   sass=good, require=("LDSM", "LDGSTS"), max_per_mma=5.0)
+    assert sass.violations(row) == [] and row.per_mma == 600 / 128
+    row.sass = {**good, "LDGSTS": 0, "loop": 700}
+    assert sass.violations(row) == ["the design's instructions missing from the SASS: LDGSTS",
+                                    "main loop: 5.47 instructions per MMA > 5"]
+    mem = sass.Row(source="csrc", op="d", kernel="k", config="", arch="sm_90a", kind="memory", sass={"LDGSTS.128": 4})
+    assert sass.violations(mem) == []  # 16-byte cp.async is a 128-bit load
+    mem.sass = {"LDGSTS": 4, "LDG.32": 2}
+    assert sass.violations(mem) and "128-bit" in sass.violations(mem)[0]
 
 
 # ---- launch grids past 65535 (batch x heads on grid x) ----------------------------------------
@@ -120,46 +157,62 @@ def _within(grid) -> bool:
     return 1 <= x <= MAX_X and 1 <= y <= MAX_YZ and 1 <= z <= MAX_YZ
 
 
-@pytest.mark.parametrize("B,Hq,Sq", [(70000, 1, 1), (7, 10000, 200), (1, 70000, 64), (2**31 - 1, 1, 64)])
-def test_attention_fwd_grid_large_batch_heads(C, B, Hq, Sq):
-    (grid,) = C.attention_fwd_grids(B, Hq, Sq)
-    mblocks = math.ceil(Sq / 64)
-    assert _within(grid) and grid[0] * grid[1] * grid[2] == B * Hq * mblocks
-    for causal in (False, True):
-        assert tuple(C.attention_fwd_block(grid[0] - 1, Hq, Sq, causal)) == (B - 1, Hq - 1, 0 if causal else mblocks - 1)
-        assert tuple(C.attention_fwd_block(0, Hq, Sq, causal)) == (0, 0, mblocks - 1 if causal else 0)
+@pytest.mark.parametrize("B,Hq,Sq,splits", [(70000, 1, 1, 1), (7, 10000, 200, 1), (1, 70000, 128, 1), (2**31 - 1, 1, 128, 1),
+                                            (70000, 1, 1, 3), (1, 1, 300, 32)])
+def test_attention_fwd_grid_large_batch_heads(C, B, Hq, Sq, splits):
+    grids = C.attention_fwd_grids(B, Hq, Sq, splits)
+    mblocks = math.ceil(Sq / C.attention_fwd_block_rows())
+    assert C.attention_fwd_block_rows() == 128
+    assert all(_within(g) for g in grids) and len(grids) == (1 if splits == 1 else 2)  # forward[, combine]
+    assert grids[0][0] * grids[0][1] * grids[0][2] == B * Hq * mblocks * splits
+    if splits > 1:
+        assert grids[1][0] == min(math.ceil(B * Hq * Sq / 4), MAX_X)  # the combine kernel strides over the rest
+    last = grids[0][0] - 1
+    for reverse in (False, True):
+        assert tuple(C.attention_fwd_block(last, Hq, Sq, reverse, splits)) == (B - 1, Hq - 1, 0 if reverse else mblocks - 1, splits - 1)
+        assert tuple(C.attention_fwd_block(0, Hq, Sq, reverse, splits)) == (0, 0, mblocks - 1 if reverse else 0, 0)
 
 
 def test_attention_fwd_grid_too_large_is_refused(C):
-    assert C.attention_fwd_grids(2**31 - 1, 1, 65) == []
-    assert C.attention_fwd_grids(2**40, 2**40, 1) == []
-    code = C.attention_fwd(0, 0, 0, 0, 0, 2**31 - 1, 1, 1, 65, 1, 64, [8] * 14, 1.0, False, 1, 0)
+    assert C.attention_fwd_grids(2**31 - 1, 1, 129, 1) == []
+    assert C.attention_fwd_grids(2**40, 2**40, 1, 1) == []
+    assert C.attention_fwd_grids(2**30, 1, 1, 2) == []
+    assert C.attention_fwd_grids(1, 1, 1, 0) == []
+    code = C.attention_fwd(0, 0, 0, 0, 0, 0, 0, 2**31 - 1, 1, 1, 129, 1, 64, [8] * 14, 1.0, False, -1, -1, 1, 1, 0)
     assert code == CUDA_ERROR_INVALID_VALUE
+    code = C.attention_fwd(0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 2**30, 64, [8] * 14, 1.0, False, -1, -1, 1, 1, 0)
+    assert code == CUDA_ERROR_INVALID_VALUE  # Sq + Sk past 2^30 - 1
+    for scale in (0.0, -1.0, float("nan"), float("inf")):
+        assert C.attention_fwd(0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 64, [8] * 14, scale, False, -1, -1, 1, 1, 0) == CUDA_ERROR_INVALID_VALUE
+    code = C.attention_fwd(0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 64, [8] * 14, 1.0, False, -1, -1, 2, 1, 0)
+    assert code == CUDA_ERROR_INVALID_VALUE  # splits without workspaces
 
 
-@pytest.mark.parametrize("causal", [False, True])
-def test_attention_fwd_blocks_cover_every_tile_once(C, causal):
-    B, Hq, Sq = 2, 3, 130
-    (grid,) = C.attention_fwd_grids(B, Hq, Sq)
-    seen = [tuple(C.attention_fwd_block(i, Hq, Sq, causal)) for i in range(grid[0])]
-    assert sorted(seen) == list(itertools.product(range(B), range(Hq), range(3)))
-    if causal:
-        assert [s[2] for s in seen[:3]] == [2, 1, 0]  # the longest key ranges first
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("splits", [1, 3])
+def test_attention_fwd_blocks_cover_every_tile_once(C, reverse, splits):
+    B, Hq, Sq = 2, 3, 260
+    grids = C.attention_fwd_grids(B, Hq, Sq, splits)
+    seen = [tuple(C.attention_fwd_block(i, Hq, Sq, reverse, splits)) for i in range(grids[0][0])]
+    assert sorted(seen) == list(itertools.product(range(B), range(Hq), range(3), range(splits)))
+    if reverse:
+        assert [s[2] for s in seen[: 3 * splits : splits]] == [2, 1, 0]  # the longest key ranges first
 
 
-@pytest.mark.parametrize("B,Hq,Sq,splits", [(70000, 1, 1, 4), (70000, 32, 16, 64), (2**31 - 1, 1, 16, 1)])
-def test_decode_grids_large_batch_heads(C, B, Hq, Sq, splits):
-    split, combine = C.decode_attention_grids(B, Hq, Sq, splits)
+@pytest.mark.parametrize("B,Hq,Hkv,Sq,splits", [(70000, 1, 1, 1, 4), (70000, 32, 8, 16, 64), (2**31 - 1, 4, 1, 16, 1)])
+def test_decode_grids_large_batch_heads(C, B, Hq, Hkv, Sq, splits):
+    split, combine = C.decode_attention_grids(B, Hq, Hkv, Sq, splits)
     assert _within(split) and _within(combine)
-    assert tuple(split) == (B * Hq, splits, 1)
+    assert tuple(split) == (B * Hkv, splits, 1)  # one block per key/value head and split
     assert combine[0] == min(math.ceil(B * Hq * Sq / 4), MAX_X)  # the combine kernel strides over the rest
-    assert tuple(C.decode_attention_block(B * Hq - 1, Hq)) == (B - 1, Hq - 1)
-    assert tuple(C.decode_attention_block(Hq, Hq)) == (1, 0)
+    assert tuple(C.decode_attention_block(B * Hkv - 1, Hkv)) == (B - 1, Hkv - 1)
+    assert tuple(C.decode_attention_block(Hkv, Hkv)) == (1, 0)
 
 
 def test_decode_grid_too_large_is_refused(C):
-    assert C.decode_attention_grids(2**31, 1, 1, 1) == []
-    assert C.decode_attention_grids(1, 1, 1, 65536) == []
+    assert C.decode_attention_grids(2**31, 1, 1, 1, 1) == []
+    assert C.decode_attention_grids(1, 1, 1, 1, 65536) == []
+    assert C.decode_attention_grids(1, 65, 1, 1, 1) == []  # more than 64 rows per key/value head
 
 
 @pytest.mark.parametrize("B,S,HQ,HK,R", [(70000, 1, 8, 2, 64), (70000, 3, 1, 0, 2), (1, 5, 70000, 0, 128)])
@@ -186,7 +239,7 @@ def test_launchers_accept_large_batch_heads_without_gpu(C):
     if C.device_count() > 0:
         pytest.skip("a CUDA device is present: the fake pointers below would be dereferenced")
     fake = 1 << 20
-    code = C.attention_fwd(fake, fake, fake, fake, fake, 70000, 1, 1, 1, 1, 64, [64] * 14, 1.0, False, 1, 0)
+    code = C.attention_fwd(fake, fake, fake, fake, fake, 0, 0, 70000, 1, 1, 1, 1, 64, [64] * 14, 1.0, False, -1, -1, 1, 1, 0)
     assert code not in (0, CUDA_ERROR_INVALID_VALUE), code
     code = C.decode_attention_fwd(fake, fake, fake, fake, fake, fake, fake, fake, 70000, 1, 1, 1, 16, 64,
                                   [64] * 14, 1, 1.0, -1, 0, 1, 0)

@@ -1160,6 +1160,7 @@ void bind(pybind11::module_& m) {
     for (const auto& f : image().functions) {
       const std::string name = short_name(demangle(f.second.c_str()));
       const std::string base = name.substr(0, name.find('<'));
+      if (name.find("{lambda") != std::string::npos) continue;  // a lambda inside a kernel, not a kernel
       if (base.size() > 7 && base.compare(base.size() - 7, 7, "_kernel") == 0) out.push_back(name);
     }
     std::sort(out.begin(), out.end());

@@ -18,7 +18,7 @@ import sys
 import tempfile
 
 REPORT_DIR = os.path.join("benchmarks", "static")
-_SASS_SHOWN = ("HGMMA", "HMMA", "LDSM", "LDGSTS", "UTMALDG", "LDG.128", "LDG.64", "LDG.32", "LDG.16", "STG.128", "STL", "LDL")
+_SASS_SHOWN = ("HGMMA", "HMMA", "LDSM", "LDGSTS", "LDGSTS.128", "UTMALDG", "LDG.128", "LDG.64", "LDG.32", "LDG.16", "STG.128", "STL", "LDL")
 
 
 def collect(ops=None, archs=(90, 80), source="all", exhaustive=False, jobs=1) -> list:
@@ -50,14 +50,14 @@ def render(rows) -> str:
     from fastlm.audit import sass
 
     lines = [
-        "| source | op | kernel | config | arch | role | regs | spill B | stack B | shared B | blocks/SM | SASS | gates |",
-        "|---|---|---|---|---|---|---:|---:|---:|---:|---:|---|---|",
+        "| source | op | kernel | config | arch | role | regs | spill B | stack B | shared B | blocks/SM | loop instr/MMA | SASS | gates |",
+        "|---|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---|---|",
     ]
     for r in rows:
         v = sass.violations(r)
         gate = "FAIL: " + "; ".join(v) if v else ("ok (" + r.allowed + ")" if r.allowed else "ok")
         lines.append(f"| {r.source} | {r.op} | {r.kernel} | {r.config} | {r.arch} | {r.role} | {r.regs} | {r.local} | {r.stack} | "
-                     f"{r.shared} | {r.occupancy} | {_sass_cell(r.sass)} | {gate} |")
+                     f"{r.shared} | {r.occupancy} | {'' if r.per_mma is None else f'{r.per_mma:.2f}'} | {_sass_cell(r.sass)} | {gate} |")
     return "\n".join(lines)
 
 

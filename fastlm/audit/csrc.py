@@ -7,7 +7,7 @@ static shared memory, and its SASS; ``rows`` reads them with cuobjdump (``sass.r
 dynamic shared memory. Every instantiation in the module is one a launcher dispatches to (the
 kernels are only instantiated through the launchers' dispatch), so every row has role "default".
 
-kind: "matrix" for the mma.sync attention forward; "memory" for the memory-bound kernels built
+kind: "matrix" for the mma.sync attention kernels; "memory" for the memory-bound kernels built
 around 16-byte accesses (the vectorised LayerNorm paths, the decode split kernel); "other" for
 the rest, the scalar-by-design ones included (any-stride rotary and sinusoidal, the LayerNorm
 scalar fallback, the decode combine, sampling, which reads its row several times).
@@ -31,8 +31,33 @@ _TYPES = {"float": "fp32", "__half": "fp16", "__nv_bfloat16": "bf16", "true": "1
 
 
 def _attention_fwd_smem(args: dict[str, str]) -> int:
-    """Dynamic shared memory of the forward (csrc/attention.cu): Q, K, V tiles of 64 rows, D + 8 wide."""
-    return (64 + 2 * 64) * (int(args["D"]) + 8) * (4 if args["T"] == "fp32" else 2)
+    """Dynamic shared memory of the forward (csrc/attention.cu): a Q tile of 128 rows and two stages
+    of K and V tiles of 64 rows, D + 8 wide."""
+    return (128 + 4 * 64) * (int(args["D"]) + 8) * (4 if args["T"] == "fp32" else 2)
+
+
+def _decode_split_smem(args: dict[str, str]) -> int:
+    """Dynamic shared memory of the decode split kernel (csrc/decode_attention.cu, DecodeTile): a
+    ring of K and V tiles (3 stages at D = 64, else 2; 64 keys, 32 at D = 256 with 4 m tiles) and
+    the 16 MT query rows, D + 8 wide, 2-byte elements."""
+    d, mt = int(args["D"]), int(args["MT"])
+    keys = 32 if d == 256 and mt == 4 else 64
+    stages = 3 if d == 64 else 2
+    return (2 * stages * keys + 16 * mt) * (d + 8) * 2
+
+
+def _attention_bwd_dkdv_smem(args: dict[str, str]) -> int:
+    """Dynamic shared memory of the dK/dV kernel (csrc/attention_bwd.cu): K (KSMEM), two Q and two
+    dO tiles of BQ rows (at least 64 / 128 rows, where K and V stage), D + 8 wide, 2-byte elements;
+    two lse2 and two delta tiles of BQ floats."""
+    d, bq, ks = int(args["D"]), int(args["BQ"]), args["KSMEM"] == "1"
+    return ((64 if ks else 0) + max(4 * bq, 64 if ks else 128)) * (d + 8) * 2 + 4 * bq * 4
+
+
+def _attention_bwd_dq_smem(args: dict[str, str]) -> int:
+    """Dynamic shared memory of the dQ kernel (csrc/attention_bwd.cu): two K and two V tiles of BN
+    rows (at least 128 rows, where Q and dO stage), D + 8 wide, 2-byte elements."""
+    return max(4 * int(args["BN"]), 128) * (int(args["D"]) + 8) * 2
 
 
 # kernel -> (op, template parameter names, threads per block (0: chosen at launch), kind).
@@ -45,11 +70,24 @@ KERNELS: dict[str, tuple[str, tuple[str, ...], int, str]] = {
     "embed_bwd_atomic_kernel": ("sinusoidal", ("T",), 128, "other"),
     "embed_bwd_sorted_kernel": ("sinusoidal", ("T",), 128, "other"),
     "sampling_kernel": ("sampling", ("T", "SAMPLE"), 512, "other"),
-    "attention_fwd_kernel": ("attention", ("T", "D", "CAUSAL"), 128, "matrix"),
-    "decode_split_kernel": ("decode_attention", ("T", "D", "SQ"), 128, "memory"),
+    "attention_fwd_kernel": ("attention", ("T", "D"), 256, "matrix"),
+    "attention_fwd_combine_kernel": ("attention", ("T", "D"), 128, "other"),
+    "decode_split_kernel": ("decode_attention", ("T", "D", "MT"), 128, "memory"),
     "decode_combine_kernel": ("decode_attention", ("T", "D"), 128, "other"),
+    "attention_bwd_preprocess_kernel": ("attention", ("T", "D"), 128, "other"),
+    "attention_bwd_dkdv_kernel": ("attention", ("T", "D", "BQ", "KSMEM"), 128, "matrix"),
+    "attention_bwd_dq_kernel": ("attention", ("T", "D", "BN"), 128, "matrix"),
 }
-DYNAMIC_SMEM = {"attention_fwd_kernel": _attention_fwd_smem}
+DYNAMIC_SMEM = {"attention_fwd_kernel": _attention_fwd_smem, "decode_split_kernel": _decode_split_smem,
+                "attention_bwd_dkdv_kernel": _attention_bwd_dkdv_smem, "attention_bwd_dq_kernel": _attention_bwd_dq_smem}
+
+# Pattern (re.search on "kernel config") -> (SASS instructions the design must show, the most
+# main-loop instructions per MMA, 0: not bounded). The forward's per-tile softmax work does not
+# depend on D while its MMAs grow with D, so only D = 128 is held to 5.
+EVIDENCE: dict[str, tuple[tuple[str, ...], float]] = {
+    r"^attention_fwd_kernel .*D=128": (("LDSM", "LDGSTS"), 5.0),
+    r"^attention_fwd_kernel ": (("LDSM", "LDGSTS"), 0.0),
+}
 
 
 def so_path() -> str | None:
@@ -162,6 +200,7 @@ def rows(path: str | None = None) -> list[sass.Row]:
         if arch in sass.TARGETS:
             row.occupancy = sass.occupancy(arch, threads, row.regs, shared)
         row.allowed = next((why for pat, why in ALLOWED.items() if re.search(pat, f"{kernel} {config}")), None)
+        row.require, row.max_per_mma = next((ev for pat, ev in EVIDENCE.items() if re.search(pat, f"{kernel} {config}")), ((), 0.0))
         out.append(row)
     out.sort(key=lambda r: (r.op, r.kernel, r.config, r.arch))
     return out

@@ -10,6 +10,7 @@ here too, so the tests, ``fastlm audit`` and the committed reports agree by cons
 
 from __future__ import annotations
 
+import bisect
 import collections
 import functools
 import os
@@ -29,9 +30,11 @@ TARGETS = {
 ARCHS = {90: "sm_90a", 80: "sm_80"}
 
 # SASS facts a row reports; each maps to how an opcode is recognised.
-SASS_KEYS = ("HGMMA", "HMMA", "LDSM", "LDGSTS", "UTMALDG", "LDG.128", "LDG.64", "LDG.32", "LDG.16", "LDG.8",
-             "STG.128", "STG.64", "STG.32", "STG.16", "LDL", "STL", "FFMA", "MUFU", "BAR", "total")
-_SASS_LINE = re.compile(r"^\s*/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_]*(?:\.[A-Z0-9_]+)*)")
+# "loop" and "loop_mma": the instructions and the HMMA/HGMMA of the main loop (``main_loop``).
+SASS_KEYS = ("HGMMA", "HMMA", "LDSM", "LDGSTS", "LDGSTS.128", "UTMALDG", "LDG.128", "LDG.64", "LDG.32", "LDG.16", "LDG.8",
+             "STG.128", "STG.64", "STG.32", "STG.16", "LDL", "STL", "FFMA", "MUFU", "BAR", "total", "loop", "loop_mma")
+_SASS_LINE = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_]*(?:\.[A-Z0-9_]+)*)([^;]*)")
+_BRA_TARGET = re.compile(r"\s(?:0x)?([0-9a-f]+)\s*$")
 
 
 @dataclass
@@ -54,6 +57,13 @@ class Row:
     occupancy: int = 0  # blocks per SM the resources allow
     error: str | None = None
     allowed: str | None = None  # "<gate>: <reason>": a written reason one gate (GATES) does not apply
+    require: tuple = ()  # SASS_KEYS this kernel's design must show (e.g. LDSM, LDGSTS)
+    max_per_mma: float = 0.0  # the most main-loop instructions per MMA allowed (0: not gated)
+
+    @property
+    def per_mma(self) -> float | None:
+        """Main-loop instructions per HMMA/HGMMA, None without an MMA loop."""
+        return self.sass["loop"] / self.sass["loop_mma"] if self.sass.get("loop_mma") else None
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -134,6 +144,8 @@ def opcode_class(op: str) -> list[str]:
         keys.append(f"{base}.{width}")
     elif base in ("HGMMA", "HMMA", "LDSM", "LDGSTS", "UTMALDG", "LDL", "STL", "FFMA", "MUFU", "BAR"):
         keys.append(base)
+        if base == "LDGSTS" and "128" in parts:
+            keys.append("LDGSTS.128")
     return keys
 
 
@@ -141,6 +153,7 @@ def count_sass(text: str) -> dict[str, dict[str, int]]:
     """{function: {SASS_KEYS: count}} from `cuobjdump -sass` text (one cubin or many; a function
     met again under another arch is keyed "arch:function")."""
     per: dict[str, collections.Counter] = {}
+    code: dict[str, list] = collections.defaultdict(list)
     arch, fn = "", None
     for line in text.splitlines():
         m = _ARCH.match(line.strip())
@@ -158,9 +171,32 @@ def count_sass(text: str) -> dict[str, dict[str, int]]:
         if m:
             c = per[fn]
             c["total"] += 1
-            for k in opcode_class(m.group(1)):
+            for k in opcode_class(m.group(2)):
                 c[k] += 1
+            code[fn].append((int(m.group(1), 16), m.group(2), m.group(3)))
+    for f, ins in code.items():
+        per[f]["loop"], per[f]["loop_mma"] = main_loop(ins)
     return {f: {k: int(c.get(k, 0)) for k in SASS_KEYS} for f, c in per.items()}
+
+
+def main_loop(ins: list[tuple[int, str, str]]) -> tuple[int, int]:
+    """(instructions, HMMA + HGMMA) of the main loop of one function's SASS, given as (address,
+    opcode, operands): of the address ranges [target, branch] closed by a backward BRA, the one
+    holding the most MMAs (the smaller on a tie: the inner loop). (0, 0) without such a loop."""
+    best = (0, 0)
+    addrs = [a for a, _, _ in ins]
+    for i, (addr, op, rest) in enumerate(ins):
+        if op.split(".")[0] != "BRA":
+            continue
+        m = _BRA_TARGET.search(rest)
+        if not m or int(m.group(1), 16) > addr:
+            continue
+        j = bisect.bisect_left(addrs, int(m.group(1), 16))
+        body = ins[j : i + 1]
+        mma = sum(o.split(".")[0] in ("HMMA", "HGMMA") for _, o, _ in body)
+        if (mma, -len(body)) > (best[1], -best[0]):
+            best = (len(body), mma)
+    return best
 
 
 def sass_of(path: str) -> dict[str, dict[str, int]]:
@@ -206,9 +242,11 @@ def violations(row: Row) -> list[str]:
     """What a row breaks of the compile tier's gates: it must compile and fit the target's shared
     memory; a default config must not spill (local memory, a stack frame, STL/LDL); a matrix kernel
     must use tensor cores (HGMMA or HMMA); a memory-bound kernel (on 16-byte aligned inputs) must
-    issue a 128-bit global load ("memory") or store ("memory-write": its bulk traffic is written,
+    issue a 128-bit global load (LDG.128 or a 16-byte cp.async, LDGSTS.128: "memory") or store ("memory-write": its bulk traffic is written,
     e.g. a table computed from one index per row). A row whose
-    ``allowed`` names a gate with a written reason is exempt from that gate only."""
+    ``allowed`` names a gate with a written reason is exempt from that gate only. A row's ``require``
+    names instructions its design must show (cp.async's LDGSTS, ldmatrix's LDSM), and
+    ``max_per_mma`` bounds its main loop's instructions per MMA."""
     if row.error:
         return [f"does not compile: {row.error}"]
     out = []
@@ -222,9 +260,15 @@ def violations(row: Row) -> list[str]:
             out.append(f"stack frame {row.stack} B")
     if row.kind == "matrix" and not exempt(row, "tensor-cores") and not (row.sass.get("HGMMA", 0) or row.sass.get("HMMA", 0)):
         out.append("matrix kernel without tensor-core instructions (no HGMMA/HMMA)")
+    missing = [k for k in row.require if not row.sass.get(k, 0)]
+    if missing:
+        out.append(f"the design's instructions missing from the SASS: {', '.join(missing)}")
+    if row.max_per_mma and (row.per_mma is None or row.per_mma > row.max_per_mma):
+        got = "no MMA loop" if row.per_mma is None else f"{row.per_mma:.2f}"
+        out.append(f"main loop: {got} instructions per MMA > {row.max_per_mma:g}")
     if row.kind in ("memory", "memory-write") and not exempt(row, "vector-loads"):
         key = "LDG.128" if row.kind == "memory" else "STG.128"
-        if not row.sass.get(key, 0):
+        if not row.sass.get(key, 0) and not (key == "LDG.128" and row.sass.get("LDGSTS.128", 0)):
             narrow = {k: v for k, v in row.sass.items() if k[:4] in ("LDG.", "STG.") and v}
             out.append(f"memory-bound kernel without a 128-bit global {'load' if key[0] == 'L' else 'store'} ({narrow})")
     return out

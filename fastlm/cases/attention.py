@@ -63,6 +63,13 @@ def attention_cases(device: str, full: bool = False) -> list[Case]:
         out.append(_attn(device, Sq=sq, Sk=sk, D=d, dtype="float16", causal=causal))
     out.append(_attn(device, B=2, Hq=8, Hkv=2, Sq=65, Sk=129, D=128, dtype="float16", causal=True, layout="bshd"))
     out.append(_attn(device, Hq=4, Hkv=1, Sq=63, Sk=63, D=64, dtype="float16", causal=True, dlse=True))
+    # the CUDA forward's windows (masked first tiles, masked last tiles, rows that see nothing),
+    # head dim 96, and more than one 128-row query block with a 64-key tail
+    for (window, causal), (sq, sk), d in zip(_WINDOWS, itertools.cycle(((130, 130), (97, 200), (200, 97))),
+                                             itertools.cycle((64, 128, 96))):
+        out.append(_attn(device, Sq=sq, Sk=sk, window=window, causal=causal, D=d, dtype="float16"))
+    out.append(_attn(device, Sq=97, Sk=200, D=96, dtype="float16", causal=True, layout="bshd", Hq=4, Hkv=2))
+    out.append(_attn(device, Sq=260, Sk=330, D=64, dtype="float16", causal=True))
     if gpu:
         for (sq, sk), causal, dt in itertools.product(((1025, 1025), (2048, 2048), (1025, 2048), (2048, 1025)), (False, True), ("float16", "bfloat16")):
             out.append(_attn(device, B=2, Hq=4, Hkv=2, Sq=sq, Sk=sk, D=128, dtype=dt, causal=causal))
@@ -92,6 +99,9 @@ def decode_cases(device: str, full: bool = False) -> list[Case]:
     for d, sq in zip((64, 128, 256, 64, 128, 256), (1, 4, 16, 5, 1, 3), strict=True):
         out.append(_dec(device, Sq=sq, D=d, Hq=4, Hkv=2, B=3, lens=(257, 0, 40), S_max=257, dtype="float16",
                         window=(33, -1) if sq == 5 else None))
+    # whole GQA groups per CUDA block: 8:1 with 4 new tokens (32 rows), 8:1 with 8 (64 rows, 4 m tiles)
+    out.append(_dec(device, Sq=4, D=128, Hq=16, Hkv=2, B=2, lens=(140, 1), S_max=140, dtype="float16"))
+    out.append(_dec(device, Sq=8, D=64, Hq=8, Hkv=1, B=2, lens=(130, 64), S_max=130, dtype="float16", window=(50, -1)))
     if gpu:
         for d, dt in itertools.product((64, 128, 256), ("float16", "bfloat16")):
             out.append(_dec(device, B=4, Hq=32, Hkv=8, Sq=1, S_max=4096, D=d, lens=(4096, 4000, 1, 2049), dtype=dt))

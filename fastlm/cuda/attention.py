@@ -1,14 +1,20 @@
-"""CUDA launchers for attention (csrc/attention.cu), with the signatures of fastlm/triton/attention.py.
+"""CUDA launchers for attention (csrc/attention.cu, attention_bwd.cu, decode_attention.cu), with the
+signatures of fastlm/triton/attention.py.
 
 What runs as CUDA and what does not (the cuda backend never fails on a valid call: it hands what
 its kernels do not cover to the Triton launcher, which computes the same thing):
-- attention forward: CUDA for fp16/bf16, head dim 64 or 128, causal or not, any GQA ratio, no
-  sliding window, B * Hq * ceil(Sq / 64) <= 2^31 - 1 blocks (``_C.attention_fwd_grids``), 16-byte
-  aligned rows; anything else (fp32, other head dims, a window) runs the Triton forward.
-- attention backward: always the Triton backward (there is no CUDA backward yet).
-- decode_attention: CUDA for fp16/bf16 at head dim 64, 128 or 256 (with or without a left
-  window), 16-byte aligned cache rows, B * Hq <= 2^31 - 1 (``_C.decode_attention_grids``); anything
-  else (fp32, other head dims) runs the Triton decode.
+- attention forward: CUDA for fp16/bf16, head dim 64, 96 or 128, causal or not, sliding windows,
+  any GQA ratio, scale > 0, B * Hq * ceil(Sq / 128) * splits <= 2^31 - 1 blocks
+  (``_C.attention_fwd_grids``), 16-byte aligned rows; split-KV (``fwd_splits_for``) when the query
+  blocks alone leave SMs idle; anything else (fp32, other head dims) runs the Triton forward.
+- attention backward (csrc/attention_bwd.cu): CUDA for fp16/bf16, head dim 64 or 128, causal or
+  not, sliding windows, any GQA ratio, grids within ``_C.attention_bwd_grids``, 16-byte aligned
+  rows of q, k, v, out, dout, dq, dk, dv (``bwd_runs_cuda``); anything else runs the Triton backward.
+- decode_attention: CUDA split-KV (one block per batch, key/value head and split, mma.sync over
+  the whole GQA group, a cp.async K/V ring) for fp16/bf16 at head dim 64, 128 or 256 (with or
+  without a left window), at most 64 rows (Hq / Hkv) * Sq per key/value head, 16-byte aligned cache
+  rows, B * Hkv <= 2^31 - 1 (``_C.decode_attention_grids``); anything else (fp32, other head dims,
+  larger groups) runs the Triton decode.
 ``CUDA_COVERAGE`` says this in one line for ``fastlm info``.
 On CPU tensors the kernels run through fastlm._C_host and the Triton cases through the interpreter
 (TRITON_INTERPRET=1), bf16 ones on fp32 copies rounded once (the interpreter's bf16 is wrong).
@@ -16,15 +22,19 @@ On CPU tensors the kernels run through fastlm._C_host and the Triton cases throu
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from fastlm.backend import BackendUnavailableError, interpreted_bf16, interpreter_on
 from fastlm.cuda import check, dtype_code, lib, ptr, stream_handle
 
 CUDA_COVERAGE = (
-    "forward: CUDA (mma.sync) for fp16/bf16 at head dim 64/128, causal or not, no window; other forward "
-    "cases, and the whole backward, run the Triton kernels. decode: CUDA split-KV for fp16/bf16 at head "
-    "dim 64/128/256; fp32 and other head dims run Triton"
+    "forward: CUDA (mma.sync, ldmatrix, cp.async, split-KV) for fp16/bf16 at head dim 64/96/128, causal, "
+    "windows, GQA; fp32, other head dims and scale <= 0 run the Triton kernels. backward: CUDA (mma.sync, deterministic) for fp16/bf16 at head dim 64/128, "
+    "causal, windows, GQA; fp32 and other head dims run Triton. decode: CUDA split-KV (mma.sync, one block per "
+    "KV head) for fp16/bf16 at head dim 64/128/256, GQA groups x new tokens <= 64; fp32, other head dims "
+    "and larger groups run Triton"
 )
 
 
@@ -56,21 +66,39 @@ def _strides(q, k, v, out, lse) -> list[int]:
     return [*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], lse.stride(0), lse.stride(1)]
 
 
-def fwd_runs_cuda(q, k, v, causal, window_left, window_right, out) -> bool:
+def fwd_runs_cuda(q, k, v, causal, window_left, window_right, out, scale=1.0) -> bool:
     """True when attention_fwd runs the CUDA kernel for these arguments (else Triton)."""
     B, Hq, _, D = q.shape
-    window = window_left >= 0 or (window_right >= 0 and not causal)
     return (
-        not window
+        scale > 0
+        and math.isfinite(scale)
+        and q.shape[2] + k.shape[2] <= 2**30 - 1
         and bool(lib(q.device).attention_fwd_supported(D, dtype_code(q)))
-        and bool(lib(q.device).attention_fwd_grids(max(B, 1), max(Hq, 1), max(q.shape[2], 1)))
+        and bool(lib(q.device).attention_fwd_grids(max(B, 1), max(Hq, 1), max(q.shape[2], 1), 1))
         and _rows_aligned(q, k, v, out, elems=8)
     )
 
 
-def attention_fwd(q, k, v, causal, scale, window_left, window_right, out, lse) -> None:
-    """See fastlm.triton.attention.attention_fwd."""
-    if not fwd_runs_cuda(q, k, v, causal, window_left, window_right, out):
+def _sm_count(device: torch.device) -> int:
+    if torch.device(device).type == "cpu":
+        return lib(device).emulation_sm_count()
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def fwd_splits_for(batch: int, q_heads: int, sq: int, sk: int, device: torch.device) -> int:
+    """Key splits per query block: 1 when the B * Hq * ceil(Sq / 128) blocks fill the SMs; else
+    enough to cover them once, each split at least 4 key tiles (256 keys), at most 32."""
+    blocks = batch * q_heads * -(-sq // lib(device).attention_fwd_block_rows())
+    sms = _sm_count(device)
+    if blocks >= sms:
+        return 1
+    return max(1, min(-(-sms // blocks), sk // 256, 32))
+
+
+def attention_fwd(q, k, v, causal, scale, window_left, window_right, out, lse, num_splits=None) -> None:
+    """See fastlm.triton.attention.attention_fwd. num_splits: key splits per query block (None:
+    ``fwd_splits_for``); CUDA only."""
+    if not fwd_runs_cuda(q, k, v, causal, window_left, window_right, out, scale):
         T = _triton(q.device)
         if not interpreted_bf16(q):
             return T.attention_fwd(q, k, v, causal, scale, window_left, window_right, out, lse)
@@ -82,15 +110,36 @@ def attention_fwd(q, k, v, causal, scale, window_left, window_right, out, lse) -
     Hkv, Sk = k.shape[1], k.shape[2]
     if B == 0 or Hq == 0 or Sq == 0:
         return
+    splits = num_splits or fwd_splits_for(B, Hq, Sq, Sk, q.device)
+    o_part = l_part = None
+    if splits > 1:
+        o_part = torch.empty((splits, B * Hq * Sq, D), device=q.device, dtype=torch.float32)
+        l_part = torch.empty((splits, B * Hq * Sq), device=q.device, dtype=torch.float32)
     code = lib(q.device).attention_fwd(
-        ptr(q), ptr(k), ptr(v), ptr(out), ptr(lse), B, Hq, Hkv, Sq, Sk, D, _strides(q, k, v, out, lse),
-        float(scale), bool(causal), dtype_code(q), stream_handle(q),
+        ptr(q), ptr(k), ptr(v), ptr(out), ptr(lse), ptr(o_part), ptr(l_part), B, Hq, Hkv, Sq, Sk, D, _strides(q, k, v, out, lse), float(scale),
+        bool(causal), int(window_left), int(window_right), splits, dtype_code(q), stream_handle(q),
     )
     check(code, "attention_fwd")
 
 
+def bwd_runs_cuda(do, q, k, v, out, dq, dk, dv) -> bool:
+    """True when attention_bwd runs the CUDA kernels for these arguments (else Triton)."""
+    B, Hq, Sq, D = q.shape
+    Hkv, Sk = k.shape[1], k.shape[2]
+    tensors = (do, q, k, v, out, dq, dk, dv)
+    return (
+        all(t.dtype == q.dtype for t in tensors)
+        and bool(lib(q.device).attention_bwd_supported(D, dtype_code(q)))
+        and bool(lib(q.device).attention_bwd_grids(max(B, 1), max(Hq, 1), max(Hkv, 1), max(Sq, 1), Sk))
+        and _rows_aligned(*tensors, elems=8)
+    )
+
+
 def attention_bwd(do, dlse, q, k, v, out, lse, causal, scale, window_left, window_right, dq, dk, dv, deterministic=True) -> None:
-    """The Triton backward (no CUDA backward yet); see fastlm.triton.attention.attention_bwd."""
+    """See fastlm.triton.attention.attention_bwd (always deterministic; so are the CUDA kernels:
+    every output element is summed by one block in a fixed order)."""
+    if bwd_runs_cuda(do, q, k, v, out, dq, dk, dv):
+        return _attention_bwd_cuda(do, dlse, q, k, v, out, lse, causal, scale, window_left, window_right, dq, dk, dv)
     T = _triton(q.device)
     if not interpreted_bf16(q):
         return T.attention_bwd(do, dlse, q, k, v, out, lse, causal, scale, window_left, window_right, dq, dk, dv, deterministic)
@@ -101,24 +150,53 @@ def attention_bwd(do, dlse, q, k, v, out, lse, causal, scale, window_left, windo
         g.copy_(g32)
 
 
+def _attention_bwd_cuda(do, dlse, q, k, v, out, lse, causal, scale, window_left, window_right, dq, dk, dv) -> None:
+    B, Hq, Sq, D = q.shape
+    Hkv, Sk = k.shape[1], k.shape[2]
+    if B == 0 or Hkv == 0:
+        return
+    if Sq == 0:
+        dk.zero_()
+        dv.zero_()
+        return
+    if lse.shape != (B, Hq, Sq) or (dlse is not None and dlse.shape != (B, Hq, Sq)):
+        raise ValueError(f"fastlm.cuda.attention: lse and dlse must have shape {(B, Hq, Sq)} (got {tuple(lse.shape)} and "
+                         f"{None if dlse is None else tuple(dlse.shape)})")
+    lse = lse.float() if lse.stride(2) == 1 else lse.float().contiguous()
+    if dlse is not None:
+        dlse = dlse.float() if dlse.stride(2) == 1 else dlse.float().contiguous()
+    C = lib(q.device)
+    workspace = torch.empty(C.attention_bwd_workspace_size(B, Hq, Sq), device=q.device, dtype=torch.float32)
+    strides = [*(s for t in (q, k, v, out, do, dq, dk, dv) for s in t.stride()[:3]), lse.stride(0), lse.stride(1)]
+    strides += [dlse.stride(0), dlse.stride(1)] if dlse is not None else [0, 0]
+    code = C.attention_bwd(
+        ptr(do), ptr(dlse), ptr(q), ptr(k), ptr(v), ptr(out), ptr(lse), ptr(dq), ptr(dk),
+        ptr(dv), ptr(workspace), B, Hq, Hkv, Sq, Sk, D, strides, float(scale), bool(causal), int(window_left),
+        int(window_right), dtype_code(q), stream_handle(q),
+    )
+    check(code, "attention_bwd")
+
+
 def decode_runs_cuda(q, k_cache, v_cache) -> bool:
     """True when decode_attention_fwd runs the CUDA kernels for these arguments (else Triton)."""
     C = lib(q.device)
     return (
         bool(C.decode_attention_supported(q.shape[-1], dtype_code(q)))
-        and bool(C.decode_attention_grids(max(q.shape[0], 1), max(q.shape[1], 1), 1, 1))  # B * Hq fits
+        and bool(C.decode_attention_grids(max(q.shape[0], 1), q.shape[1], k_cache.shape[1], q.shape[2], 1))
         and _rows_aligned(k_cache, v_cache, elems=8)
     )
 
 
-def num_splits_for(batch: int, q_heads: int, s_max: int, device: torch.device) -> int:
-    """Splits so that splits * batch * q_heads blocks cover the SMs about twice, each split at
-    least 128 keys long, at most 64. On CPU tensors the SMs are fastlm._C_host's emulated ones."""
+def num_splits_for(batch: int, kv_heads: int, s_max: int, device: torch.device) -> int:
+    """Splits so that splits * batch * kv_heads blocks (one per key/value head and split) cover the
+    SMs about twice, each split at least 128 keys of S_max long, at most 64. From S_max, not the live
+    lengths, so it needs no device->host sync and stays fixed under CUDA-graph capture (each block's
+    chunk follows its own sequence's length). On CPU tensors the SMs are fastlm._C_host's emulated ones."""
     if torch.device(device).type == "cpu":
         sms = lib(device).emulation_sm_count()
     else:
         sms = torch.cuda.get_device_properties(device).multi_processor_count
-    want = -(-2 * sms // max(1, batch * q_heads))
+    want = -(-2 * sms // max(1, batch * kv_heads))
     return max(1, min(want, -(-s_max // 128), 64))
 
 
@@ -137,9 +215,11 @@ def decode_attention_fwd(q, k_cache, v_cache, cache_seqlens, scale, window_left,
     Hkv, S_max = k_cache.shape[1], k_cache.shape[2]
     if B == 0 or Hq == 0 or Sq == 0:
         return
-    splits = num_splits or num_splits_for(B, Hq, S_max, q.device)
-    o_part = torch.empty((splits, B * Hq * Sq, D), device=q.device, dtype=torch.float32)
-    l_part = torch.empty((splits, B * Hq * Sq), device=q.device, dtype=torch.float32)
+    splits = num_splits or num_splits_for(B, Hkv, S_max, q.device)
+    o_part = l_part = None  # one split writes out and lse directly
+    if splits > 1:
+        o_part = torch.empty((splits, B * Hq * Sq, D), device=q.device, dtype=torch.float32)
+        l_part = torch.empty((splits, B * Hq * Sq), device=q.device, dtype=torch.float32)
     lens = cache_seqlens if cache_seqlens.dtype == torch.int32 else cache_seqlens.to(torch.int32)
     lens = lens.contiguous()
     code = lib(q.device).decode_attention_fwd(
