@@ -192,11 +192,7 @@ def num_splits_for(batch: int, kv_heads: int, s_max: int, device: torch.device) 
     SMs about twice, each split at least 128 keys of S_max long, at most 64. From S_max, not the live
     lengths, so it needs no device->host sync and stays fixed under CUDA-graph capture (each block's
     chunk follows its own sequence's length). On CPU tensors the SMs are fastlm._C_host's emulated ones."""
-    if torch.device(device).type == "cpu":
-        sms = lib(device).emulation_sm_count()
-    else:
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-    want = -(-2 * sms // max(1, batch * kv_heads))
+    want = -(-2 * _sm_count(device) // max(1, batch * kv_heads))
     return max(1, min(want, -(-s_max // 128), 64))
 
 
