@@ -90,6 +90,10 @@ PYBIND11_MODULE(FASTLM_MODULE_NAME, m) {
         py::arg("stride_dx"), py::arg("is_rms"), py::arg("x_dtype"), py::arg("w_dtype"), py::arg("stream"));
   m.def("layer_norm_bwd_workspace_size", &fastlm::layer_norm_bwd_workspace_size, py::arg("M"), py::arg("N"),
         "bytes of fp32 workspace layer_norm_bwd needs on the current device (-1 if it cannot be queried)");
+#if defined(FASTLM_HOST_EMULATION)
+  m.def("layer_norm_fwd_host_loads", &fastlm::layer_norm_fwd_host_loads,
+        "elements the forward loaded since the last call: [x or h re-read, residual] (host tier only)");
+#endif
 
   // ---- rotary (csrc/rotary.cu) ----
   m.def("rotary", &fastlm::rotary, py::arg("q"), py::arg("k"), py::arg("q_out"), py::arg("k_out"),
@@ -97,8 +101,12 @@ PYBIND11_MODULE(FASTLM_MODULE_NAME, m) {
         py::arg("B"), py::arg("S"), py::arg("HQ"), py::arg("HK"), py::arg("D"), py::arg("rotary_dim"),
         py::arg("strides"), py::arg("offset"), py::arg("theta"), py::arg("interleaved"), py::arg("backward"),
         py::arg("dtype"), py::arg("stream"));
+  m.def("rotary_vector_ok", &fastlm::rotary_vector_ok, py::arg("q"), py::arg("k"), py::arg("q_out"),
+        py::arg("k_out"), py::arg("cos"), py::arg("sin"), py::arg("table_dtype"), py::arg("B"), py::arg("S"),
+        py::arg("HQ"), py::arg("HK"), py::arg("D"), py::arg("rotary_dim"), py::arg("strides"), py::arg("interleaved"),
+        py::arg("dtype"), "whether rotary takes the vector (16-byte) path for these arguments");
   m.def("rotary_grids", &fastlm::rotary_grids, py::arg("B"), py::arg("S"), py::arg("HQ"), py::arg("HK"),
-        py::arg("rotary_dim"), py::arg("sms"), "the launch grid (x, y, z) rotary uses; [] when it exceeds the limits");
+        py::arg("rotary_dim"), py::arg("sms"), "the launch grid (x, y, z) of rotary's any-stride path; [] when it exceeds the limits");
   m.def("rotary_block", &fastlm::rotary_block, py::arg("index"), py::arg("B"), py::arg("S"), py::arg("HQ"),
         py::arg("HK"), py::arg("rotary_dim"), py::arg("sms"), "(position block, b, head group) of block index");
 

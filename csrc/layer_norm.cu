@@ -4,14 +4,16 @@
 // input dtype and that stored value is normalized (as fastlm.reference.add_layer_norm does), so
 // the forward agrees with the backward, which gets h as its input.
 //
-// Trade-off: the forward pass holds a row in registers (32 values per thread, 32..512 threads per
-// row, several rows per block for small N), so x is read from DRAM once and the variance is a
-// centred second pass over registers instead of E[x^2] - mean^2. Rows longer than one register
-// tile (16384 elements; 4096 on the scalar path) are re-read tile by tile for each pass,
-// from L2 in practice: still exact, a little slower. The backward pass keeps the fp32 weight/bias
-// gradient partials of its columns in registers instead, and reads x and dy a second time in its
-// second pass (the block read them moments before, so from L1/L2, not DRAM). Loads and stores are
-// 128-bit when pointers, strides and N allow, scalar otherwise. The backward pass is
+// The forward pass holds a row in registers (32 values per thread, 32..512 threads per row,
+// several rows per block for small N), so x is read from DRAM once and the variance is a centred
+// second pass over registers instead of E[x^2] - mean^2. Rows longer than one register tile (16384
+// elements; 4096 on the scalar path) take two passes: pass 1 reads x (and the residual, writing h)
+// into per-thread (count, mean, M2) triples merged by Chan's rule, pass 2 re-reads h (or x) and
+// writes y. The backward pass of one-tile rows keeps the fp32 weight/bias gradient partials of its
+// columns in registers and reads x and dy a second time in its second pass (from L1/L2). Longer
+// rows take two kernels: the row dot products, then dx by (column block, row group) blocks that
+// keep their partials in registers and load the next row while computing this one. Loads and
+// stores are 128-bit when pointers, strides and N allow, scalar otherwise. The backward pass is
 // deterministic: each block owns a fixed range of rows and writes its fp32 partial sums to a
 // workspace row, and a second kernel sums the partials in a fixed order; the number of blocks
 // depends only on (M, N, dtype, SM count).
@@ -28,6 +30,7 @@ namespace {
 constexpr int kMaxThreads = 512;     // threads per block, and per row
 constexpr int kRowsThreads = 256;    // target block size when one row needs fewer threads
 constexpr int kCombineFloats = 4096; // shared buffer that merges a block's per-row-slot partials
+constexpr int kDxThreads = 256;     // long-row backward pass 2: threads (chunks of VEC columns) per block
 
 // Values of a row a thread keeps in registers in the forward pass. The scalar path (VEC == 1, for
 // odd sizes and unaligned rows) keeps fewer: its loops are unrolled, and it is a fallback.
@@ -71,6 +74,10 @@ __device__ __forceinline__ void load_param(const W* p, int64_t c, float fill, fl
   }
 }
 
+#if defined(FASTLM_HOST_EMULATION)
+int64_t g_fwd_loads[2] = {0, 0};  // host-tier pass-count probe: elements of {x or h, residual} loaded
+#endif
+
 // v[i] = x + residual (rounded to T: the value h holds) for chunk c = first + i * blockDim.x +
 // threadIdx.x of the row; 0 where the chunk is past the row (or the row past M).
 template <typename T, int VEC, int ITERS>
@@ -81,6 +88,10 @@ __device__ __forceinline__ void load_tile(float (&v)[ITERS][VEC], const T* xr, c
     const int64_t c = first + (int64_t)i * blockDim.x + threadIdx.x;
     if (row_ok && c < chunks) {
       load_float<T, VEC>(xr + c * VEC, v[i]);
+#if defined(FASTLM_HOST_EMULATION)
+      g_fwd_loads[0] += VEC;
+      if (rr != nullptr) g_fwd_loads[1] += VEC;
+#endif
       if (rr != nullptr) {
         float r[VEC];
         load_float<T, VEC>(rr + c * VEC, r);
@@ -100,7 +111,10 @@ __device__ __forceinline__ void load_tile(float (&v)[ITERS][VEC], const T* xr, c
 //         y = (v - mean) * rstd * w + b
 //   RMS:  rstd = 1 / sqrt(sum(v^2) / N + eps),  y = v * rstd * w + b
 // Each thread holds chunks c = t * tile + i * blockDim.x + threadIdx.x (VEC elements each) of tile
-// t; with one tile the row stays in registers across the passes, otherwise each pass re-reads it.
+// t. With one tile the row stays in registers: one read, a centred second pass over registers.
+// With several, pass 1 reads x (and residual, writing h) and keeps per-thread (count, mean, M2),
+// each tile's centred sums merged by Chan's rule; the row merges the threads' triples the same
+// way (mean = sum / N, M2 = sum(M2_t + n_t (mean_t - mean)^2)). Pass 2 re-reads h (or x) once.
 template <typename T, typename W, bool IS_RMS, int VEC>
 __global__ void __launch_bounds__(kMaxThreads)
     layer_norm_fwd_kernel(const T* x, const T* residual, const W* __restrict__ weight, const W* __restrict__ bias,
@@ -122,25 +136,63 @@ __global__ void __launch_bounds__(kMaxThreads)
     const int64_t r = row_ok ? row : 0;
     const T* xr = x + r * stride_x;
     const T* rr = residual != nullptr ? residual + r * stride_r : nullptr;
+    T* hr = h != nullptr ? h + r * stride_h : nullptr;
 
-    float acc = 0.f;
+    // Pass 1. acc: the thread's sum (LN, one tile) or sum of squares (RMS). Several tiles (LN):
+    // the thread's (cnt, mu, m2), mu its mean less the shift K = h[row, 0], which keeps the sums of
+    // small deviations exact where a plain sum of values near a large mean would round.
+    float acc = 0.f, cnt = 0.f, mu = 0.f, m2 = 0.f, shift = 0.f;
+    const bool chan = !IS_RMS && ntiles > 1;
+    if (chan) {
+      if (row_ok) shift = rr != nullptr ? to_float(from_float<T>(to_float(xr[0]) + to_float(rr[0]))) : to_float(xr[0]);
+      __syncthreads();  // every thread has its shift before h (which may be x) is written
+    }
     for (int64_t t = 0; t < ntiles; ++t) {
       load_tile<T, VEC, ITERS>(v, xr, rr, t * tile, chunks, row_ok);
+      float s = 0.f, k = 0.f;
 #pragma unroll
-      for (int i = 0; i < ITERS; ++i)
+      for (int i = 0; i < ITERS; ++i) {
+        const int64_t c = t * tile + (int64_t)i * blockDim.x + threadIdx.x;
+        if (row_ok && c < chunks) {
+          if (hr != nullptr) store_float<T, VEC>(hr + c * VEC, v[i]);
+          k += VEC;
 #pragma unroll
-        for (int j = 0; j < VEC; ++j) acc += IS_RMS ? v[i][j] * v[i][j] : v[i][j];
-    }
-    float mean = 0.f;
-    if (!IS_RMS) {
-      mean = row_sum(acc, red[buf]) / n;
-      buf ^= 1;
-      acc = 0.f;
-      for (int64_t t = 0; t < ntiles; ++t) {
-        if (ntiles > 1) load_tile<T, VEC, ITERS>(v, xr, rr, t * tile, chunks, row_ok);
+          for (int j = 0; j < VEC; ++j) s += IS_RMS ? v[i][j] * v[i][j] : v[i][j] - shift;
+        }
+      }
+      if (!chan) {
+        acc += s;
+      } else if (k > 0.f) {
+        const float m = s / k;
+        float q = 0.f;
 #pragma unroll
         for (int i = 0; i < ITERS; ++i) {
           const int64_t c = t * tile + (int64_t)i * blockDim.x + threadIdx.x;
+          if (row_ok && c < chunks) {
+#pragma unroll
+            for (int j = 0; j < VEC; ++j) {
+              const float d = v[i][j] - shift - m;
+              q += d * d;
+            }
+          }
+        }
+        const float total = cnt + k;
+        const float delta = m - mu;
+        mu += delta * (k / total);
+        m2 += q + delta * delta * (cnt * k / total);
+        cnt = total;
+      }
+    }
+    float mean = 0.f;
+    if (!IS_RMS) {
+      const float off = row_sum(chan ? cnt * mu : acc, red[buf]) / n;
+      buf ^= 1;
+      mean = shift + off;
+      acc = 0.f;
+      if (!chan) {
+#pragma unroll
+        for (int i = 0; i < ITERS; ++i) {
+          const int64_t c = (int64_t)i * blockDim.x + threadIdx.x;
           if (row_ok && c < chunks) {
 #pragma unroll
             for (int j = 0; j < VEC; ++j) {
@@ -149,6 +201,9 @@ __global__ void __launch_bounds__(kMaxThreads)
             }
           }
         }
+      } else {
+        const float d = mu - off;
+        acc = m2 + cnt * d * d;
       }
     }
     const float var = row_sum(acc, red[buf]) / n;
@@ -159,8 +214,14 @@ __global__ void __launch_bounds__(kMaxThreads)
       if (rstd_out != nullptr) rstd_out[row] = rstd;
     }
 
+    // Pass 2 (several tiles: re-read h, the stored residual sum, or x).
     for (int64_t t = 0; t < ntiles; ++t) {
-      if (ntiles > 1) load_tile<T, VEC, ITERS>(v, xr, rr, t * tile, chunks, row_ok);
+      if (ntiles > 1) {
+        if (hr != nullptr)
+          load_tile<T, VEC, ITERS>(v, hr, nullptr, t * tile, chunks, row_ok);
+        else
+          load_tile<T, VEC, ITERS>(v, xr, rr, t * tile, chunks, row_ok);
+      }
 #pragma unroll
       for (int i = 0; i < ITERS; ++i) {
         const int64_t c = t * tile + (int64_t)i * blockDim.x + threadIdx.x;
@@ -170,7 +231,6 @@ __global__ void __launch_bounds__(kMaxThreads)
           load_param<W, VEC>(bias, c, 0.f, b);
 #pragma unroll
           for (int j = 0; j < VEC; ++j) out[j] = (v[i][j] - mean) * rstd * w[j] + b[j];
-          if (h != nullptr) store_float<T, VEC>(h + row * stride_h + c * VEC, v[i]);
           store_float<T, VEC>(y + row * stride_y + c * VEC, out);
         }
       }
@@ -220,15 +280,14 @@ __device__ __forceinline__ void write_partials(const float (&acc)[ITERS][VEC], f
   __syncthreads();
 }
 
-// Backward stage 1. Block s owns rows [s*M/G, (s+1)*M/G) (G = gridDim.x), taken blockDim.y at a
-// time, one row per blockDim.x threads.
+// Backward stage 1 of rows of one tile. Block s owns rows [s*M/G, (s+1)*M/G) (G = gridDim.x),
+// taken blockDim.y at a time, one row per blockDim.x threads.
 //   xhat = (x - mean) * rstd  (RMS: x * rstd),   g = dy * w
 //   LN:  dx = rstd * (g - mean(g) - xhat * mean(g * xhat)) + dh
 //   RMS: dx = rstd * (g - xhat * mean(g * xhat)) + dh
 //   part_dw[s] = sum over the block's rows of dy * xhat,   part_db[s] = sum of dy
-// With one tile per row the thread's partials stay in registers and are merged across the
-// block's row slots (threadIdx.y, in order) at the end; with several tiles (blockDim.y == 1 then)
-// they accumulate in the block's workspace row. Each column has one owner thread per block.
+// The thread's partials stay in registers and are merged across the block's row slots
+// (threadIdx.y, in order) at the end. Each column has one owner thread per block.
 template <typename T, typename W, bool IS_RMS, int VEC>
 __global__ void __launch_bounds__(kMaxThreads)
     layer_norm_bwd_kernel(const T* dy, const T* dh, const T* x, const W* __restrict__ weight,
@@ -241,7 +300,6 @@ __global__ void __launch_bounds__(kMaxThreads)
   const int64_t chunks = N / VEC;
   const int64_t tile = (int64_t)blockDim.x * ITERS;
   const int64_t ntiles = ceil_div(chunks, tile);
-  const bool one_tile = ntiles == 1;
   const float n = static_cast<float>(N);
   const int64_t slot = blockIdx.x;
   const int64_t row_begin = slot * M / gridDim.x;
@@ -315,40 +373,119 @@ __global__ void __launch_bounds__(kMaxThreads)
             pdb[j] = dyv[j];
           }
           store_float<T, VEC>(dx + row * stride_dx + c * VEC, out);
-          if (one_tile) {
 #pragma unroll
-            for (int j = 0; j < VEC; ++j) {
-              acc_dw[i][j] += pdw[j];
-              acc_db[i][j] += pdb[j];
-            }
-          } else {
-            if (slot_dw != nullptr) {
-              if (k > 0) {
-                float prev[VEC];
-                load_float<float, VEC>(slot_dw + c * VEC, prev);
-#pragma unroll
-                for (int j = 0; j < VEC; ++j) pdw[j] += prev[j];
-              }
-              store_float<float, VEC>(slot_dw + c * VEC, pdw);
-            }
-            if (slot_db != nullptr) {
-              if (k > 0) {
-                float prev[VEC];
-                load_float<float, VEC>(slot_db + c * VEC, prev);
-#pragma unroll
-                for (int j = 0; j < VEC; ++j) pdb[j] += prev[j];
-              }
-              store_float<float, VEC>(slot_db + c * VEC, pdb);
-            }
+          for (int j = 0; j < VEC; ++j) {
+            acc_dw[i][j] += pdw[j];
+            acc_db[i][j] += pdb[j];
           }
         }
       }
     }
   }
 
-  if (!one_tile) return;
   write_partials<VEC, ITERS>(acc_dw, slot_dw, chunks, combine);
   write_partials<VEC, ITERS>(acc_db, slot_db, chunks, combine);
+}
+
+// Long-row backward, pass 1 (rows of several tiles): one row per block (blockDim.y == 1),
+// grid-stride over rows; x, dy and the weight read once.
+//   dots[2 r] = mean(g * xhat),  dots[2 r + 1] = mean(g) (0 for RMS),  g = dy * w
+template <typename T, typename W, bool IS_RMS, int VEC>
+__global__ void __launch_bounds__(kMaxThreads)
+    layer_norm_bwd_dots_kernel(const T* dy, const T* x, const W* __restrict__ weight, const float* __restrict__ mean,
+                               const float* __restrict__ rstd, float* __restrict__ dots, int64_t M, int64_t N,
+                               int64_t stride_dy, int64_t stride_x) {
+  __shared__ float2 red[2][kMaxThreads / 32];
+  const int64_t chunks = N / VEC;
+  const float n = static_cast<float>(N);
+  int buf = 0;
+  for (int64_t row = blockIdx.x; row < M; row += gridDim.x) {
+    const T* xr = x + row * stride_x;
+    const T* dyr = dy + row * stride_dy;
+    const float mu = IS_RMS ? 0.f : mean[row];
+    const float rs = rstd[row];
+    float2 s = make_float2(0.f, 0.f);
+#pragma unroll 4
+    for (int64_t c = threadIdx.x; c < chunks; c += blockDim.x) {
+      float xv[VEC], dyv[VEC], w[VEC];
+      load_float<T, VEC>(xr + c * VEC, xv);
+      load_float<T, VEC>(dyr + c * VEC, dyv);
+      load_param<W, VEC>(weight, c, 1.f, w);
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        const float g = dyv[j] * w[j];
+        s.x += g * (xv[j] - mu) * rs;
+        s.y += g;
+      }
+    }
+    s = row_sum(s, red[buf]);
+    buf ^= 1;
+    if (threadIdx.x == 0) {
+      dots[2 * row] = s.x / n;
+      dots[2 * row + 1] = IS_RMS ? 0.f : s.y / n;
+    }
+  }
+}
+
+// Long-row backward, pass 2: block (j, s) owns chunk c = j * blockDim.x + threadIdx.x (VEC columns)
+// of rows [s*M/G, (s+1)*M/G) (G = gridDim.y), with (c1, c2) = dots of each row:
+//   dx = rstd * (g - xhat * c1 - c2) + dh,   part_dw[s] = sum of dy * xhat,   part_db[s] = sum of dy
+// The partials stay in registers and are written once; the next row's x and dy are loaded
+// (register double buffer) before this row is computed.
+template <typename T, typename W, bool IS_RMS, int VEC>
+__global__ void __launch_bounds__(kDxThreads)
+    layer_norm_bwd_dx_kernel(const T* dy, const T* dh, const T* x, const W* __restrict__ weight,
+                             const float* __restrict__ mean, const float* __restrict__ rstd,
+                             const float* __restrict__ dots, T* dx, float* __restrict__ part_dw,
+                             float* __restrict__ part_db, int64_t M, int64_t N, int64_t stride_dy, int64_t stride_dh,
+                             int64_t stride_x, int64_t stride_dx) {
+  const int64_t chunks = N / VEC;
+  const int64_t c = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (c >= chunks) return;
+  const int64_t slot = blockIdx.y;
+  const int64_t row_begin = slot * M / gridDim.y;
+  const int64_t row_end = (slot + 1) * M / gridDim.y;
+  float w[VEC], pdw[VEC], pdb[VEC], xv[VEC], dyv[VEC];
+  load_param<W, VEC>(weight, c, 1.f, w);
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) pdw[j] = pdb[j] = 0.f;
+  if (row_begin < row_end) {
+    load_float<T, VEC>(x + row_begin * stride_x + c * VEC, xv);
+    load_float<T, VEC>(dy + row_begin * stride_dy + c * VEC, dyv);
+  }
+  for (int64_t row = row_begin; row < row_end; ++row) {
+    float xn[VEC], dyn[VEC], d[VEC], out[VEC];
+    if (row + 1 < row_end) {
+      load_float<T, VEC>(x + (row + 1) * stride_x + c * VEC, xn);
+      load_float<T, VEC>(dy + (row + 1) * stride_dy + c * VEC, dyn);
+    }
+    if (dh != nullptr) {
+      load_float<T, VEC>(dh + row * stride_dh + c * VEC, d);
+    } else {
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) d[j] = 0.f;
+    }
+    const float mu = IS_RMS ? 0.f : mean[row];
+    const float rs = rstd[row];
+    const float c1 = dots[2 * row], c2 = dots[2 * row + 1];
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      const float xhat = (xv[j] - mu) * rs;
+      out[j] = rs * (dyv[j] * w[j] - xhat * c1 - c2) + d[j];
+      pdw[j] += dyv[j] * xhat;
+      pdb[j] += dyv[j];
+    }
+    store_float<T, VEC>(dx + row * stride_dx + c * VEC, out);
+    if (row + 1 < row_end) {
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        xv[j] = xn[j];
+        dyv[j] = dyn[j];
+      }
+    }
+  }
+  if (part_dw != nullptr) store_float<float, VEC>(part_dw + slot * N + c * VEC, pdw);
+  if (part_db != nullptr) store_float<float, VEC>(part_db + slot * N + c * VEC, pdb);
 }
 
 // Backward stage 2: dweight[n] = sum_{s < G} part_dw[s][n] (same for dbias), summed in a fixed
@@ -420,6 +557,15 @@ inline int64_t bwd_blocks(int64_t M, int block_threads, int sms) {
 
 inline int64_t bwd_blocks_bound(int64_t M, int sms) { return min_of(M, (int64_t)sms * (1024 / kRowsThreads)); }
 
+// Floats of the workspace's leading (c1, c2) row dots of the long-row backward (16-byte multiple).
+inline int64_t dots_floats(int64_t M) { return ceil_div<int64_t>(2 * M, 4) * 4; }
+
+// Row groups of the long-row pass 2 (grid y): about 2 blocks per SM over all column blocks,
+// within M and bwd_blocks_bound (the workspace's partial rows).
+inline int64_t dx_groups(int64_t M, int64_t col_blocks, int sms) {
+  return max_of<int64_t>(1, min_of<int64_t>(M, ceil_div<int64_t>(2 * (int64_t)sms, col_blocks)));
+}
+
 }  // namespace
 
 int layer_norm_fwd(uintptr_t x, uintptr_t residual, uintptr_t weight, uintptr_t bias, uintptr_t y, uintptr_t h,
@@ -457,11 +603,19 @@ int layer_norm_fwd(uintptr_t x, uintptr_t residual, uintptr_t weight, uintptr_t 
   });
 }
 
+#if defined(FASTLM_HOST_EMULATION)
+std::vector<int64_t> layer_norm_fwd_host_loads() {
+  std::vector<int64_t> out(g_fwd_loads, g_fwd_loads + 2);
+  g_fwd_loads[0] = g_fwd_loads[1] = 0;
+  return out;
+}
+#endif
+
 int64_t layer_norm_bwd_workspace_size(int64_t M, int64_t N) {
   if (M <= 0 || N <= 0) return 0;
   int sms = 0;
   if (current_sm_count(&sms) != cudaSuccess || sms <= 0) return -1;
-  return bwd_blocks_bound(M, sms) * 2 * N * static_cast<int64_t>(sizeof(float));
+  return (dots_floats(M) + bwd_blocks_bound(M, sms) * 2 * N) * static_cast<int64_t>(sizeof(float));
 }
 
 int layer_norm_bwd(uintptr_t dy, uintptr_t dh, uintptr_t x, uintptr_t weight, uintptr_t mean, uintptr_t rstd,
@@ -487,18 +641,35 @@ int layer_norm_bwd(uintptr_t dy, uintptr_t dh, uintptr_t x, uintptr_t weight, ui
     const bool vec_ok = N % V == 0 && rows_aligned(dy, stride_dy, M, V) && rows_aligned(dh, stride_dh, M, V) &&
                         rows_aligned(x, stride_x, M, V) && rows_aligned(dx, stride_dx, M, V) &&
                         aligned_to(weight, 16) && aligned_to(workspace, 16);
-    RowPlan p = plan_rows(N, vec_ok ? V : 1, vec_ok ? bwd_elems<T, V>() : bwd_elems<T, 1>());
-    if (p.tiles > 1) p.rows_per_block = 1;
-    const int64_t blocks = bwd_blocks(M, p.threads_per_row * p.rows_per_block, sms);
-    if (blocks > bwd_blocks_bound(M, sms)) return cudaErrorInvalidValue;
-    float* part_dw = dweight != 0 ? reinterpret_cast<float*>(workspace) : nullptr;
-    float* part_db = dbias != 0 ? reinterpret_cast<float*>(workspace) + blocks * N : nullptr;
+    const RowPlan p = plan_rows(N, vec_ok ? V : 1, vec_ok ? bwd_elems<T, V>() : bwd_elems<T, 1>());
+    const bool long_rows = p.tiles > 1;
+    if (long_rows && workspace == 0) return cudaErrorInvalidValue;
+    const int64_t col_blocks = ceil_div<int64_t>(N / p.vec, kDxThreads);
+    const int64_t blocks = long_rows ? dx_groups(M, col_blocks, sms) : bwd_blocks(M, p.threads_per_row * p.rows_per_block, sms);
+    if (blocks > bwd_blocks_bound(M, sms) || col_blocks > INT32_MAX) return cudaErrorInvalidValue;
+    float* dots = reinterpret_cast<float*>(workspace);
+    float* part_dw = dweight != 0 ? dots + dots_floats(M) : nullptr;
+    float* part_db = dbias != 0 ? dots + dots_floats(M) + blocks * N : nullptr;
     const cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
 
     const int code = dispatch_bool(is_rms, [&](auto rms) -> int {
       constexpr bool IS_RMS = decltype(rms)::value;
       return dispatch_bool(vec_ok, [&](auto vec) -> int {
         constexpr int VEC = decltype(vec)::value ? V : 1;
+        if (long_rows) {
+          const int e = launch(layer_norm_bwd_dots_kernel<T, W, IS_RMS, VEC>,
+                               dim3(static_cast<unsigned>(min_of<int64_t>(M, INT32_MAX))), dim3(p.threads_per_row), s,
+                               reinterpret_cast<const T*>(dy), reinterpret_cast<const T*>(x),
+                               reinterpret_cast<const W*>(weight), reinterpret_cast<const float*>(mean),
+                               reinterpret_cast<const float*>(rstd), dots, M, N, stride_dy, stride_x);
+          if (e != cudaSuccess) return e;
+          return launch(layer_norm_bwd_dx_kernel<T, W, IS_RMS, VEC>,
+                        dim3(static_cast<unsigned>(col_blocks), static_cast<unsigned>(blocks)), dim3(kDxThreads), s,
+                        reinterpret_cast<const T*>(dy), reinterpret_cast<const T*>(dh), reinterpret_cast<const T*>(x),
+                        reinterpret_cast<const W*>(weight), reinterpret_cast<const float*>(mean),
+                        reinterpret_cast<const float*>(rstd), static_cast<const float*>(dots),
+                        reinterpret_cast<T*>(dx), part_dw, part_db, M, N, stride_dy, stride_dh, stride_x, stride_dx);
+        }
         return launch(layer_norm_bwd_kernel<T, W, IS_RMS, VEC>, dim3(static_cast<unsigned>(blocks)),
                       dim3(p.threads_per_row, p.rows_per_block), s, reinterpret_cast<const T*>(dy),
                       reinterpret_cast<const T*>(dh), reinterpret_cast<const T*>(x),

@@ -23,6 +23,11 @@ int layer_norm_bwd(uintptr_t dy, uintptr_t dh, uintptr_t x, uintptr_t weight, ui
                    int64_t stride_dy, int64_t stride_dh, int64_t stride_x, int64_t stride_dx, bool is_rms,
                    int x_dtype, int w_dtype, uintptr_t stream);
 int64_t layer_norm_bwd_workspace_size(int64_t M, int64_t N);
+#if defined(FASTLM_HOST_EMULATION)
+// Host tier only: elements the forward kernels loaded since the last call, {row stream (x, or h on
+// a re-read), residual}; the counter is reset. A pass-count probe with no GPU-build counterpart.
+std::vector<int64_t> layer_norm_fwd_host_loads();
+#endif
 
 // ---- rotary (csrc/rotary.cu) ----
 // Rotates q (B, HQ, S, D) and k (B, HK, S, D) into q_out, k_out (which may be q, k: in place) by
@@ -35,8 +40,16 @@ int rotary(uintptr_t q, uintptr_t k, uintptr_t q_out, uintptr_t k_out, uintptr_t
            uintptr_t cos, uintptr_t sin, int table_dtype, int64_t B, int64_t S, int64_t HQ, int64_t HK, int64_t D,
            int64_t rotary_dim, const std::vector<int64_t>& strides, int64_t offset, double theta, bool interleaved,
            bool backward, int dtype, uintptr_t stream);
-// The grid rotary launches (one kernel) on a device with `sms` SMs, or none when it would exceed
-// 2^31 - 1 blocks; rotary_block: the (position block, b, head group) of block `index`, for tests.
+// Whether rotary takes the vector path (16-byte chunks) for these arguments: q, k, q_out, k_out
+// (and the tables) with 16-byte aligned rows, unit-stride d, row strides in whole 16-byte chunks,
+// (interleaved ? R : R/2) and D multiples of 16 / sizeof(dtype), tables half split; else the
+// any-stride path.
+bool rotary_vector_ok(uintptr_t q, uintptr_t k, uintptr_t q_out, uintptr_t k_out, uintptr_t cos, uintptr_t sin,
+                      int table_dtype, int64_t B, int64_t S, int64_t HQ, int64_t HK, int64_t D, int64_t rotary_dim,
+                      const std::vector<int64_t>& strides, bool interleaved, int dtype);
+// The grid rotary's any-stride path launches (one kernel) on a device with `sms` SMs, or none when
+// it would exceed 2^31 - 1 blocks; rotary_block: the (position block, b, head group) of block
+// `index`, for tests.
 std::vector<std::array<int64_t, 3>> rotary_grids(int64_t B, int64_t S, int64_t HQ, int64_t HK, int64_t rotary_dim,
                                                  int64_t sms);
 std::array<int64_t, 3> rotary_block(int64_t index, int64_t B, int64_t S, int64_t HQ, int64_t HK, int64_t rotary_dim,

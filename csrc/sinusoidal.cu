@@ -5,11 +5,17 @@
 //   out[t, s, j]    = weight[ids[t, s], j] * scale + PE(pos[t, s], j)      (or PE alone: the table)
 //   dweight[v, j]   = scale * sum over tokens with ids == v of dout[t, s, j]
 //
-// Trade-off (forward): a block owns kTokens tokens and a thread a column j, so base^(-2i/d) is
-// formed once per column in fp64 and reused for every token; the angle is formed in fp64 and
-// reduced exactly (a / pi mod 2), then one sincospif per element: exact to fp32 at any position.
-// Each weight row slice is read once and each output element written once; consecutive threads
-// take consecutive columns. An id outside [0, V) is never read: its output row is NaN.
+// Trade-off (forward): base^(-2i/d) is formed once per column in fp64 and reused for every token
+// a thread handles; the angle is formed in fp64 and reduced exactly (a / pi mod 2), then one
+// sinpif per element: exact to fp32 at any position. Each weight row slice is read once and each
+// output element written once. An id outside [0, V) is never read: its output row is NaN. Two
+// paths, the launcher chooses; the per-element arithmetic (pe_value) is shared, so they agree bit
+// for bit:
+// - vector (out and weight rows 16-byte aligned with unit-stride d, D a multiple of the
+//   16-byte element count VEC): a thread owns VEC consecutive columns of kTokensPerThread tokens,
+//   a block (bx column chunks, by token rows) several tokens in parallel; 128-bit weight loads and
+//   output stores, all of a thread's ids and weight chunks loaded before any store.
+// - any-stride (the fallback): a block owns kTokens tokens and a thread a column j, walked in turn.
 //
 // Backward, two kernels: atomic (a block per kTokens tokens adds its rows into an fp32 gradient;
 // the order of the adds varies between runs), and sorted (ids sorted stably beforehand; a block per
@@ -26,6 +32,7 @@ namespace {
 
 constexpr int kThreads = 128;
 constexpr int kTokens = 16;
+constexpr int kTokensPerThread = 4;  // vector path
 constexpr double kInvPi = 0.3183098861837907;
 
 __device__ __forceinline__ int64_t load_index(const void* p, int bits, int64_t i) {
@@ -46,14 +53,29 @@ struct EmbedArgs {
   bool has_scale;
 };
 
+// out[n, j] before the weight term: sin(pi * u) with u = pos * inv_freq_over_pi + shift reduced
+// exactly to [-1, 1].
+__device__ __forceinline__ float pe_value(int64_t pos, double inv_freq_over_pi, double shift) {
+  double u = static_cast<double>(pos) * inv_freq_over_pi + shift;
+  u -= 2.0 * rint(0.5 * u);
+  return sinpif(static_cast<float>(u));
+}
+
+__device__ __forceinline__ double pe_inv_freq_over_pi(int64_t j, int64_t D, double log2_base) {
+  return exp2(-(2.0 * static_cast<double>(j / 2) / static_cast<double>(D)) * log2_base) * kInvPi;
+}
+
+__device__ __forceinline__ float embed_add(float pe, float x, bool has_scale, float scale) {
+  return pe + (has_scale ? x * scale : x);
+}
+
 // Block (blockIdx.x, blockIdx.y): tokens n in [blockIdx.x * kTokens, + kTokens), columns j =
 // blockIdx.y * blockDim.x + threadIdx.x.
 template <typename T>
 __global__ void __launch_bounds__(kThreads) embed_sinusoidal_fwd_kernel(const EmbedArgs a) {
   const int64_t j = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
   if (j >= a.D) return;
-  const double inv_freq_over_pi =
-      exp2(-(2.0 * static_cast<double>(j / 2) / static_cast<double>(a.D)) * a.log2_base) * kInvPi;
+  const double inv_freq_over_pi = pe_inv_freq_over_pi(j, a.D, a.log2_base);
   const double shift = (j & 1) ? 0.5 : 0.0;  // cos(x) = sin(x + pi/2)
   const int64_t n_end = min_of<int64_t>(static_cast<int64_t>(blockIdx.x + 1) * kTokens, a.N);
   const T* w = static_cast<const T*>(a.weight);
@@ -61,19 +83,76 @@ __global__ void __launch_bounds__(kThreads) embed_sinusoidal_fwd_kernel(const Em
   for (int64_t n = static_cast<int64_t>(blockIdx.x) * kTokens; n < n_end; ++n) {
     const int64_t t = n / a.S, s = n - t * a.S;
     const int64_t pos = a.offset + (a.pos != nullptr ? load_index(a.pos, a.pos_bits, t * a.s_pt + s * a.s_ps) : s);
-    double u = static_cast<double>(pos) * inv_freq_over_pi + shift;
-    u -= 2.0 * rint(0.5 * u);
-    float v = sinpif(static_cast<float>(u));
+    float v = pe_value(pos, inv_freq_over_pi, shift);
     if (a.ids != nullptr) {
       const int64_t id = load_index(a.ids, a.ids_bits, t * a.s_it + s * a.s_is);
       if (id >= 0 && id < a.V) {
-        const float x = to_float(w[id * a.s_w0 + j * a.s_w1]);
-        v += a.has_scale ? x * a.scale : x;
+        v = embed_add(v, to_float(w[id * a.s_w0 + j * a.s_w1]), a.has_scale, a.scale);
       } else {
         v = __int_as_float(0x7fc00000);  // NaN
       }
     }
     out[t * a.s_ot + s * a.s_os + j * a.s_od] = from_float<T>(v);
+  }
+}
+
+// 16 bytes of T from fp32 at p (16-byte aligned) as one 128-bit store. The value is built as one
+// unsigned __int128 (element 0 in the low bits): nvcc splits a uint4 or Pack store here into
+// 32-bit stores.
+template <typename T>
+__device__ __forceinline__ void store16(T* p, const float (&v)[kMaxVec<T>]) {
+  uint32_t w[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    if constexpr (sizeof(T) == 4)
+      w[i] = __float_as_uint(v[i]);
+    else
+      w[i] = pack_float<T>(v[2 * i], v[2 * i + 1]);
+  }
+  const uint64_t lo = (static_cast<uint64_t>(w[1]) << 32) | w[0], hi = (static_cast<uint64_t>(w[3]) << 32) | w[2];
+  *reinterpret_cast<unsigned __int128*>(p) = (static_cast<unsigned __int128>(hi) << 64) | lo;
+}
+
+// Vector path. Block (blockIdx.x, blockIdx.y), threads (bx, by): columns [j0, j0 + VEC) with
+// j0 = VEC * (blockIdx.y * bx + threadIdx.x); tokens n = (blockIdx.x * kTokensPerThread + r) * by
+// + threadIdx.y for r < kTokensPerThread.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) embed_sinusoidal_fwd_vec_kernel(const EmbedArgs a) {
+  constexpr int VEC = kMaxVec<T>;
+  const int64_t j0 = VEC * (static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x);
+  if (j0 >= a.D) return;
+  double inv_freq_over_pi[VEC];
+#pragma unroll
+  for (int e = 0; e < VEC; ++e) inv_freq_over_pi[e] = pe_inv_freq_over_pi(j0 + e, a.D, a.log2_base);
+  const T* w = static_cast<const T*>(a.weight);
+  T* out = static_cast<T*>(a.out);
+  int64_t ts[kTokensPerThread], ss[kTokensPerThread], id[kTokensPerThread];
+  Pack<T, VEC> x[kTokensPerThread];
+#pragma unroll
+  for (int r = 0; r < kTokensPerThread; ++r) {
+    const int64_t n = (static_cast<int64_t>(blockIdx.x) * kTokensPerThread + r) * blockDim.y + threadIdx.y;
+    ts[r] = n < a.N ? n / a.S : -1;
+    ss[r] = n - ts[r] * a.S;
+    id[r] = -1;
+    if (ts[r] >= 0 && a.ids != nullptr) {
+      id[r] = load_index(a.ids, a.ids_bits, ts[r] * a.s_it + ss[r] * a.s_is);
+      if (id[r] >= 0 && id[r] < a.V) x[r] = *reinterpret_cast<const Pack<T, VEC>*>(w + id[r] * a.s_w0 + j0);
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < kTokensPerThread; ++r) {
+    if (ts[r] < 0) continue;
+    const int64_t t = ts[r], s = ss[r];
+    const int64_t pos = a.offset + (a.pos != nullptr ? load_index(a.pos, a.pos_bits, t * a.s_pt + s * a.s_ps) : s);
+    const bool valid = a.ids == nullptr || (id[r] >= 0 && id[r] < a.V);
+    float o[VEC];
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) {
+      o[e] = pe_value(pos, inv_freq_over_pi[e], (e & 1) ? 0.5 : 0.0);
+      if (a.ids != nullptr)
+        o[e] = valid ? embed_add(o[e], to_float(x[r].v[e]), a.has_scale, a.scale) : __int_as_float(0x7fc00000);
+    }
+    store16<T>(out + t * a.s_ot + s * a.s_os + j0, o);
   }
 }
 
@@ -139,6 +218,18 @@ int dispatch_embed_dtype(int dtype, F&& f) {
 
 bool grid_ok(int64_t x, int64_t y) { return x <= INT32_MAX && y <= 65535; }
 
+// A (rows, D) operand at p with row strides st0 (over n0 > 1 rows) and st1 (over n1 > 1), unit
+// stride d: whether every row starts 16-byte aligned.
+bool embed_rows_aligned(uintptr_t p, int64_t n0, int64_t st0, int64_t n1, int64_t st1, int64_t s_d, int es) {
+  return aligned_to(p, 16) && s_d == 1 && (n0 <= 1 || (st0 * es) % 16 == 0) && (n1 <= 1 || (st1 * es) % 16 == 0);
+}
+
+int embed_next_pow2(int64_t v) {
+  int p = 1;
+  while (p < v && p < kThreads) p <<= 1;
+  return p;
+}
+
 }  // namespace
 
 int embed_sinusoidal_fwd(uintptr_t ids, int ids_bits, uintptr_t weight, uintptr_t positions, int pos_bits,
@@ -165,10 +256,24 @@ int embed_sinusoidal_fwd(uintptr_t ids, int ids_bits, uintptr_t weight, uintptr_
   a.log2_base = std::log2(base);
   a.ids_bits = ids_bits, a.pos_bits = pos_bits;
   a.has_scale = has_scale;
+  const cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
+  const int es = dtype == kFloat32 ? 4 : 2;
+  const int64_t vec = 16 / es;
+  if (D % vec == 0 && embed_rows_aligned(out, T, s_ot, S, s_os, s_od, es) &&
+      (weight == 0 || embed_rows_aligned(weight, V, s_w0, 1, 0, s_w1, es))) {
+    const int bx = embed_next_pow2(D / vec), by = kThreads / bx;
+    const int64_t gx = ceil_div<int64_t>(N, static_cast<int64_t>(by) * kTokensPerThread);
+    const int64_t gy = ceil_div<int64_t>(D / vec, bx);
+    if (!grid_ok(gx, gy)) return cudaErrorInvalidValue;
+    const dim3 grid(static_cast<unsigned>(gx), static_cast<unsigned>(gy));
+    return dispatch_embed_dtype(dtype, [&](auto tt) -> int {
+      using TT = typename decltype(tt)::type;
+      return launch(embed_sinusoidal_fwd_vec_kernel<TT>, grid, dim3(bx, by), st, a);
+    });
+  }
   const int64_t gx = ceil_div<int64_t>(N, kTokens), gy = ceil_div<int64_t>(D, kThreads);
   if (!grid_ok(gx, gy)) return cudaErrorInvalidValue;
   const dim3 grid(static_cast<unsigned>(gx), static_cast<unsigned>(gy));
-  const cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
   return dispatch_embed_dtype(dtype, [&](auto tt) -> int {
     using TT = typename decltype(tt)::type;
     return launch(embed_sinusoidal_fwd_kernel<TT>, grid, dim3(kThreads), st, a);

@@ -193,25 +193,28 @@ def _exercise_every_instantiation():
     f32, f16, bf16 = torch.float32, torch.float16, torch.bfloat16
     for dt in (f32, f16, bf16):
         for wdt in {dt, f32}:
-            for N in (64, 97):  # vector width kMaxVec, then 1
+            for N in (64, 97, 16392, 16393):  # vector width kMaxVec, then 1; one register tile, then the long-row kernels
                 for rms in (False, True):
-                    x = torch.randn(3, N).to(dt).requires_grad_()
+                    x = torch.randn(3 if N < 1000 else 1, N).to(dt).requires_grad_()
                     w = torch.randn(N).to(wdt).requires_grad_()
                     if rms:
                         y = fastlm.ops.rms_norm(x, (N,), w, 1e-5, backend="cuda")
                     else:
                         y = fastlm.ops.layer_norm(x, (N,), w, torch.randn(N).to(wdt), 1e-5, backend="cuda")
                     y.backward(torch.randn_like(y))
-        q = torch.randn(1, 2, 5, 16).to(dt)
-        k = torch.randn(1, 1, 5, 16).to(dt)
-        fastlm.ops.rotary(q, k, torch.arange(5)[None], backend="cuda")
-        for cdt in (f32, f16, bf16):
-            cos, sin = torch.randn(1, 5, 16).to(cdt), torch.randn(1, 5, 16).to(cdt)
-            fastlm.ops.apply_rotary_pos_emb(q, k, cos, sin, backend="cuda")
+        q32 = torch.randn(1, 2, 5, 32).to(dt)
+        k32 = torch.randn(1, 1, 5, 32).to(dt)
+        for q, k in ((q32[..., :16], k32[..., :16]), (q32[..., ::2], k32[..., ::2])):  # rotary's vector path, any-stride path
+            for interleaved in (False, True):
+                fastlm.ops.rotary(q, k, torch.arange(5)[None], interleaved=interleaved, backend="cuda")
+            for cdt in (f32, f16, bf16):
+                cos, sin = torch.randn(1, 5, 16).to(cdt), torch.randn(1, 5, 16).to(cdt)
+                fastlm.ops.apply_rotary_pos_emb(q, k, cos, sin, backend="cuda")
         w = torch.randn(10, 8).to(dt).requires_grad_()
         for det in (True, False):
             out = fastlm.ops.embed_sinusoidal(torch.randint(0, 10, (2, 3)), w, deterministic=det, backend="cuda")
             out.backward(torch.randn_like(out))
+        fastlm.ops.embed_sinusoidal(torch.randint(0, 10, (2, 3)), w.detach()[:, :6], backend="cuda")  # any-stride path
         logits = torch.randn(2, 50).to(dt)
         fastlm.ops.sample(logits, top_k=5, seed=0, backend="cuda")
         fastlm.ops.top_k_top_p_filter(logits, top_k=5, backend="cuda")

@@ -183,3 +183,19 @@ def test_audit_cli_reexecs_with_the_same_options():
     again = audit._parser().parse_args(audit._argv(args))
     for k in ("op", "arch", "source", "all_configs", "jobs", "json", "write_reports", "check", "quiet"):
         assert getattr(again, k) == getattr(args, k), k
+
+
+@pytest.mark.parametrize("cc", ARCHS, ids=lambda c: sass.ARCHS[c])
+def test_long_row_norms_gated_regression(compiled, cc):
+    """Rows over 16384 read x three times (LayerNorm) and the backward did a read-modify-write of
+    its partials. N = 32768 and 65536 now compile in every long-row kernel with 128-bit loads and no
+    spill, and the long-row dx kernel streams the next row's x and dy through cp.async (LDGSTS)."""
+    rows = [r for r in compiled("layer_norm", cc) if r.config.startswith(("N=32768 ", "N=65536 "))]
+    kernels = {"_layer_norm_fwd_kernel", "_layer_norm_bwd_dots_kernel", "_layer_norm_bwd_dx_kernel"}
+    for n in ("N=32768 ", "N=65536 "):
+        assert {r.kernel for r in rows if r.config.startswith(n)} == kernels, n
+    for r in rows:
+        assert r.error is None and not sass.spills(r), f"{r.kernel} [{r.config}]: {r.error or 'spills'}"
+        assert r.sass["LDG.128"] + r.sass["LDGSTS.128"] > 0, f"{r.kernel} [{r.config}]: no 128-bit load"
+        if r.kernel == "_layer_norm_bwd_dx_kernel":
+            assert r.sass["LDGSTS"] > 0, f"[{r.config}]: the next row is not prefetched"

@@ -8,9 +8,10 @@ dynamic shared memory. Every instantiation in the module is one a launcher dispa
 kernels are only instantiated through the launchers' dispatch), so every row has role "default".
 
 kind: "matrix" for the mma.sync attention kernels; "memory" for the memory-bound kernels built
-around 16-byte accesses (the vectorised LayerNorm paths, the decode split kernel); "other" for
-the rest, the scalar-by-design ones included (any-stride rotary and sinusoidal, the LayerNorm
-scalar fallback, the decode combine, sampling, which reads its row several times).
+around 16-byte accesses (the vectorised LayerNorm paths, the decode split kernel, the rotary vector
+path), "memory-write" where the bulk traffic is 16-byte stores (the sinusoidal forward's vector
+path: the table alone reads nothing); "other" for the rest, the scalar-by-design ones included (any-stride rotary and sinusoidal,
+the LayerNorm scalar fallback, the decode combine, sampling, which reads its row several times).
 """
 
 from __future__ import annotations
@@ -64,9 +65,13 @@ def _attention_bwd_dq_smem(args: dict[str, str]) -> int:
 KERNELS: dict[str, tuple[str, tuple[str, ...], int, str]] = {
     "layer_norm_fwd_kernel": ("layer_norm", ("T", "W", "IS_RMS", "VEC"), 0, "memory"),
     "layer_norm_bwd_kernel": ("layer_norm", ("T", "W", "IS_RMS", "VEC"), 0, "memory"),
+    "layer_norm_bwd_dots_kernel": ("layer_norm", ("T", "W", "IS_RMS", "VEC"), 0, "memory"),
+    "layer_norm_bwd_dx_kernel": ("layer_norm", ("T", "W", "IS_RMS", "VEC"), 256, "memory"),
     "layer_norm_bwd_reduce_kernel": ("layer_norm", ("W",), 512, "other"),
     "rotary_kernel": ("rotary", ("T", "C", "TABLE"), 128, "other"),
+    "rotary_vec_kernel": ("rotary", ("T", "C", "TABLE", "INTERLEAVED"), 128, "memory"),
     "embed_sinusoidal_fwd_kernel": ("sinusoidal", ("T",), 128, "other"),
+    "embed_sinusoidal_fwd_vec_kernel": ("sinusoidal", ("T",), 128, "memory-write"),
     "embed_bwd_atomic_kernel": ("sinusoidal", ("T",), 128, "other"),
     "embed_bwd_sorted_kernel": ("sinusoidal", ("T",), 128, "other"),
     "sampling_kernel": ("sampling", ("T", "SAMPLE"), 512, "other"),

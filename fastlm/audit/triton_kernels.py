@@ -220,27 +220,43 @@ def decode_plans(exhaustive: bool = False, cc: int = 90) -> list[Plan]:
 
 
 def layer_norm_plans(exhaustive: bool = False, cc: int = 90) -> list[Plan]:
+    import triton
+
     from fastlm.triton import layer_norm as LN
 
     plans = []
-    for N, dt, rms, extra in _grid([(1024, 4096, 16384, 65536), tuple(DTYPES), (False, True), (False, True)], exhaustive):
+    for N, dt, rms, extra in _grid([(1024, 4096, 16384, 32768, 65536), tuple(DTYPES), (False, True), (False, True)], exhaustive):
         dtype = DTYPES[dt]
         block_n, one = LN._block_n(N)
         w = LN._num_warps(block_n)
         name = "rms_norm" if rms else "layer_norm"
         fwd = dict(X=dtype, R=dtype if extra else None, W=dtype, B=None if rms else dtype, Y=dtype, H=dtype if extra else None,
-                   Mean=None if rms else torch.float32, Rstd=torch.float32, N=N, eps=1e-5)
+                   Mean=None if rms else torch.float32, Rstd=torch.float32, Loads=None, N=N, eps=1e-5)
         plans.append(Plan(name, LN._layer_norm_fwd_kernel, f"N={N} {dt}{' residual' if extra else ''} BN={block_n} w{w}", fwd,
                           dict(IS_RMS=rms, HAS_RESIDUAL=extra, HAS_WEIGHT=True, HAS_BIAS=not rms, BLOCK_N=block_n,
                                ONE_BLOCK=one, num_warps=w), kind="memory"))
-        block_n, one = LN._block_n(N, LN.MAX_FUSED_N_BWD)
-        w = LN._num_warps(block_n)
-        bwd = dict(DY=dtype, DH=dtype if extra else None, X=dtype, W=dtype, Mean=None if rms else torch.float32,
-                   Rstd=torch.float32, DX=dtype, DW_part=torch.float32, DB_part=None if rms else torch.float32,
-                   M=8192, N=N, rows_per_program=32)
-        plans.append(Plan(name, LN._layer_norm_bwd_kernel, f"N={N} {dt}{' dh' if extra else ''} BN={block_n} w{w}", bwd,
-                          dict(IS_RMS=rms, HAS_DH=extra, HAS_WEIGHT=True, HAS_BIAS=not rms, BLOCK_N=block_n,
-                               ONE_BLOCK=one, num_warps=w), kind="memory"))
+        flags = dict(IS_RMS=rms, HAS_WEIGHT=True)
+        if triton.next_power_of_2(N) <= LN.MAX_FUSED_N_BWD:
+            block_n = triton.next_power_of_2(N)
+            w = LN._num_warps(block_n)
+            bwd = dict(DY=dtype, DH=dtype if extra else None, X=dtype, W=dtype, Mean=None if rms else torch.float32,
+                       Rstd=torch.float32, DX=dtype, DW_part=torch.float32, DB_part=None if rms else torch.float32,
+                       M=8192, N=N, rows_per_program=32)
+            plans.append(Plan(name, LN._layer_norm_bwd_kernel, f"N={N} {dt}{' dh' if extra else ''} BN={block_n} w{w}", bwd,
+                              dict(HAS_DH=extra, HAS_BIAS=not rms, BLOCK_N=block_n, num_warps=w, **flags), kind="memory"))
+            continue
+        w = LN._num_warps(LN.CHUNK_N)
+        dots = dict(DY=dtype, X=dtype, W=dtype, Mean=None if rms else torch.float32, Rstd=torch.float32,
+                    Dots=torch.float32, N=N)
+        plans.append(Plan(name, LN._layer_norm_bwd_dots_kernel, f"N={N} {dt} BN={LN.CHUNK_N} w{w}", dots,
+                          dict(BLOCK_N=LN.CHUNK_N, num_warps=w, **flags), kind="memory"))
+        dx = dict(DY=dtype, DH=dtype if extra else None, X=dtype, W=dtype, Mean=None if rms else torch.float32,
+                  Rstd=torch.float32, Dots=torch.float32, DX=dtype, DW_part=torch.float32,
+                  DB_part=None if rms else torch.float32, M=8192, N=N, rows_per_program=32)
+        plans.append(Plan(name, LN._layer_norm_bwd_dx_kernel,
+                          f"N={N} {dt}{' dh' if extra else ''} BN={LN.BWD_BLOCK_N} w{LN.BWD_WARPS} s{LN.BWD_STAGES}", dx,
+                          dict(HAS_DH=extra, HAS_BIAS=not rms, BLOCK_N=LN.BWD_BLOCK_N, NUM_STAGES=LN.BWD_STAGES,
+                               num_warps=LN.BWD_WARPS, **flags), kind="memory"))
     for dt in DTYPES if exhaustive else ("fp32", "bf16"):
         plans.append(Plan("layer_norm", LN._sum_partials_kernel, f"{dt} BP=32 BN=128",
                           dict(P=torch.float32, Out=DTYPES[dt], num_parts=256, N=4096),

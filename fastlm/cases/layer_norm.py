@@ -48,7 +48,7 @@ def _inputs(case: Case, generator: torch.Generator):
     if p.get("strided"):
         x = rand(*p["lead"], 2 * p["n"] + 3, scale=2.0, shift=0.5)[..., 1 : 2 * p["n"] + 1 : 2]
     else:
-        x = rand(*shape, scale=2.0, shift=0.5)
+        x = rand(*shape, scale=p.get("scale", 2.0), shift=p.get("shift", 0.5))
     wdt = {"same": dtype, "fp32": torch.float32}.get(p["weight"])
     w = rand(p["n"], dt=wdt, shift=1.0) if wdt is not None else None
     b = rand(p["n"], dt=wdt) if p["bias"] else None

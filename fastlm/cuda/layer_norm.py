@@ -88,8 +88,8 @@ def layer_norm_fwd(x, residual, weight, bias, eps, is_rms, y, h, mean, rstd) -> 
 
 def layer_norm_bwd(dy, dh, x, weight, mean, rstd, is_rms, dx, dweight, dbias) -> None:
     """dx = d norm / dx (plus dh, the upstream gradient of h); dweight, dbias: (N,) or None, summed
-    over rows deterministically through an fp32 workspace. x is the normalized input (h after a
-    residual add); mean is None when is_rms."""
+    over rows deterministically through an fp32 workspace (which also holds the row dot products
+    of long rows). x is the normalized input (h after a residual add); mean is None when is_rms."""
     _check_device(x)
     if x.dim() != 2:
         raise ValueError(f"cuda layer_norm: x must be 2-D (M, N), got shape {tuple(x.shape)}")
@@ -118,12 +118,10 @@ def layer_norm_bwd(dy, dh, x, weight, mean, rstd, is_rms, dx, dweight, dbias) ->
                 g.zero_()
         return
     C = lib(dev)
-    workspace = None
-    if dweight is not None or dbias is not None:
-        nbytes = C.layer_norm_bwd_workspace_size(M, N)
-        if nbytes < 0:
-            raise RuntimeError(f"cuda layer_norm: cannot query the SM count of {dev}")
-        workspace = torch.empty(nbytes // 4, dtype=torch.float32, device=dev)
+    nbytes = C.layer_norm_bwd_workspace_size(M, N)
+    if nbytes < 0:
+        raise RuntimeError(f"cuda layer_norm: cannot query the SM count of {dev}")
+    workspace = torch.empty(nbytes // 4, dtype=torch.float32, device=dev)
     code = C.layer_norm_bwd(
         ptr(dy), ptr(dh), ptr(x), ptr(weight), ptr(None if is_rms else mean), ptr(rstd),
         ptr(dx), ptr(dweight), ptr(dbias), ptr(workspace),
