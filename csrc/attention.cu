@@ -344,14 +344,7 @@ int attention_fwd(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, uintptr_
   p.lse = reinterpret_cast<float*>(lse);
   p.o_part = reinterpret_cast<float*>(o_part);
   p.l_part = reinterpret_cast<float*>(lse_part);
-  for (int i = 0; i < 3; ++i) {
-    p.sq[i] = strides[i];
-    p.sk[i] = strides[3 + i];
-    p.sv[i] = strides[6 + i];
-    p.so[i] = strides[9 + i];
-  }
-  p.sl[0] = strides[12];
-  p.sl[1] = strides[13];
+  set_attention_strides(p, strides);
   p.Hq = static_cast<int>(Hq);
   p.group = static_cast<int>(Hq / Hkv);
   p.Sq = static_cast<int>(Sq);

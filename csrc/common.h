@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+#include <vector>
 
 #if defined(FASTLM_HOST_EMULATION)
 #include "host/emulation.h"
@@ -396,6 +397,20 @@ int dispatch_dim(int64_t D, F&& f) {
   return code;
 }
 
+
+// The 14 element strides of an attention launcher (q, k, v, out as (b, h, s); lse as (b, h)) into
+// a parameter struct with members sq, sk, sv, so [3] and sl [2].
+template <typename P>
+inline void set_attention_strides(P& p, const std::vector<int64_t>& strides) {
+  for (int i = 0; i < 3; ++i) {
+    p.sq[i] = strides[i];
+    p.sk[i] = strides[3 + i];
+    p.sv[i] = strides[6 + i];
+    p.so[i] = strides[9 + i];
+  }
+  p.sl[0] = strides[12];
+  p.sl[1] = strides[13];
+}
 
 // Split-KV partials (csrc/attention.cu, csrc/decode_attention.cu): o_part (splits, rows, D), l_part
 // (splits, rows); row = (b * Hq + h) * Sq + t.

@@ -402,14 +402,7 @@ int decode_attention_fwd(uintptr_t q, uintptr_t k_cache, uintptr_t v_cache, uint
   p.l_part = reinterpret_cast<float*>(lse_part);
   p.o = reinterpret_cast<void*>(out);
   p.lse = reinterpret_cast<float*>(lse);
-  for (int i = 0; i < 3; ++i) {
-    p.sq[i] = strides[i];
-    p.sk[i] = strides[3 + i];
-    p.sv[i] = strides[6 + i];
-    p.so[i] = strides[9 + i];
-  }
-  p.sl[0] = strides[12];
-  p.sl[1] = strides[13];
+  set_attention_strides(p, strides);
   p.B = static_cast<int>(B);
   p.Hq = static_cast<int>(Hq);
   p.Hkv = static_cast<int>(Hkv);

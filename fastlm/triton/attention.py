@@ -88,6 +88,17 @@ def resolve_window(causal: bool, window_left: int, window_right: int) -> tuple[b
 
 
 @triton.jit
+def _key_visible(rows, keys, Sk, diag, LEFT, RIGHT, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
+    """Key j visible to query i (broadcast index tensors): j < Sk, i + diag - LEFT <= j <= i + diag + RIGHT."""
+    ok = keys < Sk
+    if HAS_RIGHT:
+        ok = ok & (keys <= rows + (diag + RIGHT))
+    if HAS_LEFT:
+        ok = ok & (keys >= rows + (diag - LEFT))
+    return ok
+
+
+@triton.jit
 def _fwd_blocks(
     acc, m_i, l_i, q, K, V, stride_kn, stride_vn,  # K, V: base pointers of this (batch, kv head)
     offs_m, offs_d, lo, hi, Sk, diag, LEFT, RIGHT, qk_scale,
@@ -115,11 +126,7 @@ def _fwd_blocks(
             v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
         s = tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale
         if MASKED:
-            ok = offs_n[None, :] < Sk
-            if HAS_RIGHT:
-                ok = ok & (offs_n[None, :] <= offs_m[:, None] + (diag + RIGHT))
-            if HAS_LEFT:
-                ok = ok & (offs_n[None, :] >= offs_m[:, None] + (diag - LEFT))
+            ok = _key_visible(offs_m[:, None], offs_n[None, :], Sk, diag, LEFT, RIGHT, HAS_LEFT, HAS_RIGHT)
             s = tl.where(ok, s, float("-inf"))
         acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, s, v, DOT_PREC)
     return acc, m_i, l_i
@@ -232,11 +239,7 @@ def _fwd_blocks_tma(
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
         if MASKED:
             offs_n = start_n + offs_nb
-            ok = offs_n[None, :] < Sk
-            if HAS_RIGHT:
-                ok = ok & (offs_n[None, :] <= offs_m[:, None] + (diag + RIGHT))
-            if HAS_LEFT:
-                ok = ok & (offs_n[None, :] >= offs_m[:, None] + (diag - LEFT))
+            ok = _key_visible(offs_m[:, None], offs_n[None, :], Sk, diag, LEFT, RIGHT, HAS_LEFT, HAS_RIGHT)
             s = tl.where(ok, s, float("-inf"))
         acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, s, v, DOT_PREC)
     return acc, m_i, l_i
@@ -347,11 +350,7 @@ def _bwd_dkdv_blocks(
         st = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale
         pt = tl.math.exp2(st - lse2[None, :])
         if MASKED:
-            ok = (offs_m[None, :] < Sq) & (offs_n[:, None] < Sk)
-            if HAS_RIGHT:
-                ok = ok & (offs_n[:, None] <= offs_m[None, :] + (diag + RIGHT))
-            if HAS_LEFT:
-                ok = ok & (offs_n[:, None] >= offs_m[None, :] + (diag - LEFT))
+            ok = (offs_m[None, :] < Sq) & _key_visible(offs_m[None, :], offs_n[:, None], Sk, diag, LEFT, RIGHT, HAS_LEFT, HAS_RIGHT)
             pt = tl.where(ok, pt, 0.0)
         dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=DOT_PREC)
         dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
@@ -449,11 +448,7 @@ def _bwd_dq_blocks(
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
         p = tl.math.exp2(s - lse2[:, None])
         if MASKED:
-            ok = offs_n[None, :] < Sk
-            if HAS_RIGHT:
-                ok = ok & (offs_n[None, :] <= offs_m[:, None] + (diag + RIGHT))
-            if HAS_LEFT:
-                ok = ok & (offs_n[None, :] >= offs_m[:, None] + (diag - LEFT))
+            ok = _key_visible(offs_m[:, None], offs_n[None, :], Sk, diag, LEFT, RIGHT, HAS_LEFT, HAS_RIGHT)
             p = tl.where(ok, p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
         ds = p * (dp - delta[:, None])
