@@ -121,9 +121,10 @@ PYBIND11_MODULE(FASTLM_MODULE_NAME, m) {
         py::arg("s_ot"), py::arg("s_os"), py::arg("s_od"), py::arg("s_it"), py::arg("s_is"), py::arg("scale"),
         py::arg("has_scale"), py::arg("dtype"), py::arg("stream"));
   m.def("embed_sinusoidal_bwd_sorted", &fastlm::embed_sinusoidal_bwd_sorted, py::arg("dout"),
-        py::arg("sorted_ids"), py::arg("order"), py::arg("dweight"), py::arg("N"), py::arg("D"), py::arg("V"),
-        py::arg("s_on"), py::arg("s_od"), py::arg("s_w0"), py::arg("scale"), py::arg("has_scale"), py::arg("dtype"),
-        py::arg("stream"));
+        py::arg("sorted_ids"), py::arg("order"), py::arg("dweight"), py::arg("workspace"), py::arg("N"), py::arg("D"),
+        py::arg("V"), py::arg("s_on"), py::arg("s_od"), py::arg("s_w0"), py::arg("scale"), py::arg("has_scale"),
+        py::arg("dtype"), py::arg("stream"));
+  m.def("embed_bwd_chunk_rows", &fastlm::embed_bwd_chunk_rows, "sorted positions per chunk of the sorted backward");
 
   // ---- attention (csrc/attention.cu) ----
   m.def("attention_fwd_supported", &fastlm::attention_fwd_supported, py::arg("D"), py::arg("dtype"));
@@ -165,5 +166,6 @@ PYBIND11_MODULE(FASTLM_MODULE_NAME, m) {
         py::arg("dtype"), py::arg("temperature"), py::arg("top_k"), py::arg("top_p"), py::arg("min_p"),
         py::arg("t_val"), py::arg("k_val"), py::arg("p_val"), py::arg("mp_val"), py::arg("use_k"), py::arg("use_p"),
         py::arg("use_mp"), py::arg("seed"), py::arg("tokens"), py::arg("logprobs"), py::arg("out"),
-        py::arg("stride_o"), py::arg("stream"));
+        py::arg("stride_o"), py::arg("loads"), py::arg("num_slices"), py::arg("stats"), py::arg("hist_k"),
+        py::arg("hist_p"), py::arg("state"), py::arg("chunk_sum"), py::arg("stream"));
 }

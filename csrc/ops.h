@@ -70,10 +70,13 @@ int embed_sinusoidal_bwd_atomic(uintptr_t dout, uintptr_t ids, int ids_bits, uin
                                 int64_t s_it, int64_t s_is, double scale, bool has_scale, int dtype,
                                 uintptr_t stream);
 // Deterministic: sorted_ids (N,) int64 sorted stably and order (N,) int64 their token indices;
-// dweight (V, D) in dtype, zeroed by the caller, gets each run's in-order sum times scale.
-int embed_sinusoidal_bwd_sorted(uintptr_t dout, uintptr_t sorted_ids, uintptr_t order, uintptr_t dweight, int64_t N,
-                                int64_t D, int64_t V, int64_t s_on, int64_t s_od, int64_t s_w0, double scale,
-                                bool has_scale, int dtype, uintptr_t stream);
+// dweight (V, D) in dtype with unit column stride, zeroed by the caller, gets each run's sum times
+// scale; workspace fp32 (ceil(N / embed_bwd_chunk_rows()), 2, D), contiguous, no initial value.
+int embed_sinusoidal_bwd_sorted(uintptr_t dout, uintptr_t sorted_ids, uintptr_t order, uintptr_t dweight,
+                                uintptr_t workspace, int64_t N, int64_t D, int64_t V, int64_t s_on, int64_t s_od,
+                                int64_t s_w0, double scale, bool has_scale, int dtype, uintptr_t stream);
+// Sorted positions per chunk of the deterministic backward's segmented reduction.
+int embed_bwd_chunk_rows();
 
 // ---- sampling (csrc/sampling.cu) ----
 // One token per row of logits (B, V) (out == 0), or the filtered logits into out (B, V) (out != 0;
@@ -81,10 +84,15 @@ int embed_sinusoidal_bwd_sorted(uintptr_t dout, uintptr_t sorted_ids, uintptr_t 
 // top_k int64 (B,) tensors, or 0 to use t_val, k_val, p_val, mp_val; use_k/use_p/use_mp say whether
 // any row may filter. seed: int64 [seed, offset] on the device (sampling). tokens (B,) int64: the
 // token or a negative row status; logprobs (B,) fp32 or 0. V <= 2^22. See fastlm/reference/sampling.py.
+// loads: (B,) int64 (zeroed) receiving the logits elements each row loaded, or 0. num_slices in
+// [1, ceil(V / 2048)] blocks per row. Workspaces on the logits' device: stats (B, num_slices, 3)
+// int64, state (B, 6, 2) int64, hist_k (B, 3, 2048) int32 zeroed (use_k), hist_p (B, 3, 2048) int64
+// zeroed (use_p), chunk_sum (B, ceil(V / 2048)) int64 (sampling). All passes go on `stream`, no sync.
 int sampling(uintptr_t logits, int64_t B, int64_t V, int64_t stride_x, int dtype, uintptr_t temperature,
              uintptr_t top_k, uintptr_t top_p, uintptr_t min_p, double t_val, int64_t k_val, double p_val,
              double mp_val, bool use_k, bool use_p, bool use_mp, uintptr_t seed, uintptr_t tokens, uintptr_t logprobs,
-             uintptr_t out, int64_t stride_o, uintptr_t stream);
+             uintptr_t out, int64_t stride_o, uintptr_t loads, int64_t num_slices, uintptr_t stats, uintptr_t hist_k,
+             uintptr_t hist_p, uintptr_t state, uintptr_t chunk_sum, uintptr_t stream);
 
 // ---- attention (csrc/attention.cu) ----
 // Forward, FlashAttention-2 class: out (B, Hq, Sq, D) and lse (B, Hq, Sq) fp32 from q (B, Hq, Sq, D),

@@ -210,14 +210,18 @@ def _exercise_every_instantiation():
             for cdt in (f32, f16, bf16):
                 cos, sin = torch.randn(1, 5, 16).to(cdt), torch.randn(1, 5, 16).to(cdt)
                 fastlm.ops.apply_rotary_pos_emb(q, k, cos, sin, backend="cuda")
-        w = torch.randn(10, 8).to(dt).requires_grad_()
-        for det in (True, False):
-            out = fastlm.ops.embed_sinusoidal(torch.randint(0, 10, (2, 3)), w, deterministic=det, backend="cuda")
-            out.backward(torch.randn_like(out))
-        fastlm.ops.embed_sinusoidal(torch.randint(0, 10, (2, 3)), w.detach()[:, :6], backend="cuda")  # any-stride path
+        for D in (8, 6):  # the backward's vector kernels, then its any-width ones
+            w = torch.randn(10, D).to(dt).requires_grad_()
+            for det in (True, False):  # 80 tokens of 3 ids: runs cross the 32-row chunks
+                out = fastlm.ops.embed_sinusoidal(torch.randint(0, 3, (2, 40)), w, deterministic=det, backend="cuda")
+                out.backward(torch.randn_like(out))
+        fastlm.ops.embed_sinusoidal(torch.randint(0, 10, (2, 3)), torch.randn(10, 8).to(dt)[:, :6], backend="cuda")  # any-stride path
         logits = torch.randn(2, 50).to(dt)
-        fastlm.ops.sample(logits, top_k=5, seed=0, backend="cuda")
-        fastlm.ops.top_k_top_p_filter(logits, top_k=5, backend="cuda")
+        fastlm.ops.sample(logits, top_k=5, top_p=0.9, seed=0, backend="cuda")
+        fastlm.ops.top_k_top_p_filter(logits, top_k=5, top_p=0.9, backend="cuda")
+        seed, loads = torch.tensor([0, 0]), torch.zeros(2, dtype=torch.int64)  # the load-counting instantiations
+        fastlm.cuda.sampling.sample(logits, 1.0, 5, 0.9, None, seed, torch.empty(2, dtype=torch.int64), None, loads=loads)
+        fastlm.cuda.sampling.top_k_top_p_filter(logits, 5, 0.9, None, torch.empty_like(logits), torch.empty(2, dtype=torch.int64), loads=loads)
     for dt in (f16, bf16):
         for D in (64, 96, 128):
             q = torch.randn(1, 2, 9, D).to(dt).requires_grad_(D != 96)  # the backward serves D 64 and 128

@@ -261,8 +261,9 @@ def test_cuda_launchers_reject_bad_arguments():
     atomic = (f, f, 64, f, 1, 1, 8, 10, 8, 8, 1, 1, 1, 1.0, False, 0, 0)
     assert C.embed_sinusoidal_bwd_atomic(0, *atomic[1:]) == 1
     assert C.embed_sinusoidal_bwd_atomic(*atomic[:2], 32 + 1, *atomic[3:]) == 1
-    srt = (f, f, f, f, 1, 8, 10, 8, 1, 8, 1.0, False, 0, 0)
+    srt = (f, f, f, f, f, 1, 8, 10, 8, 1, 8, 1.0, False, 0, 0)
     assert C.embed_sinusoidal_bwd_sorted(*srt[:2], 0, *srt[3:]) == 1
+    assert C.embed_sinusoidal_bwd_sorted(*srt[:4], 0, *srt[5:]) == 1
     assert C.embed_sinusoidal_bwd_sorted(*srt[:-2], 5, 0) == 1
     if C.device_count() == 0:
         assert C.embed_sinusoidal_fwd(**fwd) != 0

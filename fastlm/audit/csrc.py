@@ -9,9 +9,9 @@ kernels are only instantiated through the launchers' dispatch), so every row has
 
 kind: "matrix" for the mma.sync attention kernels; "memory" for the memory-bound kernels built
 around 16-byte accesses (the vectorised LayerNorm paths, the decode split kernel, the rotary vector
-path), "memory-write" where the bulk traffic is 16-byte stores (the sinusoidal forward's vector
+path, the embedding backward's vector kernels, the sampling passes and draw), "memory-write" where the bulk traffic is 16-byte stores (the sinusoidal forward's vector
 path: the table alone reads nothing); "other" for the rest, the scalar-by-design ones included (any-stride rotary and sinusoidal,
-the LayerNorm scalar fallback, the decode combine, sampling, which reads its row several times).
+the LayerNorm scalar fallback, the decode combine).
 """
 
 from __future__ import annotations
@@ -73,8 +73,13 @@ KERNELS: dict[str, tuple[str, tuple[str, ...], int, str]] = {
     "embed_sinusoidal_fwd_kernel": ("sinusoidal", ("T",), 128, "other"),
     "embed_sinusoidal_fwd_vec_kernel": ("sinusoidal", ("T",), 128, "memory-write"),
     "embed_bwd_atomic_kernel": ("sinusoidal", ("T",), 128, "other"),
-    "embed_bwd_sorted_kernel": ("sinusoidal", ("T",), 128, "other"),
-    "sampling_kernel": ("sampling", ("T", "SAMPLE"), 512, "other"),
+    "embed_bwd_atomic_vec_kernel": ("sinusoidal", ("T",), 128, "memory"),
+    "embed_bwd_segments_kernel": ("sinusoidal", ("T",), 128, "other"),
+    "embed_bwd_segments_vec_kernel": ("sinusoidal", ("T",), 128, "memory"),
+    "embed_bwd_crossing_kernel": ("sinusoidal", ("T",), 128, "other"),
+    "embed_bwd_crossing_vec_kernel": ("sinusoidal", ("T",), 128, "memory"),
+    "sampling_kernel": ("sampling", ("T", "PASS", "LOADS"), 256, "memory"),
+    "sampling_draw_kernel": ("sampling", ("T", "LOADS"), 256, "memory"),
     "attention_fwd_kernel": ("attention", ("T", "D"), 256, "matrix"),
     "attention_fwd_combine_kernel": ("attention", ("T", "D"), 128, "other"),
     "decode_split_kernel": ("decode_attention", ("T", "D", "MT"), 128, "memory"),
@@ -92,6 +97,8 @@ DYNAMIC_SMEM = {"attention_fwd_kernel": _attention_fwd_smem, "decode_split_kerne
 EVIDENCE: dict[str, tuple[tuple[str, ...], float]] = {
     r"^attention_fwd_kernel .*D=128": (("LDSM", "LDGSTS"), 5.0),
     r"^attention_fwd_kernel ": (("LDSM", "LDGSTS"), 0.0),
+    r"^sampling_kernel .*PASS=4": (("LDG.128", "STG.128"), 0.0),  # the filter's write
+    r"^sampling_(draw_)?kernel ": (("LDG.128",), 0.0),
 }
 
 

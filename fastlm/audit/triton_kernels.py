@@ -282,13 +282,17 @@ def sinusoidal_plans(exhaustive: bool = False, cc: int = 90) -> list[Plan]:
                           dict(HAS_WEIGHT=has_w, HAS_POS=has_pos, HAS_SCALE=has_w, BLOCK_T=block_t, BLOCK_D=block_d,
                                P_BITS=SN._p_bits(D), num_warps=4), kind="memory" if has_w else "memory-write"))
         if form == "embed":
-            bd = min(1 << (D - 1).bit_length(), 1024)
-            narrow = D * dtype.itemsize < 512
-            plans.append(Plan("sinusoidal", SN._embed_bwd_sorted_kernel, f"D={D} {dt} sorted BD={bd}",
-                              dict(DO=dtype, Sorted=torch.int64, Order=torch.int64, DW=dtype, N=N, D=D, V=50304, s_od=1, scale=1.0),
-                              dict(HAS_SCALE=True, BLOCK_D=bd, num_warps=4), kind="memory",
-                              allowed="vector-loads: one row a program; a row under 512 bytes spreads over a warp at under 16 "
-                                      "bytes a thread (several rows a program is issue 16's redesign)" if narrow else None))
+            chunks = N // SN.CHUNK_ROWS
+            block_c, bd = SN._tiles(chunks, D, cuda)
+            plans.append(Plan("sinusoidal", SN._embed_bwd_segments_kernel, f"D={D} {dt} segments R={SN.CHUNK_ROWS} BC={block_c} BD={bd}",
+                              dict(DO=dtype, Sorted=torch.int64, Order=torch.int64, DW=dtype, WS=torch.float32, N=N, D=D, V=50304,
+                                   s_od=1, scale=1.0),
+                              dict(HAS_SCALE=True, R=SN.CHUNK_ROWS, BLOCK_C=block_c, BLOCK_D=bd, num_warps=4), kind="memory"))
+            owners, block_k = SN._crossing_tiles(chunks, bd, cuda)
+            plans.append(Plan("sinusoidal", SN._embed_bwd_crossing_kernel, f"D={D} {dt} crossing BC={owners} BK={block_k} BD={bd}",
+                              dict(Sorted=torch.int64, DW=dtype, WS=torch.float32, N=N, D=D, V=50304, scale=1.0),
+                              dict(HAS_SCALE=True, R=SN.CHUNK_ROWS, BLOCK_C=owners, BLOCK_K=block_k, BLOCK_D=bd, num_warps=4),
+                              kind="memory"))
             plans.append(Plan("sinusoidal", SN._embed_bwd_atomic_kernel, f"D={D} {dt} atomic BT={block_t} BD={block_d}",
                               dict(DO=dtype, Ids=torch.int64, DW=torch.float32, N=N, S=1024, D=D, V=50304, s_od=1, s_is=1, scale=1.0),
                               dict(HAS_SCALE=True, BLOCK_T=block_t, BLOCK_D=block_d, num_warps=4), kind="memory"))
@@ -306,25 +310,42 @@ def sampling_plans(exhaustive: bool = False, cc: int = 90) -> list[Plan]:
         "greedy": (0.0, None, None, None, True),
         "filter": (None, 50, 0.9, None, False),
     }
+    forbid = (("div.full.f32", "approximate division: the reference and csrc divide with IEEE rounding"),
+              ("div.approx.f32", "approximate division: the reference and csrc divide with IEEE rounding"))
     plans = []
-    # the batch only changes the config for vocabularies under 2048 (rows per program)
+    seen = set()
+    # the batch only changes the slice count (not a constexpr but NS_P2)
     for V, dt, mode, B in _grid([(32000, 128256, 262144), tuple(DTYPES), tuple(modes), (1, 128) if exhaustive else (128,)], exhaustive):
         dtype = DTYPES[dt]
         t, k, p, mp, sample = modes[mode]
         vals_in = [torch.ones(B) if x is torch.float32 else torch.ones(B, dtype=torch.int64) if x is torch.int64 else x
                    for x in (t, k, p, mp)]
         (T, K, P, MP), (tv, kv, pv, mpv), flags = SP._params(B, V, *vals_in)
-        cfg = SP._config(B, V, cuda, sample)
-        meta = dict(flags, SAMPLE=sample, WRITE_LOGPROBS=sample, **cfg)
-        vals = dict(X=dtype, stride_x=V, B=B, V=V,
-                    Temp=torch.float32 if T is not None else None, TopK=torch.int64 if K is not None else None,
-                    TopP=torch.float32 if P is not None else None, MinP=torch.float32 if MP is not None else None,
-                    t_val=tv, k_val=kv, p_val=pv, mp_val=mpv, Seed=torch.int64 if sample else None, Tokens=torch.int64,
-                    Logprobs=torch.float32 if sample else None, Out=None if sample else dtype, stride_o=V)
-        label = f"V={V} B={B} {dt} {mode} BB={cfg['BLOCK_B']} BV={cfg['BLOCK_V']} w{cfg['num_warps']}"
-        plans.append(Plan("sampling", SP._sampling_kernel, label, vals, meta, kind="memory",
-                          ptx_forbid=(("div.full.f32", "approximate division: the reference and csrc divide with IEEE rounding"),
-                                      ("div.approx.f32", "approximate division: the reference and csrc divide with IEEE rounding"))))
+        block_v = SP._block_v(V, cuda)
+        ns = 4 if B == 1 else 1
+        seq, _, _, all_greedy = SP._sequence(flags, (tv, kv, pv, mpv), sample)
+        params = dict(X=dtype, stride_x=V, V=V, Temp=torch.float32 if T is not None else None,
+                      TopK=torch.int64 if K is not None else None, TopP=torch.float32 if P is not None else None,
+                      MinP=torch.float32 if MP is not None else None, t_val=tv, k_val=kv, p_val=pv, mp_val=mpv,
+                      SMax=torch.float32, SArg=torch.int32, SBad=torch.int32, NS=ns)
+        names = {0: "stats", 1: "radix", 2: "sum", 3: "filter"}
+        for mode_id, consume, produce, _ in seq:
+            meta = SP._meta(flags, mode_id, consume, produce, sample, ns, SP._block_b(B, block_v, cuda), block_v, False, cuda)
+            key = (SP._sampling_pass_kernel, dt, tuple(sorted(meta.items())))
+            if key in seen:
+                continue
+            seen.add(key)
+            vals = dict(params, SL=block_v * 16, HistIn=torch.int64, HistOut=torch.int64, B=B, StateIn=torch.int64,
+                        StateOut=torch.int64, ChunkSum=torch.int64 if sample else None, NCH=V // 2048,
+                        Out=None if sample else dtype, stride_o=V, Status=None if sample else torch.int64, Loads=None)
+            label = f"V={V} B={B} {dt} {mode} {names[mode_id]} c{consume} p{produce} BV={block_v} w{meta['num_warps']}"
+            plans.append(Plan("sampling", SP._sampling_pass_kernel, label, vals, meta, kind="memory", ptx_forbid=forbid))
+        if sample:
+            meta = SP._draw_meta(flags, all_greedy, True, ns, SP._block_b(B, block_v, cuda), V, False)
+            vals = dict(params, B=B, State=torch.int64, ChunkSum=torch.int64, NCH=V // 2048, Seed=torch.int64,
+                        Tokens=torch.int64, Logprobs=torch.float32, Loads=None)
+            plans.append(Plan("sampling", SP._sampling_draw_kernel, f"V={V} B={B} {dt} {mode} draw", vals, meta,
+                              kind="other", ptx_forbid=forbid))
     return plans
 
 

@@ -1,8 +1,9 @@
 """CUDA launchers for the sinusoidal encoding (csrc/sinusoidal.cu), with the signatures of
 fastlm/triton/sinusoidal.py (fastlm._C on CUDA tensors, fastlm._C_host on CPU tensors).
 
-The deterministic backward sorts the ids (torch.sort, stable) before its kernel; the atomic one
-accumulates into an fp32 buffer (the gradient itself when it is fp32 and contiguous).
+The deterministic backward sorts the ids (torch.sort, stable) before its two kernels and gives them
+an fp32 workspace (chunks of embed_bwd_chunk_rows() sorted positions, 2 partial rows each); the
+atomic one accumulates into an fp32 buffer (the gradient itself when it is fp32 and contiguous).
 """
 
 from __future__ import annotations
@@ -56,10 +57,13 @@ def embed_sinusoidal_bwd(dout, input_ids, scale, deterministic, dweight) -> None
     sc, has = (1.0, False) if scale is None else (float(scale), True)
     stream = stream_handle(dout)
     if deterministic:
+        C = lib(dout.device)
         sorted_ids, order = torch.sort(input_ids.reshape(N).to(torch.int64), stable=True)
         d2 = dout.reshape(N, D)
-        code = lib(dout.device).embed_sinusoidal_bwd_sorted(
-            ptr(d2), ptr(sorted_ids), ptr(order), ptr(dweight), N, D, V, d2.stride(0), d2.stride(1),
+        rows = C.embed_bwd_chunk_rows()
+        ws = torch.empty(((N + rows - 1) // rows, 2, D), device=dout.device, dtype=torch.float32)
+        code = C.embed_sinusoidal_bwd_sorted(
+            ptr(d2), ptr(sorted_ids), ptr(order), ptr(dweight), ptr(ws), N, D, V, d2.stride(0), d2.stride(1),
             dweight.stride(0), sc, has, dtype_code(dweight), stream,
         )
         check(code, "embed_sinusoidal_bwd_sorted")
