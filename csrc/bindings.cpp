@@ -147,7 +147,12 @@ PYBIND11_MODULE(FASTLM_MODULE_NAME, m) {
         py::arg("v_cache"), py::arg("cache_seqlens"), py::arg("out"), py::arg("lse"), py::arg("o_part"),
         py::arg("lse_part"), py::arg("B"), py::arg("Hq"), py::arg("Hkv"), py::arg("Sq"), py::arg("S_max"),
         py::arg("D"), py::arg("strides"), py::arg("num_splits"), py::arg("scale"), py::arg("window_left"),
-        py::arg("window_right"), py::arg("dtype"), py::arg("stream"));
+        py::arg("window_right"), py::arg("dtype"), py::arg("stream"), py::arg("block_table") = 0,
+        py::arg("block_table_stride") = 0, py::arg("page_size") = 0, py::arg("num_pages") = 0);
+  m.def("paged_kv_append", &fastlm::paged_kv_append, py::arg("k_cache"), py::arg("v_cache"), py::arg("block_table"),
+        py::arg("cache_seqlens"), py::arg("k_new"), py::arg("v_new"), py::arg("B"), py::arg("Hkv"), py::arg("S_new"),
+        py::arg("D"), py::arg("page_size"), py::arg("max_pages"), py::arg("num_pages"), py::arg("strides"),
+        py::arg("dtype"), py::arg("stream"));
 
   // ---- attention backward (csrc/attention_bwd.cu) ----
   m.def("attention_bwd_supported", &fastlm::attention_bwd_supported, py::arg("D"), py::arg("dtype"));

@@ -18,6 +18,12 @@
 // and the block writes the fp32 partial (normalised O, log2-domain LSE) of its split; with one
 // split it writes out and lse directly. The combine kernel merges the splits per row:
 //   O = sum_s 2^(lse_s - M) O_s / sum_s 2^(lse_s - M).
+//
+// Paged caches (paged_decode_split_kernel, the same body with PAGED): caches (num_pages, Hkv,
+// page_size, D), key j of sequence b in row j % page_size of page block_table[b, j / page_size];
+// each 16-byte cp.async row copy looks up its page id (clamped to [0, num_pages)), nothing else
+// changes, so the paged and contiguous kernels give the same bits on the same keys.
+// paged_kv_append_kernel writes new rows into their pages (16-byte copies on aligned rows).
 
 #include <array>
 #include <cmath>
@@ -46,6 +52,11 @@ struct DecodeParams {
   int B, Hq, Hkv, group, Sq, S_max, splits, left, right;  // right <= 0 (decode is causal)
   bool has_left, q_vec;                                   // q_vec: q rows 16-byte aligned
   float scale_log2;
+  // Paged caches (paged_decode_split_kernel): (num_pages, Hkv, 2^page_shift, D), sk[0] / sv[0] the
+  // page strides, S_max = max_pages << page_shift; block_table (B, max_pages) int32, row stride sbt.
+  const int* block_table;
+  int64_t sbt;
+  int page_shift, num_pages;
 };
 
 // Split blocks: grid x = b * Hkv + hk (2^31 - 1 blocks), grid y = the split (at most 65535).
@@ -96,6 +107,29 @@ __device__ __forceinline__ void decode_load_tile(T* kd, T* vd, const T* K, const
   }
 }
 
+// The paged form: key j is row j & (2^page_shift - 1) of page table[j >> page_shift] (clamped to
+// [0, num_pages)), K and V pointing at page 0 of the block's head; one table entry per copied row,
+// the same 16-byte copies otherwise.
+template <typename T, int D, int MT>
+__device__ __forceinline__ void decode_load_tile_paged(T* kd, T* vd, const T* K, const T* V, const DecodeParams& p,
+                                                       const int* table, int first, int end, int tr, int tcol) {
+  using Tile = DecodeTile<D, MT>;
+  constexpr int RS = kDecThreads / (D / 8);
+  const int mask = (1 << p.page_shift) - 1;
+  const int off = tr * Tile::kLd + tcol;
+#pragma unroll
+  for (int rep = 0; rep < Tile::kKeys / RS; ++rep) {
+    const int key = first + tr + rep * RS;
+    const bool in = key < end;
+    const int64_t page = in ? min_of(max_of(table[key >> p.page_shift], 0), p.num_pages - 1) : 0;
+    const int64_t slot = key & mask;
+    const T* kp = K + page * p.sk[0] + slot * p.sk[2] + tcol;
+    const T* vp = V + page * p.sv[0] + slot * p.sv[2] + tcol;
+    cp_async_16(kd + off + rep * RS * Tile::kLd, in ? kp : K + tcol, in ? 16 : 0);
+    cp_async_16(vd + off + rep * RS * Tile::kLd, in ? vp : V + tcol, in ? 16 : 0);
+  }
+}
+
 // Resident blocks per SM the split kernel is compiled for (its shared memory allows about as many on
 // sm_90a); ptxas then caps the registers at 65536 / (128 n): 170 at D = 64, 255 otherwise.
 template <int D>
@@ -103,8 +137,10 @@ constexpr int decode_min_blocks() {
   return D == 64 ? 3 : 1;
 }
 
-template <typename T, int D, int MT>
-__global__ void __launch_bounds__(kDecThreads, decode_min_blocks<D>()) decode_split_kernel(DecodeParams p) {
+// The split kernel's body; PAGED: paged caches (decode_load_tile_paged), else contiguous ones. wm, wl:
+// the kernel's [kDecWarps][16] shared arrays of per-warp row maxima and sums.
+template <typename T, int D, int MT, bool PAGED>
+__device__ __forceinline__ void decode_split(const DecodeParams& p, float (*wm)[16], float (*wl)[16]) {
   using Tile = DecodeTile<D, MT>;
   constexpr int N = Tile::kKeys;
   constexpr int STAGES = Tile::kStages;
@@ -118,8 +154,6 @@ __global__ void __launch_bounds__(kDecThreads, decode_min_blocks<D>()) decode_sp
   T* vs = ks + STAGES * Tile::kKV;      // [STAGES][N][LD]
   T* qs = vs + STAGES * Tile::kKV;      // [16 MT][LD]
   float* ob = reinterpret_cast<float*>(smem);  // [4 warps][16][OLD], after the last tile
-  __shared__ float wm[kDecWarps][16];
-  __shared__ float wl[kDecWarps][16];
 
   const DecodeBlock blk = decode_block(static_cast<int>(blockIdx.x), p.Hkv);
   const int b = blk.b;
@@ -141,15 +175,21 @@ __global__ void __launch_bounds__(kDecThreads, decode_min_blocks<D>()) decode_sp
   const int end = min_of(lo + chunk, hi);
   const int tiles = end > lo ? ceil_div(end - lo, N) : 0;
 
-  const T* K = static_cast<const T*>(p.k) + b * p.sk[0] + hk * p.sk[1];
-  const T* V = static_cast<const T*>(p.v) + b * p.sv[0] + hk * p.sv[1];
+  const T* K = static_cast<const T*>(p.k) + (PAGED ? 0 : b * p.sk[0]) + hk * p.sk[1];
+  const T* V = static_cast<const T*>(p.v) + (PAGED ? 0 : b * p.sv[0]) + hk * p.sv[1];
+  const int* table = PAGED ? p.block_table + b * p.sbt : nullptr;
   const int tr = static_cast<int>(threadIdx.x) / CH;
   const int tcol = (static_cast<int>(threadIdx.x) % CH) * 8;
+  auto load_tile = [&](int slot, int first) {
+    if constexpr (PAGED) {
+      decode_load_tile_paged<T, D, MT>(ks + slot * Tile::kKV, vs + slot * Tile::kKV, K, V, p, table, first, end, tr, tcol);
+    } else {
+      decode_load_tile<T, D, MT>(ks + slot * Tile::kKV, vs + slot * Tile::kKV, K, V, p.sk[2], p.sv[2], first, end, tr, tcol);
+    }
+  };
 #pragma unroll
   for (int s = 0; s < STAGES - 1; ++s) {
-    if (s < tiles) {
-      decode_load_tile<T, D, MT>(ks + s * Tile::kKV, vs + s * Tile::kKV, K, V, p.sk[2], p.sv[2], lo + s * N, end, tr, tcol);
-    }
+    if (s < tiles) load_tile(s, lo + s * N);
     cp_async_commit();
   }
 
@@ -196,11 +236,7 @@ __global__ void __launch_bounds__(kDecThreads, decode_min_blocks<D>()) decode_sp
     cp_async_wait<STAGES - 2>();
     __syncthreads();
     const int next = it + STAGES - 1;
-    if (next < tiles) {
-      const int fill = next % STAGES;
-      decode_load_tile<T, D, MT>(ks + fill * Tile::kKV, vs + fill * Tile::kKV, K, V, p.sk[2], p.sv[2], lo + next * N, end,
-                                 tr, tcol);
-    }
+    if (next < tiles) load_tile(next % STAGES, lo + next * N);
     cp_async_commit();
     const int slot = it % STAGES;
     const T* kt = ks + slot * Tile::kKV + kw * SL * LD;
@@ -342,6 +378,20 @@ __global__ void __launch_bounds__(kDecThreads, decode_min_blocks<D>()) decode_sp
   }
 }
 
+template <typename T, int D, int MT>
+__global__ void __launch_bounds__(kDecThreads, decode_min_blocks<D>()) decode_split_kernel(DecodeParams p) {
+  __shared__ float wm[kDecWarps][16];
+  __shared__ float wl[kDecWarps][16];
+  decode_split<T, D, MT, false>(p, wm, wl);
+}
+
+template <typename T, int D, int MT>
+__global__ void __launch_bounds__(kDecThreads, decode_min_blocks<D>()) paged_decode_split_kernel(DecodeParams p) {
+  __shared__ float wm[kDecWarps][16];
+  __shared__ float wl[kDecWarps][16];
+  decode_split<T, D, MT, true>(p, wm, wl);
+}
+
 // One warp per row, grid-stride over the rows (B * Hq * Sq may exceed kDecWarps * (2^31 - 1)).
 template <typename T, int D>
 __global__ void __launch_bounds__(kDecThreads) decode_combine_kernel(CombineParams p) {
@@ -349,6 +399,51 @@ __global__ void __launch_bounds__(kDecThreads) decode_combine_kernel(CombinePara
   for (int64_t row = static_cast<int64_t>(blockIdx.x) * kDecWarps + threadIdx.x / 32; row < p.rows;
        row += static_cast<int64_t>(gridDim.x) * kDecWarps) {
     combine_row<T, D>(p, row, lane);
+  }
+}
+
+struct AppendParams {
+  const void* kn;
+  const void* vn;
+  void* kc;
+  void* vc;
+  const int* block_table;
+  const int* lens;
+  int64_t skn[3], svn[3], skc[3], svc[3], sbt;
+  int64_t chunks;  // B * Hkv * S_new * (D / W): one W-element piece each
+  int Hkv, S_new, D, page_shift, max_pages, num_pages;
+};
+
+// Thread i copies piece i: W elements (16 bytes when VEC, else 1) of row (b, h, s) of k_new and v_new
+// to row p & (2^page_shift - 1) of page block_table[b, p >> page_shift], p = lens[b] + s; positions
+// outside [0, max_pages << page_shift) and page ids outside [0, num_pages) are skipped.
+template <typename T, bool VEC>
+__global__ void __launch_bounds__(kDecThreads) paged_kv_append_kernel(AppendParams p) {
+  constexpr int W = VEC ? 16 / static_cast<int>(sizeof(T)) : 1;
+  const int per_row = p.D / W;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kDecThreads + threadIdx.x; i < p.chunks;
+       i += static_cast<int64_t>(gridDim.x) * kDecThreads) {
+    const int col = static_cast<int>(i % per_row) * W;
+    const int64_t row = i / per_row;
+    const int s = static_cast<int>(row % p.S_new);
+    const int h = static_cast<int>((row / p.S_new) % p.Hkv);
+    const int64_t b = row / p.S_new / p.Hkv;
+    const int64_t pos = static_cast<int64_t>(p.lens[b]) + s;
+    if (pos < 0 || pos >= (static_cast<int64_t>(p.max_pages) << p.page_shift)) continue;
+    const int page = p.block_table[b * p.sbt + (pos >> p.page_shift)];
+    if (page < 0 || page >= p.num_pages) continue;
+    const int64_t slot = pos & ((int64_t{1} << p.page_shift) - 1);
+    const T* ks = static_cast<const T*>(p.kn) + b * p.skn[0] + h * p.skn[1] + s * p.skn[2] + col;
+    const T* vs = static_cast<const T*>(p.vn) + b * p.svn[0] + h * p.svn[1] + s * p.svn[2] + col;
+    T* kd = static_cast<T*>(p.kc) + page * p.skc[0] + h * p.skc[1] + slot * p.skc[2] + col;
+    T* vd = static_cast<T*>(p.vc) + page * p.svc[0] + h * p.svc[1] + slot * p.svc[2] + col;
+    if constexpr (VEC) {
+      *reinterpret_cast<Pack<T, W>*>(kd) = *reinterpret_cast<const Pack<T, W>*>(ks);
+      *reinterpret_cast<Pack<T, W>*>(vd) = *reinterpret_cast<const Pack<T, W>*>(vs);
+    } else {
+      *kd = *ks;
+      *vd = *vs;
+    }
   }
 }
 
@@ -379,9 +474,14 @@ std::array<int64_t, 2> decode_attention_block(int64_t index, int64_t Hkv) {
 int decode_attention_fwd(uintptr_t q, uintptr_t k_cache, uintptr_t v_cache, uintptr_t cache_seqlens, uintptr_t out,
                          uintptr_t lse, uintptr_t o_part, uintptr_t lse_part, int64_t B, int64_t Hq, int64_t Hkv,
                          int64_t Sq, int64_t S_max, int64_t D, const std::vector<int64_t>& strides, int64_t num_splits,
-                         double scale, int64_t window_left, int64_t window_right, int dtype, uintptr_t stream) {
+                         double scale, int64_t window_left, int64_t window_right, int dtype, uintptr_t stream,
+                         uintptr_t block_table, int64_t block_table_stride, int64_t page_size, int64_t num_pages) {
   if (strides.size() != 14 || Hkv <= 0 || Hq % Hkv != 0 || Sq < 1 || num_splits < 1 || num_splits > kMaxGridYZ ||
       !decode_attention_supported(D, dtype))
+    return cudaErrorInvalidValue;
+  const bool paged = block_table != 0;
+  if (paged && (page_size < 16 || page_size > 256 || (page_size & (page_size - 1)) != 0 || num_pages < 1 ||
+                num_pages > INT32_MAX || S_max % page_size != 0 || block_table_stride < S_max / page_size))
     return cudaErrorInvalidValue;
   if (num_splits > 1 && (o_part == 0 || lse_part == 0)) return cudaErrorInvalidValue;  // workspaces needed
   if (B == 0 || Hq == 0) return cudaSuccess;
@@ -415,6 +515,11 @@ int decode_attention_fwd(uintptr_t q, uintptr_t k_cache, uintptr_t v_cache, uint
   p.right = window_right < 0 ? 0 : static_cast<int>(min_of<int64_t>(window_right, 0));
   p.q_vec = aligned_to(q, 16) && strides[0] % 8 == 0 && strides[1] % 8 == 0 && strides[2] % 8 == 0;
   p.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
+  p.block_table = reinterpret_cast<const int*>(block_table);
+  p.sbt = block_table_stride;
+  p.num_pages = static_cast<int>(num_pages);
+  p.page_shift = 0;
+  while (paged && (int64_t{1} << p.page_shift) < page_size) ++p.page_shift;
   const CombineParams cp = combine_params(p, B * Hq * Sq);
   const auto st = reinterpret_cast<cudaStream_t>(stream);
   const dim3 grid = to_dim3(grids[0]);
@@ -426,6 +531,10 @@ int decode_attention_fwd(uintptr_t q, uintptr_t k_cache, uintptr_t v_cache, uint
       constexpr int kD = decltype(dd)::value;
       auto split = [&](auto mtc) -> int {
         constexpr int kMT = decltype(mtc)::value;
+        if (paged) {
+          return launch_smem(paged_decode_split_kernel<T, kD, kMT>, grid, dim3(kDecThreads), DecodeTile<kD, kMT>::kSmem,
+                             st, p);
+        }
         return launch_smem(decode_split_kernel<T, kD, kMT>, grid, dim3(kDecThreads), DecodeTile<kD, kMT>::kSmem, st,
                            p);
       };
@@ -441,6 +550,53 @@ int decode_attention_fwd(uintptr_t q, uintptr_t k_cache, uintptr_t v_cache, uint
       return launch(decode_combine_kernel<T, kD>, cgrid, dim3(kDecThreads), st, cp);
     });
   });
+}
+
+int paged_kv_append(uintptr_t k_cache, uintptr_t v_cache, uintptr_t block_table, uintptr_t cache_seqlens, uintptr_t k_new,
+                    uintptr_t v_new, int64_t B, int64_t Hkv, int64_t S_new, int64_t D, int64_t page_size, int64_t max_pages,
+                    int64_t num_pages, const std::vector<int64_t>& strides, int dtype, uintptr_t stream) {
+  if (strides.size() != 13 || B < 0 || Hkv < 0 || S_new < 0 || D < 1 || page_size < 1 || page_size > (1 << 30) ||
+      (page_size & (page_size - 1)) != 0 || max_pages < 0 || max_pages > INT32_MAX || num_pages < 0 ||
+      num_pages > INT32_MAX || Hkv > INT32_MAX || S_new > INT32_MAX || D > INT32_MAX)
+    return cudaErrorInvalidValue;
+  const int64_t rows = mul_within(mul_within(B, Hkv, INT64_MAX), S_new, INT64_MAX / (D + 1));
+  if (rows < 0) return cudaErrorInvalidValue;
+  if (rows == 0) return cudaSuccess;
+  AppendParams p{};
+  p.kn = reinterpret_cast<const void*>(k_new);
+  p.vn = reinterpret_cast<const void*>(v_new);
+  p.kc = reinterpret_cast<void*>(k_cache);
+  p.vc = reinterpret_cast<void*>(v_cache);
+  p.block_table = reinterpret_cast<const int*>(block_table);
+  p.lens = reinterpret_cast<const int*>(cache_seqlens);
+  for (int i = 0; i < 3; ++i) {
+    p.skn[i] = strides[i];
+    p.svn[i] = strides[3 + i];
+    p.skc[i] = strides[6 + i];
+    p.svc[i] = strides[9 + i];
+  }
+  p.sbt = strides[12];
+  p.Hkv = static_cast<int>(Hkv);
+  p.S_new = static_cast<int>(S_new);
+  p.D = static_cast<int>(D);
+  p.max_pages = static_cast<int>(max_pages);
+  p.num_pages = static_cast<int>(num_pages);
+  while ((int64_t{1} << p.page_shift) < page_size) ++p.page_shift;
+  const auto st = reinterpret_cast<cudaStream_t>(stream);
+  auto run = [&](auto tt) -> int {
+    using T = typename decltype(tt)::type;
+    constexpr int64_t kW = 16 / sizeof(T);
+    bool vec = D % kW == 0;
+    for (int i = 0; i < 12; ++i) vec = vec && strides[i] % kW == 0;
+    for (uintptr_t ptr_v : {k_cache, v_cache, k_new, v_new}) vec = vec && aligned_to(ptr_v, 16);
+    p.chunks = rows * (vec ? D / kW : D);
+    const dim3 grid(static_cast<unsigned>(min_of<int64_t>(ceil_div<int64_t>(p.chunks, kDecThreads), kMaxGridX)));
+    return dispatch_bool(vec, [&](auto vv) -> int {
+      return launch(paged_kv_append_kernel<T, decltype(vv)::value>, grid, dim3(kDecThreads), st, p);
+    });
+  };
+  if (dtype == kFloat32) return run(TypeTag<float>{});
+  return dispatch_half(dtype, run);
 }
 
 }  // namespace fastlm

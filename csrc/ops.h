@@ -133,7 +133,22 @@ std::array<int64_t, 2> decode_attention_block(int64_t index, int64_t Hkv);  // (
 int decode_attention_fwd(uintptr_t q, uintptr_t k_cache, uintptr_t v_cache, uintptr_t cache_seqlens, uintptr_t out,
                          uintptr_t lse, uintptr_t o_part, uintptr_t lse_part, int64_t B, int64_t Hq, int64_t Hkv,
                          int64_t Sq, int64_t S_max, int64_t D, const std::vector<int64_t>& strides, int64_t num_splits,
-                         double scale, int64_t window_left, int64_t window_right, int dtype, uintptr_t stream);
+                         double scale, int64_t window_left, int64_t window_right, int dtype, uintptr_t stream,
+                         uintptr_t block_table = 0, int64_t block_table_stride = 0, int64_t page_size = 0,
+                         int64_t num_pages = 0);
+// Paged caches (block_table != 0): k_cache / v_cache (num_pages, Hkv, page_size, D) with strides
+// (page, head, row), page_size a power of two in [16, 256], S_max = max_pages * page_size, block_table
+// (B, max_pages) int32 with row stride block_table_stride; key j of sequence b is row j % page_size of
+// page block_table[b, j / page_size] (clamped to [0, num_pages)).
+
+// paged_kv_append: k_new, v_new (B, Hkv, S_new, D) to positions cache_seqlens[b] + s of the paged
+// caches (as above, any power-of-two page_size), in place; positions beyond max_pages * page_size and
+// page ids outside [0, num_pages) are skipped. strides: k_new, v_new, k_cache, v_cache (3 each, unit
+// stride in D), block_table's row stride. fp32/fp16/bf16; 16-byte copies when D and every stride are
+// multiples of 16 bytes and the four base pointers 16-byte aligned, else element copies.
+int paged_kv_append(uintptr_t k_cache, uintptr_t v_cache, uintptr_t block_table, uintptr_t cache_seqlens, uintptr_t k_new,
+                    uintptr_t v_new, int64_t B, int64_t Hkv, int64_t S_new, int64_t D, int64_t page_size, int64_t max_pages,
+                    int64_t num_pages, const std::vector<int64_t>& strides, int dtype, uintptr_t stream);
 
 // ---- attention backward (csrc/attention_bwd.cu) ----
 // dq (like q), dk, dv (like k, v) from dout (like out), q, k, v, out and the forward's lse (B, Hq, Sq)

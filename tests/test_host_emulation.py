@@ -236,6 +236,15 @@ def _exercise_every_instantiation():
                 q = torch.randn(1, 4, Sq, D).to(dt)
                 kv = torch.randn(1, 1, 200, D).to(dt)  # two splits: the combine kernel runs
                 fastlm.ops.decode_attention(q, kv, kv, torch.tensor([150], dtype=torch.int32), backend="cuda")
+                pages = torch.randn(3, 1, 16, D).to(dt)  # the paged split kernel
+                fastlm.ops.decode_attention(q, pages, pages, torch.tensor([40], dtype=torch.int32),
+                                            block_table=torch.tensor([[2, 0, 1]], dtype=torch.int32), backend="cuda")
+    for dt in (f32, f16, bf16):
+        for D in (16, 10):  # paged_kv_append's 16-byte copies (on 16-byte rows), then its element copies
+            pages = torch.randn(2, 1, 16, D).to(dt)
+            new = torch.randn(1, 1, 3, D).to(dt)
+            fastlm.ops.paged_kv_append(pages, pages.clone(), torch.tensor([[1, 0]], dtype=torch.int32),
+                                       torch.tensor([14], dtype=torch.int32), new, new, backend="cuda")
 
 
 def test_every_kernel_instantiation_executes(C_host):

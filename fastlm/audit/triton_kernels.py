@@ -141,6 +141,35 @@ FP32_FMA = ("tensor-cores: fp32 at head dims over 128 runs IEEE FMA dots on smal
             "README): no 3xTF32 tile fits the register file without spilling")
 
 
+def _attention_pointer_plans(A, D: int, dt: str, mask: str, exhaustive: bool, cc: int, varlen: bool = False) -> list[Plan]:
+    """The pointer forward, dK/dV and dQ kernels at one (head dim, dtype, mask); ``varlen``: their
+    packed-sequence variant (IS_VARLEN, attention_varlen's launchers)."""
+    dtype = DTYPES[dt]
+    fp32 = dtype == torch.float32
+    meta, left, right = A.fwd_meta(D, dtype, *_MASKS[mask])
+    base = f"D={D} {dt} {mask}{' varlen' if varlen else ''}"
+    extra = dict(CU_Q=torch.int32, CU_K=torch.int32, TOTAL_Q=4096) if varlen else {}
+    plans = []
+    for kind, kernel, ptrs in (
+        ("fwd", A._attn_fwd_kernel, dict(Q=dtype, K=dtype, V=dtype, O=dtype, LSE=torch.float32)),
+        ("dkdv", A._attn_bwd_dkdv_kernel, dict(Q=dtype, K=dtype, V=dtype, DO=dtype, LSE2=torch.float32,
+                                               Delta=torch.float32, DK=dtype, DV=dtype)),
+        ("dq", A._attn_bwd_dq_kernel, dict(Q=dtype, K=dtype, V=dtype, DO=dtype, LSE2=torch.float32,
+                                           Delta=torch.float32, DQ=dtype)),
+    ):
+        vals = dict(ptrs, LEFT=left, RIGHT=right, qk_scale=0.18, sm_scale=0.125, GROUP=2, Hq=8, Hkv=4,
+                    Sq=1000, Sk=1000, SEQ_BUCKET=1024, **extra)
+        cfgs = A.candidates(kind, meta["BLOCK_D"], fp32, meta["EVEN_D"], cc, varlen)
+        cfgs = cfgs if exhaustive else cfgs[:1]
+        for i, cfg in enumerate(cfgs):
+            c = dict(cfg)
+            label = f"{base} BM={c['BLOCK_M']} BN={c['BLOCK_N']} w{c['num_warps']} s{c['num_stages']}"
+            plans.append(Plan("attention", kernel, label, vals, {**meta, **c, **({"IS_VARLEN": True} if varlen else {})},
+                              role="default" if i == 0 else "candidate", kind="matrix",
+                              allowed=FP32_FMA if meta["DOT_PREC"] == "ieee" else None))
+    return plans
+
+
 def attention_plans(exhaustive: bool = False, cc: int = 90) -> list[Plan]:
     from fastlm.triton import attention as A
 
@@ -150,22 +179,7 @@ def attention_plans(exhaustive: bool = False, cc: int = 90) -> list[Plan]:
         fp32 = dtype == torch.float32
         meta, left, right = A.fwd_meta(D, dtype, *_MASKS[mask])
         base = f"D={D} {dt} {mask}"
-        for kind, kernel, ptrs in (
-            ("fwd", A._attn_fwd_kernel, dict(Q=dtype, K=dtype, V=dtype, O=dtype, LSE=torch.float32)),
-            ("dkdv", A._attn_bwd_dkdv_kernel, dict(Q=dtype, K=dtype, V=dtype, DO=dtype, LSE2=torch.float32,
-                                                   Delta=torch.float32, DK=dtype, DV=dtype)),
-            ("dq", A._attn_bwd_dq_kernel, dict(Q=dtype, K=dtype, V=dtype, DO=dtype, LSE2=torch.float32,
-                                               Delta=torch.float32, DQ=dtype)),
-        ):
-            vals = dict(ptrs, LEFT=left, RIGHT=right, qk_scale=0.18, sm_scale=0.125, GROUP=2, Hq=8, Hkv=4,
-                        Sq=1000, Sk=1000, SEQ_BUCKET=1024)
-            cfgs = A.candidates(kind, meta["BLOCK_D"], fp32, meta["EVEN_D"], cc)
-            cfgs = cfgs if exhaustive else cfgs[:1]
-            for i, cfg in enumerate(cfgs):
-                c = dict(cfg)
-                label = f"{base} BM={c['BLOCK_M']} BN={c['BLOCK_N']} w{c['num_warps']} s{c['num_stages']}"
-                plans.append(Plan("attention", kernel, label, vals, {**meta, **c}, role="default" if i == 0 else "candidate",
-                                  kind="matrix", allowed=FP32_FMA if meta["DOT_PREC"] == "ieee" else None))
+        plans += _attention_pointer_plans(A, D, dt, mask, exhaustive, cc)
         if cc == 90 and meta["DOT_PREC"] != "ieee":  # where fastlm.triton.attention.uses_tma may pick it
             for i, cfg in enumerate(A.candidates("fwd_tma", meta["BLOCK_D"], fp32, meta["EVEN_D"], cc)[: None if exhaustive else 1]):
                 c = dict(cfg)
@@ -179,6 +193,9 @@ def attention_plans(exhaustive: bool = False, cc: int = 90) -> list[Plan]:
                               dict(O=dtype, DO=dtype, Delta=torch.float32, Hq=8, Sq=1000),
                               dict(HEAD_DIM=D, BLOCK_D=meta["BLOCK_D"], EVEN_D=meta["EVEN_D"], BLOCK_M=A.PREPROCESS_BLOCK_M,
                                    num_warps=4, num_stages=3), kind="memory"))
+    # packed sequences (attention_varlen): the same kernels with IS_VARLEN, pointer path only
+    for D, dt, mask in _grid([(64, 128), tuple(DTYPES), ("causal", "window")], exhaustive):
+        plans += _attention_pointer_plans(A, D, dt, mask, exhaustive, cc, varlen=True)
     return plans
 
 
@@ -207,8 +224,9 @@ def decode_plans(exhaustive: bool = False, cc: int = 90) -> list[Plan]:
         meta = dict(HEAD_DIM=D, BLOCK_D=cfg["BLOCK_D"], HAS_LEFT=window, DOT_PREC=DA.dot_precision(dtype, cfg["BLOCK_D"]),
                     BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
         label = f"D={D} {dt} {shape}{' window' if window else ''} BM={cfg['BLOCK_M']} BN={cfg['BLOCK_N']} w{cfg['num_warps']} s{cfg['num_stages']}"
-        vals = dict(Q=dtype, K=dtype, V=dtype, Lens=torch.int32, OP=torch.float32, LP=torch.float32, B=4, Hkv=4,
-                    GROUP=group, Sq=sq, S_max=4096, num_splits=4, LEFT=256 if window else 0, RIGHT=0, qk_scale=0.18)
+        vals = dict(Q=dtype, K=dtype, V=dtype, Lens=torch.int32, OP=torch.float32, LP=torch.float32, BT=None, B=4, Hkv=4,
+                    GROUP=group, Sq=sq, S_max=4096, num_splits=4, LEFT=256 if window else 0, RIGHT=0, qk_scale=0.18,
+                    stride_bt=0, num_pages=1)
         plans.append(Plan("decode_attention", DA._decode_split_kernel, label, vals, meta, kind="matrix",
                           allowed=FP32_FMA if meta["DOT_PREC"] == "ieee" else None))
         if not window and shape == "mha":
@@ -216,6 +234,28 @@ def decode_plans(exhaustive: bool = False, cc: int = 90) -> list[Plan]:
                               dict(OP=torch.float32, LP=torch.float32, O=dtype, LSE=torch.float32, Hq=8, Sq=1,
                                    num_rows=1024, num_splits=4),
                               dict(HEAD_DIM=D, BLOCK_D=cfg["BLOCK_D"], BLOCK_R=cfg["BLOCK_R"], num_warps=4), kind="memory"))
+    # paged caches: the split kernel with BLOCK_N capped at the page size (16: the smallest, 256: the config's own)
+    for D, dt, shape, page in _grid([(64, 80, 128, 256), tuple(DTYPES), tuple(shapes), (16, 256)], exhaustive):
+        dtype = DTYPES[dt]
+        group, sq = shapes[shape]
+        cfg = DA.config(D, group * sq, dtype, cc)
+        bn = min(cfg["BLOCK_N"], page)
+        meta = dict(HEAD_DIM=D, BLOCK_D=cfg["BLOCK_D"], HAS_LEFT=False, DOT_PREC=DA.dot_precision(dtype, cfg["BLOCK_D"]),
+                    BLOCK_M=cfg["BLOCK_M"], BLOCK_N=bn, PAGED=True, PAGE_SIZE=page, num_warps=cfg["num_warps"],
+                    num_stages=cfg["num_stages"])
+        label = f"D={D} {dt} {shape} paged page={page} BM={cfg['BLOCK_M']} BN={bn} w{cfg['num_warps']} s{cfg['num_stages']}"
+        vals = dict(Q=dtype, K=dtype, V=dtype, Lens=torch.int32, OP=torch.float32, LP=torch.float32, BT=torch.int32, B=4, Hkv=4,
+                    GROUP=group, Sq=sq, S_max=4096, num_splits=4, LEFT=0, RIGHT=0, qk_scale=0.18, num_pages=1000)
+        plans.append(Plan("decode_attention", DA._decode_split_kernel, label, vals, meta, kind="matrix",
+                          allowed=FP32_FMA if meta["DOT_PREC"] == "ieee" else None))
+    for D, dt in _grid([(64, 80, 128, 256), tuple(DTYPES)], exhaustive):
+        dtype = DTYPES[dt]
+        cfg = DA.append_config(D)
+        plans.append(Plan("decode_attention", DA._paged_append_kernel, f"D={D} {dt} BS={cfg['BLOCK_S']} page=16",
+                          dict(KN=dtype, VN=dtype, KC=dtype, VC=dtype, BT=torch.int32, Lens=torch.int32, Hkv=8, S_new=1,
+                               max_pages=64, num_pages=1000),
+                          dict(HEAD_DIM=D, BLOCK_D=cfg["BLOCK_D"], BLOCK_S=cfg["BLOCK_S"], PAGE_SIZE=16,
+                               num_warps=cfg["num_warps"]), kind="memory"))
     return plans
 
 

@@ -14,7 +14,10 @@ its kernels do not cover to the Triton launcher, which computes the same thing):
   the whole GQA group, a cp.async K/V ring) for fp16/bf16 at head dim 64, 128 or 256 (with or
   without a left window), at most 64 rows (Hq / Hkv) * Sq per key/value head, 16-byte aligned cache
   rows, B * Hkv <= 2^31 - 1 (``_C.decode_attention_grids``); anything else (fp32, other head dims,
-  larger groups) runs the Triton decode.
+  larger groups) runs the Triton decode. Paged caches (block_table) run the same kernel with a
+  per-row page lookup in the 16-byte cp.async copies (paged_decode_split_kernel), same coverage.
+- paged_kv_append: CUDA for every dtype and shape (16-byte copies on aligned rows).
+- attention_varlen (packed sequences): no CUDA kernel yet; forward and backward run the Triton ones.
 ``CUDA_COVERAGE`` says this in one line for ``fastlm info``.
 On CPU tensors the kernels run through fastlm._C_host and the Triton cases through the interpreter
 (TRITON_INTERPRET=1), bf16 ones on fp32 copies rounded once (the interpreter's bf16 is wrong).
@@ -34,7 +37,7 @@ CUDA_COVERAGE = (
     "windows, GQA; fp32, other head dims and scale <= 0 run the Triton kernels. backward: CUDA (mma.sync, deterministic) for fp16/bf16 at head dim 64/128, "
     "causal, windows, GQA; fp32 and other head dims run Triton. decode: CUDA split-KV (mma.sync, one block per "
     "KV head) for fp16/bf16 at head dim 64/128/256, GQA groups x new tokens <= 64; fp32, other head dims "
-    "and larger groups run Triton"
+    "and larger groups run Triton; paged caches too (same coverage); paged_kv_append: CUDA. varlen: Triton (no CUDA kernel yet)"
 )
 
 
@@ -177,7 +180,7 @@ def _attention_bwd_cuda(do, dlse, q, k, v, out, lse, causal, scale, window_left,
     check(code, "attention_bwd")
 
 
-def decode_runs_cuda(q, k_cache, v_cache) -> bool:
+def decode_runs_cuda(q, k_cache, v_cache, block_table=None) -> bool:
     """True when decode_attention_fwd runs the CUDA kernels for these arguments (else Triton)."""
     C = lib(q.device)
     return (
@@ -196,19 +199,25 @@ def num_splits_for(batch: int, kv_heads: int, s_max: int, device: torch.device) 
     return max(1, min(want, -(-s_max // 128), 64))
 
 
-def decode_attention_fwd(q, k_cache, v_cache, cache_seqlens, scale, window_left, window_right, out, lse, num_splits=None) -> None:
-    """See fastlm.triton.attention.decode_attention_fwd."""
-    if not decode_runs_cuda(q, k_cache, v_cache):
+def decode_attention_fwd(q, k_cache, v_cache, cache_seqlens, scale, window_left, window_right, out, lse, num_splits=None,
+                         block_table=None) -> None:
+    """See fastlm.triton.attention.decode_attention_fwd (block_table: paged caches)."""
+    if not decode_runs_cuda(q, k_cache, v_cache, block_table):
         T = _triton(q.device)
         if not interpreted_bf16(q):
-            return T.decode_attention_fwd(q, k_cache, v_cache, cache_seqlens, scale, window_left, window_right, out, lse, num_splits)
+            return T.decode_attention_fwd(q, k_cache, v_cache, cache_seqlens, scale, window_left, window_right, out, lse, num_splits,
+                                          block_table=block_table)
         out32 = torch.empty_like(out, dtype=torch.float32)
         T.decode_attention_fwd(q.float(), k_cache.float(), v_cache.float(), cache_seqlens, scale, window_left, window_right,
-                               out32, lse, num_splits)
+                               out32, lse, num_splits, block_table=block_table)
         out.copy_(out32)
         return
     B, Hq, Sq, D = q.shape
-    Hkv, S_max = k_cache.shape[1], k_cache.shape[2]
+    Hkv = k_cache.shape[1]
+    page_size = k_cache.shape[2] if block_table is not None else 0
+    if block_table is not None and block_table.stride(1) != 1:
+        block_table = block_table.contiguous()
+    S_max = block_table.shape[1] * page_size if block_table is not None else k_cache.shape[2]
     if B == 0 or Hq == 0 or Sq == 0:
         return
     splits = num_splits or num_splits_for(B, Hkv, S_max, q.device)
@@ -222,5 +231,42 @@ def decode_attention_fwd(q, k_cache, v_cache, cache_seqlens, scale, window_left,
         ptr(q), ptr(k_cache), ptr(v_cache), ptr(lens), ptr(out), ptr(lse), ptr(o_part), ptr(l_part),
         B, Hq, Hkv, Sq, S_max, D, _strides(q, k_cache, v_cache, out, lse), splits, float(scale),
         int(window_left), int(window_right), dtype_code(q), stream_handle(q),
+        ptr(block_table), block_table.stride(0) if block_table is not None else 0, page_size,
+        k_cache.shape[0] if block_table is not None else 0,
     )
     check(code, "decode_attention_fwd")
+
+
+def paged_kv_append(k_cache, v_cache, block_table, cache_seqlens, k_new, v_new) -> None:
+    """See fastlm.triton.decode_attention.paged_kv_append: the CUDA copy kernel for every dtype and
+    shape (16-byte copies on 16-byte aligned rows, element copies otherwise). cache_seqlens and
+    block_table as int32 with unit stride (block_table's row stride any)."""
+    for name, t in dict(k_cache=k_cache, v_cache=v_cache, k_new=k_new, v_new=v_new).items():
+        if t.numel() and t.stride(-1) != 1:
+            raise ValueError(f"fastlm.cuda.paged_kv_append: {name} must have unit stride in the head dim (got strides {t.stride()})")
+    B, Hkv, S_new, D = k_new.shape
+    if B == 0 or Hkv == 0 or S_new == 0:
+        return
+    lens = cache_seqlens if cache_seqlens.dtype == torch.int32 else cache_seqlens.to(torch.int32)
+    lens = lens.contiguous()
+    table = block_table if block_table.stride(1) == 1 else block_table.contiguous()
+    strides = [*k_new.stride()[:3], *v_new.stride()[:3], *k_cache.stride()[:3], *v_cache.stride()[:3], table.stride(0)]
+    code = lib(k_new.device).paged_kv_append(
+        ptr(k_cache), ptr(v_cache), ptr(table), ptr(lens), ptr(k_new), ptr(v_new), B, Hkv, S_new, D, k_cache.shape[2],
+        table.shape[1], k_cache.shape[0], strides, dtype_code(k_new), stream_handle(k_new),
+    )
+    check(code, "paged_kv_append")
+
+
+def attention_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale,
+                         window_left, window_right, out, lse) -> None:
+    """See fastlm.triton.attention.attention_varlen_fwd: no CUDA kernel yet, always the Triton one."""
+    _triton(q.device).attention_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale,
+                                           window_left, window_right, out, lse)
+
+
+def attention_varlen_bwd(do, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale,
+                         window_left, window_right, dq, dk, dv, deterministic=True) -> None:
+    """See fastlm.triton.attention.attention_varlen_bwd: no CUDA kernel yet, always the Triton one."""
+    _triton(q.device).attention_varlen_bwd(do, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                           causal, scale, window_left, window_right, dq, dk, dv, deterministic)

@@ -1,10 +1,14 @@
-"""attention, scaled_dot_product_attention, decode_attention: validation, dispatch, autograd, torch.library.
+"""attention, attention_varlen, scaled_dot_product_attention, decode_attention: validation, dispatch, autograd, torch.library.
 
 The kernel backends run through three custom ops:
     fastlm::attention_fwd(q, k, v, causal, scale, window_left, window_right, deterministic, backend) -> (out, lse)
     fastlm::attention_bwd(dout, dlse, q, k, v, out, lse, causal, scale, window_left, window_right,
                           deterministic, backend) -> (dq, dk, dv)
-    fastlm::decode_attention(q, k_cache, v_cache, cache_seqlens, scale, window_left, window_right, backend) -> (out, lse)
+    fastlm::decode_attention(q, k_cache, v_cache, cache_seqlens, scale, window_left, window_right, backend,
+                             block_table=None) -> (out, lse)
+    fastlm::paged_kv_append(k_cache!, v_cache!, block_table, cache_seqlens, k_new, v_new, backend) -> ()  (in place)
+    fastlm::attention_varlen_fwd / attention_varlen_bwd: the same on packed (total_rows, H, D) tensors with
+        cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k after v (and after lse in the backward)
 whose launchers come from fastlm/triton/attention.py or fastlm/cuda/attention.py. The forward
 always returns the log-sum-exp (the backward recomputes P from it); a window side of -1 means
 unbounded. The backward is a kernel (never autograd through the reference) and is deterministic
@@ -35,6 +39,7 @@ from fastlm.ops._common import (
     check_tensor,
     emulate_bf16,
     launcher,
+    overlap,
 )
 from fastlm.reference import attention as ref
 
@@ -105,19 +110,76 @@ _attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 @torch.library.custom_op("fastlm::decode_attention", mutates_args=())
 def _decode_attention(
     q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor, scale: float, window_left: int,
-    window_right: int, backend: str,
+    window_right: int, backend: str, block_table: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor]:
     out = q.new_empty(q.shape)
     lse = q.new_empty(q.shape[:-1], dtype=torch.float32)
     launcher(backend, "attention").decode_attention_fwd(
-        q, k_cache, v_cache, cache_seqlens, scale, window_left, window_right, out, lse
+        q, k_cache, v_cache, cache_seqlens, scale, window_left, window_right, out, lse, block_table=block_table
     )
     return out, lse
 
 
 @_decode_attention.register_fake
-def _(q, k_cache, v_cache, cache_seqlens, scale, window_left, window_right, backend):
+def _(q, k_cache, v_cache, cache_seqlens, scale, window_left, window_right, backend, block_table=None):
     return q.new_empty(q.shape), q.new_empty(q.shape[:-1], dtype=torch.float32)
+
+
+@torch.library.custom_op("fastlm::attention_varlen_fwd", mutates_args=())
+def _attention_varlen_fwd(
+    q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int, max_seqlen_k: int,
+    causal: bool, scale: float, window_left: int, window_right: int, deterministic: bool, backend: str,
+) -> tuple[Tensor, Tensor]:
+    out = q.new_empty(q.shape)
+    lse = q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+    launcher(backend, "attention").attention_varlen_fwd(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, window_left, window_right, out, lse
+    )
+    return out, lse
+
+
+@_attention_varlen_fwd.register_fake
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, window_left, window_right, deterministic, backend):
+    return q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+
+
+@torch.library.custom_op("fastlm::attention_varlen_bwd", mutates_args=())
+def _attention_varlen_bwd(
+    dout: Tensor, dlse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, cu_seqlens_q: Tensor,
+    cu_seqlens_k: Tensor, max_seqlen_q: int, max_seqlen_k: int, causal: bool, scale: float, window_left: int,
+    window_right: int, deterministic: bool, backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    dq, dk, dv = q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+    launcher(backend, "attention").attention_varlen_bwd(
+        dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale,
+        window_left, window_right, dq, dk, dv, deterministic,
+    )
+    return dq, dk, dv
+
+
+@_attention_varlen_bwd.register_fake
+def _(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, window_left,
+      window_right, deterministic, backend):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _varlen_setup_context(ctx, inputs, output):
+    q, k, v, cu_q, cu_k, *args = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
+    ctx.args = tuple(args)
+
+
+def _varlen_backward(ctx, dout, dlse):
+    q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
+    dout = torch.zeros_like(out) if dout is None else _unit_d(dout)
+    if dlse is not None:
+        dlse = dlse.float().contiguous()
+    dq, dk, dv = _attention_varlen_bwd(dout, dlse, q, k, v, out, lse, cu_q, cu_k, *ctx.args)
+    return (dq, dk, dv) + (None,) * 10
+
+
+_attention_varlen_fwd.register_autograd(_varlen_backward, setup_context=_varlen_setup_context)
 
 
 # ---- validation ----------------------------------------------------------------------------------
@@ -156,18 +218,21 @@ def _check_window(op: str, window, limit: int) -> tuple[int, int]:
     return min(int(left), limit), min(int(right), limit)
 
 
-def _check_qkv(op: str, q, k, v, kname="k", vname="v") -> None:
+def _check_qkv(op: str, q, k, v, kname="k", vname="v", packed=False) -> None:
+    """Dtypes, devices and shapes of q, k, v: (batch, heads, seq, head_dim), or with packed
+    (total_rows, heads, head_dim); GQA head counts and a supported head dim."""
     for name, t in ((("q", q), (kname, k), (vname, v))):
         check_tensor(name, t, op=op, dtypes=FLOAT_DTYPES)
-        if t.dim() != 4:
-            raise ValueError(f"fastlm.ops.{op}: {name} must be 4-D (batch, heads, seq, head_dim), got shape {list(t.shape)}")
+        if t.dim() != (3 if packed else 4):
+            layout = "3-D (total_rows, heads, head_dim)" if packed else "4-D (batch, heads, seq, head_dim)"
+            raise ValueError(f"fastlm.ops.{op}: {name} must be {layout}, got shape {list(t.shape)}")
     for name, t in ((kname, k), (vname, v)):
         if t.dtype != q.dtype:
             raise TypeError(f"fastlm.ops.{op}: {name} dtype {_dtype_name(t.dtype)} != q dtype {_dtype_name(q.dtype)}")
     check_same_device(op, "q", q, **{kname: k, vname: v})
     if k.shape != v.shape:
         raise ValueError(f"fastlm.ops.{op}: {kname} shape {list(k.shape)} != {vname} shape {list(v.shape)}")
-    if k.shape[0] != q.shape[0]:
+    if not packed and k.shape[0] != q.shape[0]:
         raise ValueError(f"fastlm.ops.{op}: batch size of {kname} ({k.shape[0]}) != batch size of q ({q.shape[0]})")
     if k.shape[-1] != q.shape[-1]:
         raise ValueError(f"fastlm.ops.{op}: head dim of {kname} ({k.shape[-1]}) != head dim of q ({q.shape[-1]})")
@@ -279,7 +344,59 @@ def _check_seqlens(op: str, cache_seqlens, batch: int, s_max: int, device) -> No
             raise ValueError(f"fastlm.ops.{op}: cache_seqlens must lie in [0, S_max={s_max}], got values in [{lo}, {hi}]")
 
 
-def decode_attention(q, k_cache, v_cache, cache_seqlens, *, scale=None, window=None, backend=None):
+def _check_paged_caches(op: str, k_cache, v_cache, block_table, batch: int, device, dtype, head_dim: int, kv_heads=None) -> int:
+    """Paged caches (num_pages, Hkv, page_size, D) of one dtype and device, page_size a power of two
+    in [16, 256], and block_table (batch, max_pages) int32 on the same device; returns S_max =
+    max_pages * page_size."""
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        check_tensor(name, t, op=op, dtypes=FLOAT_DTYPES)
+        if t.dim() != 4:
+            raise ValueError(f"fastlm.ops.{op}: with block_table, {name} must be 4-D (num_pages, kv_heads, page_size, head_dim), "
+                             f"got shape {list(t.shape)}")
+        if t.dtype != dtype:
+            raise TypeError(f"fastlm.ops.{op}: {name} dtype {_dtype_name(t.dtype)} != {_dtype_name(dtype)} (the dtype of q / k_new)")
+        if t.device != device:
+            raise ValueError(f"fastlm.ops.{op}: {name} is on {t.device} but q / k_new is on {device}")
+    if k_cache.shape != v_cache.shape:
+        raise ValueError(f"fastlm.ops.{op}: k_cache shape {list(k_cache.shape)} != v_cache shape {list(v_cache.shape)}")
+    num_pages, hkv, page_size, d = k_cache.shape
+    if d != head_dim:
+        raise ValueError(f"fastlm.ops.{op}: head dim of k_cache ({d}) != head dim of q / k_new ({head_dim})")
+    if kv_heads is not None and hkv != kv_heads:
+        raise ValueError(f"fastlm.ops.{op}: k_cache has {hkv} key/value heads but k_new has {kv_heads}")
+    if page_size < 16 or page_size > 256 or page_size & (page_size - 1):
+        raise ValueError(f"fastlm.ops.{op}: page_size (k_cache dim 2) must be a power of two in [16, 256], got {page_size}")
+    if num_pages == 0:
+        raise ValueError(f"fastlm.ops.{op}: the paged caches have no pages (k_cache shape {list(k_cache.shape)})")
+    check_tensor("block_table", block_table, op=op)
+    if block_table.dtype != torch.int32:
+        raise TypeError(f"fastlm.ops.{op}: block_table must be int32, got {_dtype_name(block_table.dtype)} (use .int())")
+    if block_table.dim() != 2 or block_table.shape[0] != batch:
+        raise ValueError(f"fastlm.ops.{op}: block_table must have shape [{batch}, max_pages] (batch, pages per sequence), "
+                         f"got {list(block_table.shape)}")
+    if block_table.device != device:
+        raise ValueError(f"fastlm.ops.{op}: block_table is on {block_table.device} but q / k_new is on {device}")
+    return block_table.shape[1] * page_size
+
+
+def _check_pages_used(op: str, block_table, cache_seqlens, num_pages: int, page_size: int, extra: int = 0) -> None:
+    """The page ids a sequence uses (its first ceil((L_b + extra) / page_size) entries) lie in
+    [0, num_pages); unused entries may hold anything. A host sync, skipped where _check_seqlens skips."""
+    device = block_table.device
+    if torch.compiler.is_compiling() or (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+        return
+    if block_table.numel() == 0:
+        return
+    need = (cache_seqlens.long() + extra + page_size - 1) // page_size
+    used = torch.arange(block_table.shape[1], device=device)[None, :] < need[:, None]
+    bad = used & ((block_table < 0) | (block_table >= num_pages))
+    if bool(bad.any()):
+        b, j = (int(x) for x in bad.nonzero()[0])
+        raise ValueError(f"fastlm.ops.{op}: block_table[{b}, {j}] = {int(block_table[b, j])} is not a page id in "
+                         f"[0, num_pages={num_pages}) (sequence {b} uses its first {int(need[b])} pages)")
+
+
+def decode_attention(q, k_cache, v_cache, cache_seqlens, *, block_table=None, scale=None, window=None, backend=None):
     """Attention of a few new tokens over a KV cache (flash-decoding: the cache is split across
     programs, so batch 1 with a long cache fills the GPU).
 
@@ -289,23 +406,200 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, *, scale=None, window=N
     j <= L_b - Sq + t (causal), and with ``window=(left, right)`` also j >= L_b - Sq + t - left.
     Equals attention(q[b], k_cache[b, :, :L_b], v_cache[b, :, :L_b], causal=True, window=window)
     per sequence. Inference only (no gradient).
+
+    Paged cache: with ``block_table`` (B, max_pages) int32 the caches are (num_pages, Hkv,
+    page_size, D), page_size a power of two in [16, 256], and key j of sequence b is
+    cache[block_table[b, j // page_size], :, j % page_size]; S_max = max_pages * page_size, and
+    the result equals the contiguous cache with those rows. Checked on the host (a device sync,
+    skipped while compiling or capturing a CUDA graph): 0 <= L_b <= S_max and the page ids of the
+    first ceil(L_b / page_size) entries of each row lie in [0, num_pages); other entries are never
+    read. Unchecked (compile, capture), the kernels clamp L_b to [0, S_max] and page ids to
+    [0, num_pages), so a bad value gives wrong rows but never reads outside the caches.
     """
     op = "decode_attention"
-    _check_qkv(op, q, k_cache, v_cache, "k_cache", "v_cache")
+    if block_table is None:
+        _check_qkv(op, q, k_cache, v_cache, "k_cache", "v_cache")
+        s_max = k_cache.shape[2]
+    else:
+        check_tensor("q", q, op=op, dtypes=FLOAT_DTYPES)
+        if q.dim() != 4:
+            raise ValueError(f"fastlm.ops.{op}: q must be 4-D (batch, heads, seq, head_dim), got shape {list(q.shape)}")
+        _check_head_dim(op, q.shape[-1])
+        s_max = _check_paged_caches(op, k_cache, v_cache, block_table, q.shape[0], q.device, q.dtype, q.shape[-1])
+        hq, hkv = q.shape[1], k_cache.shape[1]
+        if hkv == 0 or hq % hkv != 0:
+            raise ValueError(f"fastlm.ops.{op}: query heads ({hq}) must be a multiple of key/value heads ({hkv}) (GQA/MQA)")
     sq = q.shape[2]
     if not 1 <= sq <= MAX_DECODE_QUERIES:
         raise ValueError(
             f"fastlm.ops.{op}: q must have 1 to {MAX_DECODE_QUERIES} new tokens (dim 2), got {sq}; use fastlm.ops.attention for prefill"
         )
-    _check_seqlens(op, cache_seqlens, q.shape[0], k_cache.shape[2], q.device)
+    _check_seqlens(op, cache_seqlens, q.shape[0], s_max, q.device)
+    if block_table is not None:
+        _check_pages_used(op, block_table, cache_seqlens, k_cache.shape[0], k_cache.shape[2])
+        block_table = block_table.contiguous()
     scale = _check_scale(op, scale, q.shape[-1])
-    left, right = _check_window(op, window, sq + k_cache.shape[2])
+    left, right = _check_window(op, window, sq + s_max)
     name = _backend.resolve(backend, q.device, op)
     if name == "torch":
-        return ref.decode_attention(q, k_cache, v_cache, cache_seqlens, scale=scale, window=(left, right))
+        return ref.decode_attention(q, k_cache, v_cache, cache_seqlens, scale=scale, window=(left, right), block_table=block_table)
     check_kernel_dtype(op, name, q=q)
     if emulate_bf16(name, q):
-        out, _ = _decode_attention(q.float(), k_cache.float(), v_cache.float(), cache_seqlens, scale, left, right, name)
+        out, _ = _decode_attention(q.float(), k_cache.float(), v_cache.float(), cache_seqlens, scale, left, right, name, block_table)
         return out.to(q.dtype)
-    out, _ = _decode_attention(_unit_d(q), _unit_d(k_cache), _unit_d(v_cache), cache_seqlens, scale, left, right, name)
+    out, _ = _decode_attention(_unit_d(q), _unit_d(k_cache), _unit_d(v_cache), cache_seqlens, scale, left, right, name, block_table)
     return out
+
+
+def _check_cu_seqlens(op: str, q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) -> None:
+    """Shapes, dtypes and devices always; the values (start at 0, non-decreasing, end at the row
+    count, no sequence longer than max_seqlen) only on CPU tensors, where reading them costs no
+    device sync, and never while compiling."""
+    for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        check_tensor(name, cu, op=op)
+        if cu.dtype != torch.int32:
+            raise TypeError(f"fastlm.ops.{op}: {name} must be int32, got {_dtype_name(cu.dtype)} (use .int())")
+        if cu.dim() != 1 or cu.shape[0] < 1:
+            raise ValueError(f"fastlm.ops.{op}: {name} must be 1-D of length batch + 1 >= 1, got shape {list(cu.shape)}")
+        if cu.device != q.device:
+            raise ValueError(f"fastlm.ops.{op}: {name} is on {cu.device} but q is on {q.device}")
+    if cu_seqlens_q.shape != cu_seqlens_k.shape:
+        raise ValueError(
+            f"fastlm.ops.{op}: cu_seqlens_q has length {cu_seqlens_q.shape[0]} but cu_seqlens_k has length "
+            f"{cu_seqlens_k.shape[0]}; both must be batch + 1"
+        )
+    for name, m in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
+        if isinstance(m, bool) or not isinstance(m, numbers.Integral):
+            raise TypeError(f"fastlm.ops.{op}: {name} must be an int, got {type(m).__name__}")
+        if m < 0 or m >= 2**31:
+            raise ValueError(f"fastlm.ops.{op}: {name} must lie in [0, 2**31 - 1], got {m}")
+    if torch.compiler.is_compiling() or q.device.type != "cpu":
+        return
+    for name, cu, rows, kind, m in (("cu_seqlens_q", cu_seqlens_q, q.shape[0], "q", max_seqlen_q),
+                                    ("cu_seqlens_k", cu_seqlens_k, k.shape[0], "k and v", max_seqlen_k)):
+        vals = cu.tolist()
+        if vals[0] != 0:
+            raise ValueError(f"fastlm.ops.{op}: {name} must start at 0, got {vals[0]}")
+        lens = [b - a for a, b in zip(vals[:-1], vals[1:], strict=True)]
+        if any(n < 0 for n in lens):
+            i = next(i for i, n in enumerate(lens) if n < 0)
+            raise ValueError(f"fastlm.ops.{op}: {name} must be non-decreasing, got {vals[i]} then {vals[i + 1]} at index {i}")
+        if vals[-1] != rows:
+            raise ValueError(f"fastlm.ops.{op}: {name}[-1] must equal the rows of {kind} ({rows}), got {vals[-1]}")
+        if lens and max(lens) > m:
+            raise ValueError(f"fastlm.ops.{op}: {name} has a sequence of length {max(lens)} > max_seqlen_{name[-1]}={m}")
+
+
+def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, causal=False, scale=None,
+                     window=None, return_lse=False, deterministic=False, backend=None):
+    """Attention over a packed batch of variable-length sequences (no padding).
+
+    q (Tq, Hq, D), k and v (Tk, Hkv, D): the rows of all sequences one after another;
+    cu_seqlens_q, cu_seqlens_k (B + 1,) int32 prefix sums starting at 0 and ending at Tq, Tk:
+    sequence b is q[cu_seqlens_q[b]:cu_seqlens_q[b + 1]] with keys k[cu_seqlens_k[b]:cu_seqlens_k[b + 1]].
+    max_seqlen_q / max_seqlen_k: ints at least the longest query / key length (they size the grid).
+    Per sequence the result is exactly fastlm.ops.attention on that sequence alone (in (1, H, S, D)
+    layout): bottom-right causal alignment per sequence, ``window``, GQA, ``scale`` as there; an
+    empty sequence (no queries or no keys) gives zero output rows and LSE -inf. ``return_lse=True``
+    returns (out, lse) with lse (Hq, Tq) fp32 (fp64 on backend "torch" for fp64 inputs),
+    differentiable. Gradients dq, dk, dv are kernels (deterministic).
+
+    The cu_seqlens values and max_seqlen bounds are checked on CPU tensors; on CUDA tensors they are
+    not (that would cost a device sync per call): there a bad cu_seqlens or a max_seqlen below a
+    sequence's length gives unspecified rows, as in FlashAttention's varlen functions.
+    Backends: "triton" and "torch" (a loop over sequences); "cuda" has no varlen kernel yet and
+    hands the call to the Triton kernels (fastlm.cuda.attention.CUDA_COVERAGE).
+    """
+    op = "attention_varlen"
+    _check_qkv(op, q, k, v, packed=True)
+    if not isinstance(causal, bool):
+        raise TypeError(f"fastlm.ops.{op}: causal must be a bool, got {type(causal).__name__}")
+    _check_cu_seqlens(op, q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    scale = _check_scale(op, scale, q.shape[-1])
+    left, right = _check_window(op, window, q.shape[0] + k.shape[0])
+    name = _backend.resolve(backend, q.device, op)
+    if name == "torch":
+        return ref.attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=causal, scale=scale, window=(left, right),
+                                    return_lse=return_lse)
+    check_kernel_dtype(op, name, q=q)
+    mq, mk = int(max_seqlen_q), int(max_seqlen_k)
+    if emulate_bf16("triton", q):  # the cuda backend runs the Triton kernels here too
+        out, lse = _attention_varlen_fwd(q.float(), k.float(), v.float(), cu_seqlens_q, cu_seqlens_k, mq, mk, causal, scale,
+                                         left, right, bool(deterministic), name)
+        out = out.to(q.dtype)
+    else:
+        out, lse = _attention_varlen_fwd(_unit_d(q), _unit_d(k), _unit_d(v), cu_seqlens_q, cu_seqlens_k, mq, mk, causal, scale,
+                                         left, right, bool(deterministic), name)
+    return (out, lse) if return_lse else out
+
+
+# ---- paged_kv_append -----------------------------------------------------------------------------
+
+
+@torch.library.custom_op("fastlm::paged_kv_append", mutates_args=("k_cache", "v_cache"))
+def _paged_kv_append(
+    k_cache: Tensor, v_cache: Tensor, block_table: Tensor, cache_seqlens: Tensor, k_new: Tensor, v_new: Tensor, backend: str
+) -> None:
+    launcher(backend, "attention").paged_kv_append(k_cache, v_cache, block_table, cache_seqlens, k_new, v_new)
+
+
+@_paged_kv_append.register_fake
+def _(k_cache, v_cache, block_table, cache_seqlens, k_new, v_new, backend):
+    return None
+
+
+def paged_kv_append(k_cache, v_cache, block_table, cache_seqlens, k_new, v_new, *, backend=None):
+    """Write new keys and values into a paged KV cache, in place (the layout of decode_attention).
+
+    k_cache, v_cache (num_pages, Hkv, page_size, D), page_size a power of two in [16, 256];
+    block_table (B, max_pages) int32; cache_seqlens (B,) int32; k_new, v_new (B, Hkv, S_new, D)
+    in the caches' dtype (the layout of decode_attention's q). For every b and s < S_new, position
+    p = cache_seqlens[b] + s of sequence b gets k_new[b, :, s] at k_cache[block_table[b, p // page_size],
+    :, p % page_size] (and v likewise). cache_seqlens is NOT updated: add S_new to it (in place or
+    not) before the decode_attention call that should see the new keys. The kernels read nothing on
+    the host and allocate nothing that depends on values (CUDA-graph capturable).
+    Checked on the host (a device sync, skipped while compiling or capturing a CUDA graph):
+    0 <= L_b and L_b + S_new <= max_pages * page_size, and the page ids of the first
+    ceil((L_b + S_new) / page_size) entries of each row lie in [0, num_pages). Unchecked, the
+    kernels skip every position outside [0, max_pages * page_size) and every page id outside
+    [0, num_pages): nothing is written outside the caches. The caches need unit stride in D.
+    """
+    op = "paged_kv_append"
+    for name, t in (("k_new", k_new), ("v_new", v_new)):
+        check_tensor(name, t, op=op, dtypes=FLOAT_DTYPES)
+        if t.dim() != 4:
+            raise ValueError(f"fastlm.ops.{op}: {name} must be 4-D (batch, kv_heads, new_tokens, head_dim), got shape {list(t.shape)}")
+    if k_new.shape != v_new.shape:
+        raise ValueError(f"fastlm.ops.{op}: k_new shape {list(k_new.shape)} != v_new shape {list(v_new.shape)}")
+    if v_new.dtype != k_new.dtype:
+        raise TypeError(f"fastlm.ops.{op}: v_new dtype {_dtype_name(v_new.dtype)} != k_new dtype {_dtype_name(k_new.dtype)}")
+    check_same_device(op, "k_new", k_new, v_new=v_new)
+    B, hkv, s_new, d = k_new.shape
+    s_max = _check_paged_caches(op, k_cache, v_cache, block_table, B, k_new.device, k_new.dtype, d, kv_heads=hkv)
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if t.numel() and t.stride(-1) != 1:
+            raise ValueError(f"fastlm.ops.{op}: {name} must have unit stride in the head dim (it is written in place), "
+                             f"got strides {t.stride()}")
+    if not torch.compiler.is_compiling() and k_cache.numel() and overlap(k_cache, v_cache):
+        raise ValueError(f"fastlm.ops.{op}: k_cache and v_cache must not share memory")
+    check_tensor("cache_seqlens", cache_seqlens, op=op)
+    if cache_seqlens.dtype != torch.int32:
+        raise TypeError(f"fastlm.ops.{op}: cache_seqlens must be int32, got {_dtype_name(cache_seqlens.dtype)} (use .int())")
+    if tuple(cache_seqlens.shape) != (B,):
+        raise ValueError(f"fastlm.ops.{op}: cache_seqlens must have shape [{B}] (the batch), got {list(cache_seqlens.shape)}")
+    if cache_seqlens.device != k_new.device:
+        raise ValueError(f"fastlm.ops.{op}: cache_seqlens is on {cache_seqlens.device} but k_new is on {k_new.device}")
+    device = k_new.device
+    if B and not (torch.compiler.is_compiling() or (device.type == "cuda" and torch.cuda.is_current_stream_capturing())):
+        lo, hi = int(cache_seqlens.min()), int(cache_seqlens.max())
+        if lo < 0 or hi + s_new > s_max:
+            raise ValueError(f"fastlm.ops.{op}: cache_seqlens + S_new must lie in [0, max_pages * page_size = {s_max}] "
+                             f"(S_new = {s_new}), got cache_seqlens in [{lo}, {hi}]")
+        _check_pages_used(op, block_table, cache_seqlens, k_cache.shape[0], k_cache.shape[2], extra=s_new)
+    block_table = block_table.contiguous()
+    name = _backend.resolve(backend, device, op)
+    if name == "torch":
+        ref.paged_kv_append(k_cache, v_cache, block_table, cache_seqlens, k_new, v_new)
+        return
+    check_kernel_dtype(op, name, k_new=k_new)
+    _paged_kv_append(k_cache, v_cache, block_table, cache_seqlens, _unit_d(k_new), _unit_d(v_new), name)

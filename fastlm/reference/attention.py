@@ -76,9 +76,21 @@ def attention(q, k, v, causal=False, scale=None, window=None, return_lse=False):
     return _masked_attention(q, k, v, mask, scale, return_lse)
 
 
-def decode_attention(q, k_cache, v_cache, cache_seqlens, scale=None, window=None, return_lse=False):
+def paged_to_contiguous(cache, block_table):
+    """The contiguous cache (B, Hkv, max_pages * page_size, D) of a paged one (num_pages, Hkv,
+    page_size, D): row j of sequence b is row j % page_size of page block_table[b, j // page_size].
+    Page ids outside [0, num_pages) are clamped (the rows of pages past L_b are masked anyway)."""
+    pages = cache[block_table.long().clamp(0, cache.shape[0] - 1)]  # (B, max_pages, Hkv, page_size, D)
+    B, P, H, ps, D = pages.shape
+    return pages.transpose(1, 2).reshape(B, H, P * ps, D)
+
+
+def decode_attention(q, k_cache, v_cache, cache_seqlens, scale=None, window=None, return_lse=False, block_table=None):
     """Per sequence b: attention(q[b], cache[b, :, :L_b], causal=True, window) with L_b = cache_seqlens[b]
-    (computed for all sequences at once, with a per-sequence mask)."""
+    (computed for all sequences at once, with a per-sequence mask). With block_table the caches are
+    paged and are gathered into contiguous ones first (paged_to_contiguous)."""
+    if block_table is not None:
+        k_cache, v_cache = paged_to_contiguous(k_cache, block_table), paged_to_contiguous(v_cache, block_table)
     sq, s_max = q.shape[-2], k_cache.shape[-2]
     left, right = window if window is not None else (-1, -1)
     right = 0 if right < 0 else min(right, 0)
@@ -90,3 +102,33 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, scale=None, window=None
     if left >= 0:
         mask &= j >= diag - left
     return _masked_attention(q, k_cache, v_cache, mask, scale, return_lse)
+
+
+def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=False, scale=None, window=None, return_lse=False):
+    """Packed attention: q (Tq, Hq, D), k/v (Tk, Hkv, D); sequence b owns query rows
+    cu_seqlens_q[b]:cu_seqlens_q[b + 1] and key rows cu_seqlens_k[b]:cu_seqlens_k[b + 1], and gets
+    attention() over them alone (bottom-right causal per sequence). out (Tq, Hq, D), lse (Hq, Tq).
+    A loop over the sequences (one host sync for the offsets); differentiable by autograd."""
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    outs, lses = [q.new_zeros((0, *q.shape[1:]))], [q.new_zeros((q.shape[1], 0), dtype=_compute_dtype(q))]
+    for b in range(len(cq) - 1):
+        qb = q[cq[b]:cq[b + 1]].transpose(0, 1)
+        kb, vb = k[ck[b]:ck[b + 1]].transpose(0, 1), v[ck[b]:ck[b + 1]].transpose(0, 1)
+        out, lse = attention(qb, kb, vb, causal=causal, scale=scale, window=window, return_lse=True)
+        outs.append(out.transpose(0, 1))
+        lses.append(lse)
+    out, lse = torch.cat(outs, 0), torch.cat(lses, 1)
+    return (out, lse) if return_lse else out
+
+
+def paged_kv_append(k_cache, v_cache, block_table, cache_seqlens, k_new, v_new):
+    """In place: k_new[b, :, s], v_new[b, :, s] (B, Hkv, S_new, D) go to position p = cache_seqlens[b] + s
+    of sequence b, row p % page_size of page block_table[b, p // page_size] of the paged caches
+    (num_pages, Hkv, page_size, D). cache_seqlens is not changed. Positions must lie within
+    max_pages * page_size and their page ids within [0, num_pages) (unchecked here)."""
+    ps = k_cache.shape[2]
+    pos = cache_seqlens.long()[:, None] + torch.arange(k_new.shape[2], device=k_new.device)  # (B, S_new)
+    page = block_table.long().gather(1, pos // ps)
+    slot = pos % ps
+    k_cache[page, :, slot] = k_new.transpose(1, 2).to(k_cache.dtype)
+    v_cache[page, :, slot] = v_new.transpose(1, 2).to(v_cache.dtype)

@@ -35,6 +35,17 @@ _attn_fwd_tma_kernel, rank-4 descriptors over (B, H, S, D), so any 16-byte align
 boxes past a sequence's end or the head dim read as zeros); the pointer kernel serves sm_80, older
 Triton, and layouts no descriptor expresses (uses_tma, FASTLM_ATTENTION_TMA).
 
+Packed variable-length batches (attention_varlen_fwd / _bwd): the same three pointer kernels with
+IS_VARLEN, on (total_rows, H, D) tensors seen as (1, H, total_rows, D). Program b of the batch axis
+is sequence b: it reads its first rows and lengths from cu_seqlens_q/k (int32 prefix sums), offsets
+its pointers by them, and is then attention of that sequence alone (its own bottom-right diagonal,
+windows, GQA); the LSE and delta rows are (Hq, total_q). The grid covers ceil(max_seqlen / BLOCK)
+blocks of every sequence and blocks past a sequence's end exit after reading its offsets: simpler
+than a precomputed (sequence, block) map, which needs the lengths on the host (a sync) or an extra
+kernel, and it keeps the launch shape a function of host ints alone (CUDA graphs, torch.compile);
+the cost is those idle programs when lengths vary widely. No TMA path: a descriptor box would run
+past a sequence into its neighbour's rows, and the O store would overwrite them.
+
 Grids are one-dimensional (blocks x heads x batch on grid x, which allows 2^31 - 1 programs;
 y and z allow only 65535); each kernel splits program_id(0) again, query/key blocks fastest.
 
@@ -96,6 +107,14 @@ def _key_visible(rows, keys, Sk, diag, LEFT, RIGHT, HAS_LEFT: tl.constexpr, HAS_
     if HAS_LEFT:
         ok = ok & (keys >= rows + (diag - LEFT))
     return ok
+
+
+@triton.jit
+def _varlen_bounds(CU_Q, CU_K, b):
+    """Sequence b of a packed batch: its first query row, first key row, and lengths Sq, Sk."""
+    q_start = tl.load(CU_Q + b)
+    k_start = tl.load(CU_K + b)
+    return q_start, k_start, tl.load(CU_Q + b + 1) - q_start, tl.load(CU_K + b + 1) - k_start
 
 
 @triton.jit
@@ -173,10 +192,13 @@ def _attn_fwd_kernel(
     Hq, GROUP, Sq, Sk, LEFT, RIGHT,  # GROUP = Hq // Hkv; LEFT/RIGHT: window bounds (see module doc)
     qk_scale,  # scale * log2(e)
     SEQ_BUCKET,  # seq_bucket(Sq, Sk): unused by the code, a key of the autotuner
+    CU_Q, CU_K,  # IS_VARLEN: (B + 1,) int32 first rows of each sequence (see attention_varlen_fwd); else unused
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-    DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_VARLEN: tl.constexpr = False,
 ):
-    """O_i = sum_j softmax_j(scale q_i.k_j) v_j over visible j;  LSE_i = log sum_j exp(scale q_i.k_j)."""
+    """O_i = sum_j softmax_j(scale q_i.k_j) v_j over visible j;  LSE_i = log sum_j exp(scale q_i.k_j).
+    IS_VARLEN: the batch is packed (B = 1 in the strides, rows of sequence b from CU_Q[b] / CU_K[b]),
+    b indexes sequences, Sq / Sk are the longest lengths, and blocks past a sequence's end exit."""
     num_m = tl.cdiv(Sq, BLOCK_M)
     pid_m = tl.program_id(0) % num_m
     bh = tl.program_id(0) // num_m
@@ -185,11 +207,21 @@ def _attn_fwd_kernel(
     if HAS_RIGHT:  # causal-like: later query blocks see more keys; start those first
         pid_m = num_m - 1 - pid_m
     hk = h // GROUP
-    Q += b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-    O += b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
-    K += b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
-    V += b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
-    LSE += b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh
+    if IS_VARLEN:
+        q_start, k_start, Sq, Sk = _varlen_bounds(CU_Q, CU_K, b)
+        if pid_m * BLOCK_M >= Sq:
+            return
+        Q += q_start.to(tl.int64) * stride_qs + h.to(tl.int64) * stride_qh
+        O += q_start.to(tl.int64) * stride_os + h.to(tl.int64) * stride_oh
+        K += k_start.to(tl.int64) * stride_ks + hk.to(tl.int64) * stride_kh
+        V += k_start.to(tl.int64) * stride_vs + hk.to(tl.int64) * stride_vh
+        LSE += q_start.to(tl.int64) + h.to(tl.int64) * stride_lh
+    else:
+        Q += b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+        O += b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+        K += b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
+        V += b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
+        LSE += b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh
 
     m0 = pid_m * BLOCK_M
     offs_m = m0 + tl.arange(0, BLOCK_M)
@@ -359,14 +391,15 @@ def _bwd_dkdv_blocks(
     return dk, dv
 
 
-@triton.jit(do_not_specialize=["Hkv", "GROUP", "Sq", "Sk", "LEFT", "RIGHT", "SEQ_BUCKET"])
+@triton.jit(do_not_specialize=["Hkv", "GROUP", "Sq", "Sk", "LEFT", "RIGHT", "SEQ_BUCKET", "TOTAL_Q"])
 def _attn_bwd_dkdv_kernel(
     Q, K, V, DO, LSE2, Delta, DK, DV,  # LSE2 = LSE * log2(e) and Delta: (B, Hq, Sq) fp32 contiguous
     stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
     stride_db, stride_dh, stride_ds, stride_dkb, stride_dkh, stride_dks, stride_dvb, stride_dvh, stride_dvs,
     Hkv, GROUP, Sq, Sk, LEFT, RIGHT, qk_scale, sm_scale, SEQ_BUCKET,
+    CU_Q, CU_K, TOTAL_Q,  # IS_VARLEN: as in _attn_fwd_kernel; LSE2 and Delta are then (Hq, TOTAL_Q)
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-    DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_VARLEN: tl.constexpr = False,
 ):
     """dK_j = scale sum_{h in group} sum_i dS_ij q_i;  dV_j = sum_{h in group} sum_i P_ij dO_i."""
     num_n = tl.cdiv(Sk, BLOCK_N)
@@ -374,13 +407,24 @@ def _attn_bwd_dkdv_kernel(
     hk = (tl.program_id(0) // num_n) % Hkv
     b = tl.program_id(0) // num_n // Hkv
     n0 = pid_n * BLOCK_N
+    if IS_VARLEN:
+        q_start, k_start, Sq, Sk = _varlen_bounds(CU_Q, CU_K, b)
+        if n0 >= Sk:
+            return
+        Q += q_start.to(tl.int64) * stride_qs
+        DO += q_start.to(tl.int64) * stride_ds
+        K += k_start.to(tl.int64) * stride_ks
+        V += k_start.to(tl.int64) * stride_vs
+    else:
+        Q += b.to(tl.int64) * stride_qb
+        DO += b.to(tl.int64) * stride_db
+        K += b.to(tl.int64) * stride_kb
+        V += b.to(tl.int64) * stride_vb
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     kv_mask = (offs_n < Sk)[:, None] & (offs_d < HEAD_DIM)[None, :]
-    k = tl.load(K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh + offs_n[:, None].to(tl.int64) * stride_ks + offs_d[None, :],
-                mask=kv_mask, other=0.0)
-    v = tl.load(V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh + offs_n[:, None].to(tl.int64) * stride_vs + offs_d[None, :],
-                mask=kv_mask, other=0.0)
+    k = tl.load(K + hk.to(tl.int64) * stride_kh + offs_n[:, None].to(tl.int64) * stride_ks + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(V + hk.to(tl.int64) * stride_vh + offs_n[:, None].to(tl.int64) * stride_vs + offs_d[None, :], mask=kv_mask, other=0.0)
 
     # query i sees key j iff j - diag - RIGHT <= i <= j - diag + LEFT
     diag = Sk - Sq
@@ -401,9 +445,12 @@ def _attn_bwd_dkdv_kernel(
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     for g in range(0, GROUP):
         h = (hk * GROUP + g).to(tl.int64)
-        Qh = Q + b.to(tl.int64) * stride_qb + h * stride_qh
-        DOh = DO + b.to(tl.int64) * stride_db + h * stride_dh
-        row = (b.to(tl.int64) * (Hkv * GROUP) + h) * Sq
+        Qh = Q + h * stride_qh
+        DOh = DO + h * stride_dh
+        if IS_VARLEN:
+            row = h * TOTAL_Q + q_start
+        else:
+            row = (b.to(tl.int64) * (Hkv * GROUP) + h) * Sq
         dk, dv = _bwd_dkdv_blocks(dk, dv, k, v, Qh, DOh, LSE2 + row, Delta + row, stride_qs, stride_ds, offs_n, offs_d,
                                   lo_blk, a_hi, Sq, Sk, diag, LEFT, RIGHT, qk_scale,
                                   True, HAS_LEFT, HAS_RIGHT, EVEN_D, HEAD_DIM, BLOCK_M, DOT_PREC)
@@ -414,9 +461,15 @@ def _attn_bwd_dkdv_kernel(
                                   c_lo, hi, Sq, Sk, diag, LEFT, RIGHT, qk_scale,
                                   True, HAS_LEFT, HAS_RIGHT, EVEN_D, HEAD_DIM, BLOCK_M, DOT_PREC)
     dk = dk * sm_scale
-    tl.store(DK + b.to(tl.int64) * stride_dkb + hk.to(tl.int64) * stride_dkh + offs_n[:, None].to(tl.int64) * stride_dks + offs_d[None, :],
+    if IS_VARLEN:  # offset here, not above: two 64-bit pointers live across the loop spill at D=128
+        DK += k_start.to(tl.int64) * stride_dks
+        DV += k_start.to(tl.int64) * stride_dvs
+    else:
+        DK += b.to(tl.int64) * stride_dkb
+        DV += b.to(tl.int64) * stride_dvb
+    tl.store(DK + hk.to(tl.int64) * stride_dkh + offs_n[:, None].to(tl.int64) * stride_dks + offs_d[None, :],
              dk.to(DK.dtype.element_ty), mask=kv_mask)
-    tl.store(DV + b.to(tl.int64) * stride_dvb + hk.to(tl.int64) * stride_dvh + offs_n[:, None].to(tl.int64) * stride_dvs + offs_d[None, :],
+    tl.store(DV + hk.to(tl.int64) * stride_dvh + offs_n[:, None].to(tl.int64) * stride_dvs + offs_d[None, :],
              dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
@@ -456,14 +509,15 @@ def _bwd_dq_blocks(
     return dq
 
 
-@triton.jit(do_not_specialize=["Hq", "GROUP", "Sq", "Sk", "LEFT", "RIGHT", "SEQ_BUCKET"])
+@triton.jit(do_not_specialize=["Hq", "GROUP", "Sq", "Sk", "LEFT", "RIGHT", "SEQ_BUCKET", "TOTAL_Q"])
 def _attn_bwd_dq_kernel(
     Q, K, V, DO, LSE2, Delta, DQ,
     stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
     stride_db, stride_dh, stride_ds, stride_dqb, stride_dqh, stride_dqs,
     Hq, GROUP, Sq, Sk, LEFT, RIGHT, qk_scale, sm_scale, SEQ_BUCKET,
+    CU_Q, CU_K, TOTAL_Q,  # IS_VARLEN: as in _attn_bwd_dkdv_kernel
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-    DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_VARLEN: tl.constexpr = False,
 ):
     """dQ_i = scale sum_j dS_ij k_j."""
     num_m = tl.cdiv(Sq, BLOCK_M)
@@ -474,20 +528,34 @@ def _attn_bwd_dq_kernel(
         pid_m = num_m - 1 - pid_m
     hk = h // GROUP
     m0 = pid_m * BLOCK_M
+    if IS_VARLEN:
+        q_start, k_start, Sq, Sk = _varlen_bounds(CU_Q, CU_K, b)
+        if m0 >= Sq:
+            return
+        Q += q_start.to(tl.int64) * stride_qs
+        DO += q_start.to(tl.int64) * stride_ds
+        DQ += q_start.to(tl.int64) * stride_dqs
+        K += k_start.to(tl.int64) * stride_ks
+        V += k_start.to(tl.int64) * stride_vs
+        row = h.to(tl.int64) * TOTAL_Q + q_start
+    else:
+        Q += b.to(tl.int64) * stride_qb
+        DO += b.to(tl.int64) * stride_db
+        DQ += b.to(tl.int64) * stride_dqb
+        K += b.to(tl.int64) * stride_kb
+        V += b.to(tl.int64) * stride_vb
+        row = (b.to(tl.int64) * Hq + h) * Sq
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     m_ok = offs_m < Sq
     qmask = m_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
-    q = tl.load(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh + offs_m[:, None].to(tl.int64) * stride_qs + offs_d[None, :],
-                mask=qmask, other=0.0)
-    do = tl.load(DO + b.to(tl.int64) * stride_db + h.to(tl.int64) * stride_dh + offs_m[:, None].to(tl.int64) * stride_ds + offs_d[None, :],
-                 mask=qmask, other=0.0)
-    row = (b.to(tl.int64) * Hq + h) * Sq
+    q = tl.load(Q + h.to(tl.int64) * stride_qh + offs_m[:, None].to(tl.int64) * stride_qs + offs_d[None, :], mask=qmask, other=0.0)
+    do = tl.load(DO + h.to(tl.int64) * stride_dh + offs_m[:, None].to(tl.int64) * stride_ds + offs_d[None, :], mask=qmask, other=0.0)
     lse2 = tl.load(LSE2 + row + offs_m, mask=m_ok, other=0.0)
     lse2 = tl.where(lse2 == float("-inf"), float("inf"), lse2)
     delta = tl.load(Delta + row + offs_m, mask=m_ok, other=0.0)
-    Kh = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
-    Vh = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
+    Kh = K + hk.to(tl.int64) * stride_kh
+    Vh = V + hk.to(tl.int64) * stride_vh
 
     diag = Sk - Sq
     lo_blk, a_hi, b_lo, b_hi, c_lo, hi = _query_block_key_ranges(m0, Sq, Sk, LEFT, RIGHT, HAS_LEFT, HAS_RIGHT, BLOCK_M, BLOCK_N)
@@ -500,7 +568,7 @@ def _attn_bwd_dq_kernel(
     dq = _bwd_dq_blocks(dq, q, do, lse2, delta, Kh, Vh, stride_ks, stride_vs, offs_m, offs_d, c_lo, hi, Sk, diag,
                         LEFT, RIGHT, qk_scale, True, HAS_LEFT, HAS_RIGHT, EVEN_D, HEAD_DIM, BLOCK_N, DOT_PREC)
     dq = dq * sm_scale
-    tl.store(DQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh + offs_m[:, None].to(tl.int64) * stride_dqs + offs_d[None, :],
+    tl.store(DQ + h.to(tl.int64) * stride_dqh + offs_m[:, None].to(tl.int64) * stride_dqs + offs_d[None, :],
              dq.to(DQ.dtype.element_ty), mask=qmask)
 
 
@@ -568,6 +636,9 @@ _SM80 = {
                    256: [(32, 32, 4, 2), (32, 16, 4, 2), (32, 32, 4, 1), (32, 16, 4, 1)]},
            True: {256: [(32, 16, 4, 1)]}},
 }
+# Packed sequences (IS_VARLEN), on every target: where the lengths and offsets the varlen prologue
+# loads (registers, where the padded kernel reads parameters) make a row spill (D=128 windows).
+_VARLEN = {"dkdv": {False: {128: [(16, 32, 8, 2)]}}}
 _KEY = ["BLOCK_D", "EVEN_D", "HAS_LEFT", "HAS_RIGHT", "DOT_PREC", "SEQ_BUCKET"]
 # Under the interpreter: one small fixed config (BLOCK_M != BLOCK_N, so mismatched block boundaries
 # are exercised); inside fastlm.triton._configs.gpu_configs() the GPU defaults instead.
@@ -577,30 +648,30 @@ _INTERP["fwd_tma"] = _INTERP["fwd"]
 _TMA: dict = {}
 
 
-def table_row(kind: str, bd: int, fp32: bool, even: bool = True, cc: int = 90) -> list[tuple[int, int, int, int]]:
+def table_row(kind: str, bd: int, fp32: bool, even: bool = True, cc: int = 90, varlen: bool = False) -> list[tuple[int, int, int, int]]:
     """The candidates of kernel ``kind`` ("fwd", "dkdv", "dq") for BLOCK_D = bd, the dtype class,
     whether the head dim fills BLOCK_D, and the GPU's compute capability cc (sm_80 keeps whole
     mma.sync accumulators per warp, so some rows differ there). "fwd_tma" (the TMA forward, sm_90
-    only) is the "fwd" row unless _TMA has its own."""
+    only) is the "fwd" row unless _TMA has its own; ``varlen`` (IS_VARLEN) takes _VARLEN's first."""
     tma = kind == "fwd_tma"
     kind = "fwd" if tma else kind
     table = _TABLES[kind][fp32]
     key = min((k for k in table if k >= bd), default=max(table))
-    for override, applies in ((_TMA, tma), (_SM80, cc < 90), (_UNEVEN, not even)):
+    for override, applies in ((_VARLEN, varlen), (_TMA, tma), (_SM80, cc < 90), (_UNEVEN, not even)):
         row = override.get(kind, {}).get(fp32, {}).get(key) if applies else None
         if row:
             return row
     return table[key]
 
 
-def candidates(kind: str, bd: int, fp32: bool, even: bool = True, cc: int = 90) -> list[dict]:
+def candidates(kind: str, bd: int, fp32: bool, even: bool = True, cc: int = 90, varlen: bool = False) -> list[dict]:
     """Every config the autotuner may try for this kernel variant (its pruned list), default first."""
-    return [dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s) for bm, bn, w, s in table_row(kind, bd, fp32, even, cc)]
+    return [dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s) for bm, bn, w, s in table_row(kind, bd, fp32, even, cc, varlen)]
 
 
-def default_config(kind: str, bd: int, fp32: bool = False, even: bool = True, cc: int = 90) -> dict:
+def default_config(kind: str, bd: int, fp32: bool = False, even: bool = True, cc: int = 90, varlen: bool = False) -> dict:
     """The config used without autotuning (and under gpu_configs()): the first candidate."""
-    return candidates(kind, bd, fp32, even, cc)[0]
+    return candidates(kind, bd, fp32, even, cc, varlen)[0]
 
 
 
@@ -624,20 +695,21 @@ _PRE_HOOKS = {"fwd_tma": _set_tma_blocks}
 
 def _autotuned(kind: str, kernel):
     table_kind = "fwd" if kind == "fwd_tma" else kind
-    tables = (_TABLES, _UNEVEN, _SM80, _TMA) if kind == "fwd_tma" else (_TABLES, _UNEVEN, _SM80)
+    tables = (_TABLES, _UNEVEN, _SM80, _TMA) if kind == "fwd_tma" else (_TABLES, _UNEVEN, _SM80, _VARLEN)
     configs = sorted({c for t in tables for rows in t.get(table_kind, {}).values() for cs in rows.values() for c in cs})
 
     def prune(configs, named_args, **kwargs):
         meta = {**named_args, **kwargs}
         q = meta["Q"]
-        want = table_row(kind, meta["BLOCK_D"], is_fp32_prec(meta["DOT_PREC"]), meta["EVEN_D"], capability(getattr(q, "base", q)))
+        want = table_row(kind, meta["BLOCK_D"], is_fp32_prec(meta["DOT_PREC"]), meta["EVEN_D"], capability(getattr(q, "base", q)),
+                         meta.get("IS_VARLEN", False))
         keep = [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in want]
         return keep or configs[:1]
 
     hook = _PRE_HOOKS.get(kind)
     return triton.autotune(
         [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s, pre_hook=hook) for (bm, bn, w, s) in configs],
-        key=_KEY, prune_configs_by={"early_config_prune": prune},
+        key=_KEY if kind == "fwd_tma" else _KEY + ["IS_VARLEN"], prune_configs_by={"early_config_prune": prune},
     )(kernel)
 
 
@@ -658,13 +730,14 @@ def _launch(kind, grid_fn, args, meta):
     raw, tuned = _KERNELS[kind]
     fp32 = is_fp32_prec(meta["DOT_PREC"])
     first = getattr(args[0], "base", args[0])  # a tensor, or the tensor under a descriptor
+    varlen = meta.get("IS_VARLEN", False)
     if not first.is_cuda or interpreter_on():
-        cfg = _INTERP[kind] if small_configs() else default_config(kind, meta["BLOCK_D"], fp32, meta["EVEN_D"])
+        cfg = _INTERP[kind] if small_configs() else default_config(kind, meta["BLOCK_D"], fp32, meta["EVEN_D"], varlen=varlen)
     elif autotune_enabled():
         tuned[lambda m: grid_fn(m)](*args, **meta)
         return
     else:
-        cfg = default_config(kind, meta["BLOCK_D"], fp32, meta["EVEN_D"], capability(first))
+        cfg = default_config(kind, meta["BLOCK_D"], fp32, meta["EVEN_D"], capability(first), varlen)
     if kind in _PRE_HOOKS:
         _PRE_HOOKS[kind](dict(zip("QKVO", args[:4], strict=True), **meta, **cfg))
     raw[grid_fn(cfg)](*args, **meta, **cfg)
@@ -750,7 +823,7 @@ def attention_fwd(q, k, v, causal, scale, window_left, window_right, out, lse) -
         q, k, v, out, lse,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
-        Hq, Hq // Hkv, Sq, Sk, left, right, scale * LOG2E, seq_bucket(Sq, Sk),
+        Hq, Hq // Hkv, Sq, Sk, left, right, scale * LOG2E, seq_bucket(Sq, Sk), None, None,
     )
     _launch("fwd", grid, args, meta)
 
@@ -787,11 +860,85 @@ def attention_bwd(do, dlse, q, k, v, out, lse, causal, scale, window_left, windo
     if Sk > 0:
         args = (q, k, v, do, lse2, delta, dk, dv, *common,
                 dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
-                Hkv, Hq // Hkv, Sq, Sk, left, right, scale * LOG2E, scale, bucket)
+                Hkv, Hq // Hkv, Sq, Sk, left, right, scale * LOG2E, scale, bucket, None, None, 0)
         _launch("dkdv", lambda m: grid_1d(triton.cdiv(Sk, m["BLOCK_N"]), Hkv, B), args, meta)
     args = (q, k, v, do, lse2, delta, dq, *common, dq.stride(0), dq.stride(1), dq.stride(2),
-            Hq, Hq // Hkv, Sq, Sk, left, right, scale * LOG2E, scale, bucket)
+            Hq, Hq // Hkv, Sq, Sk, left, right, scale * LOG2E, scale, bucket, None, None, 0)
     _launch("dq", lambda m: grid_1d(triton.cdiv(Sq, m["BLOCK_M"]), Hq, B), args, meta)
+
+
+def _packed(t: torch.Tensor) -> torch.Tensor:
+    """Packed rows (T, H, D) seen as (1, H, T, D), the layout the kernels index."""
+    return t.transpose(0, 1).unsqueeze(0)
+
+
+def attention_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale,
+                         window_left, window_right, out, lse) -> None:
+    """Packed forward into caller-given out (Tq, Hq, D) and lse (Hq, Tq) fp32 (unit stride in Tq).
+    q (Tq, Hq, D), k/v (Tk, Hkv, D), unit stride in D; cu_seqlens_q/k (B + 1,) int32 on q's device:
+    sequence b owns query rows [cu_seqlens_q[b], cu_seqlens_q[b + 1]) and key rows likewise, and is
+    computed exactly as attention_fwd computes it alone. The grid is ceil(max_seqlen_q / BLOCK_M)
+    query blocks x Hq x B; a block past its sequence's end exits after reading two offsets, so
+    max_seqlen_* must be at least every length (the caller checks: this launcher never syncs)."""
+    _check_unit_d(q=q, k=k, v=v, out=out)
+    Tq, Hq, D = q.shape
+    Hkv = k.shape[1]
+    B = cu_seqlens_q.shape[0] - 1
+    if B <= 0 or Hq == 0 or Tq == 0 or max_seqlen_q <= 0:
+        return
+    meta, left, right = fwd_meta(D, q.dtype, causal, window_left, window_right)
+    q4, k4, v4, o4 = (_packed(t) for t in (q, k, v, out))
+    grid = lambda m: grid_1d(triton.cdiv(max_seqlen_q, m["BLOCK_M"]), Hq, B)  # noqa: E731
+    args = (
+        q4, k4, v4, o4, lse,
+        0, q4.stride(1), q4.stride(2), 0, k4.stride(1), k4.stride(2),
+        0, v4.stride(1), v4.stride(2), 0, o4.stride(1), o4.stride(2), 0, lse.stride(0),
+        Hq, Hq // Hkv, max_seqlen_q, max_seqlen_k, left, right, scale * LOG2E, seq_bucket(max_seqlen_q, max_seqlen_k),
+        cu_seqlens_q, cu_seqlens_k,
+    )
+    _launch("fwd", grid, args, {**meta, "IS_VARLEN": True})
+
+
+def attention_varlen_bwd(do, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale,
+                         window_left, window_right, dq, dk, dv, deterministic=True) -> None:
+    """Packed backward into caller-given dq (like q), dk, dv (like k, v): per sequence exactly
+    attention_bwd (dlse (Hq, Tq) fp32 or None; deterministic, no atomics). Key blocks of sequences
+    with no query rows get dK = dV = 0; the grids are as in attention_varlen_fwd (key blocks over
+    max_seqlen_k for dK/dV)."""
+    _check_unit_d(do=do, q=q, k=k, v=v, out=out, dq=dq, dk=dk, dv=dv)
+    Tq, Hq, D = q.shape
+    Tk, Hkv = k.shape[0], k.shape[1]
+    B = cu_seqlens_q.shape[0] - 1
+    if B <= 0 or Hkv == 0:
+        return
+    meta, left, right = fwd_meta(D, q.dtype, causal, window_left, window_right)
+    bd = meta["BLOCK_D"]
+    q4, k4, v4, o4, do4, dq4, dk4, dv4 = (_packed(t) for t in (q, k, v, out, do, dq, dk, dv))
+    delta = torch.empty((Hq, Tq), device=q.device, dtype=torch.float32)
+    if Tq > 0:
+        pre_m = PREPROCESS_BLOCK_M if not small_configs() else 32
+        _bwd_preprocess_kernel[grid_1d(triton.cdiv(Tq, pre_m), Hq)](
+            o4, do4, delta, 0, o4.stride(1), o4.stride(2), 0, do4.stride(1), do4.stride(2),
+            Hq, Tq, HEAD_DIM=D, BLOCK_D=bd, EVEN_D=bd == D, BLOCK_M=pre_m,
+        )
+    if dlse is not None:
+        delta -= dlse
+    lse2 = (lse.float() * LOG2E).contiguous()
+    common = (
+        0, q4.stride(1), q4.stride(2), 0, k4.stride(1), k4.stride(2), 0, v4.stride(1), v4.stride(2),
+        0, do4.stride(1), do4.stride(2),
+    )
+    bucket = seq_bucket(max_seqlen_q, max_seqlen_k)
+    varlen = (cu_seqlens_q, cu_seqlens_k, Tq)
+    meta = {**meta, "IS_VARLEN": True}
+    if Tk > 0 and max_seqlen_k > 0:
+        args = (q4, k4, v4, do4, lse2, delta, dk4, dv4, *common, 0, dk4.stride(1), dk4.stride(2), 0, dv4.stride(1), dv4.stride(2),
+                Hkv, Hq // Hkv, max_seqlen_q, max_seqlen_k, left, right, scale * LOG2E, scale, bucket, *varlen)
+        _launch("dkdv", lambda m: grid_1d(triton.cdiv(max_seqlen_k, m["BLOCK_N"]), Hkv, B), args, meta)
+    if Tq > 0 and max_seqlen_q > 0:
+        args = (q4, k4, v4, do4, lse2, delta, dq4, *common, 0, dq4.stride(1), dq4.stride(2),
+                Hq, Hq // Hkv, max_seqlen_q, max_seqlen_k, left, right, scale * LOG2E, scale, bucket, *varlen)
+        _launch("dq", lambda m: grid_1d(triton.cdiv(max_seqlen_q, m["BLOCK_M"]), Hq, B), args, meta)
 
 
 PREPROCESS_BLOCK_M = 64
@@ -801,4 +948,4 @@ def default_scale(head_dim: int) -> float:
     return 1.0 / math.sqrt(head_dim)
 
 
-from fastlm.triton.decode_attention import decode_attention_fwd  # noqa: E402,F401  (one launcher module per op name)
+from fastlm.triton.decode_attention import decode_attention_fwd, paged_kv_append  # noqa: E402,F401  (one launcher module per op name)

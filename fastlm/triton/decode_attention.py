@@ -16,6 +16,12 @@ key j is visible to token t iff j < L_b and j <= L_b - Sq + t + RIGHT (RIGHT <= 
 left window, j >= L_b - Sq + t - LEFT. Lengths are clamped to [0, S_max] in the kernel, so a bad
 length can never read outside the cache. No autotuning (a decode step is captured in CUDA graphs,
 where the autotuner's benchmarking cannot run): a fixed config per head dim.
+
+Paged caches (PAGED): the caches are (num_pages, Hkv, PAGE_SIZE, D) and block_table (B, max_pages)
+maps key j of sequence b to row j % PAGE_SIZE of page block_table[b, j // PAGE_SIZE]. The launcher
+caps BLOCK_N at PAGE_SIZE, so every BLOCK_N-aligned key tile lies in one page: one scalar page-id
+load per tile, then the same contiguous tile loads as the unpaged kernel. paged_kv_append writes
+new rows into their pages (one program per (b, kv head, BLOCK_S new rows)).
 """
 
 from __future__ import annotations
@@ -30,17 +36,21 @@ from fastlm.triton._online_softmax import _online_softmax_step
 LOG2E = 1.4426950408889634
 
 
-@triton.jit(do_not_specialize=["B", "Hkv", "GROUP", "Sq", "S_max", "num_splits", "LEFT", "RIGHT"])
+@triton.jit(do_not_specialize=["B", "Hkv", "GROUP", "Sq", "S_max", "num_splits", "LEFT", "RIGHT", "num_pages"])
 def _decode_split_kernel(
     Q, K, V, Lens, OP, LP,  # q (B, Hq, Sq, D); k/v cache (B, Hkv, S_max, D); lens (B,) int32; partials
-    stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
-    B, Hkv, GROUP, Sq, S_max, num_splits, LEFT, RIGHT, qk_scale,
+    BT,  # PAGED: block table (B, max_pages) int32, caches (num_pages, Hkv, PAGE_SIZE, D); else None
+    stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs, stride_bt,
+    B, Hkv, GROUP, Sq, S_max, num_splits, LEFT, RIGHT, qk_scale, num_pages,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_LEFT: tl.constexpr, DOT_PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAGED: tl.constexpr = False, PAGE_SIZE: tl.constexpr = 1,
 ):
     """Partial attention of rows (g, t) of kv head hk over keys [split * chunk, (split + 1) * chunk),
     chunk = ceil(L / num_splits) rounded up to BLOCK_N. OP[split, b, h, t] = sum_j p_j v_j / sum_j p_j
-    (fp32), LP[split, b, h, t] = log2-domain LSE (m + log2 l), -inf when no key was seen."""
+    (fp32), LP[split, b, h, t] = log2-domain LSE (m + log2 l), -inf when no key was seen.
+    PAGED (BLOCK_N <= PAGE_SIZE, so a BLOCK_N-aligned key tile lies in one page): key j of sequence b
+    is row j % PAGE_SIZE of page BT[b, j // PAGE_SIZE] (S_max = max_pages * PAGE_SIZE); the batch
+    stride is the page stride; page ids are clamped to [0, num_pages) so no id reads outside the cache."""
     row_blocks = tl.cdiv(GROUP * Sq, BLOCK_M)
     split = tl.program_id(0) % num_splits
     pid_hr = (tl.program_id(0) // num_splits) % (Hkv * row_blocks)  # kv head * row blocks + row block
@@ -61,8 +71,12 @@ def _decode_split_kernel(
     d_ok = offs_d < HEAD_DIM
     q = tl.load(Q + b.to(tl.int64) * stride_qb + h[:, None].to(tl.int64) * stride_qh + t[:, None].to(tl.int64) * stride_qs + offs_d[None, :],
                 mask=r_ok[:, None] & d_ok[None, :], other=0.0)
-    Kb = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
-    Vb = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
+    if PAGED:
+        Kb = K + hk.to(tl.int64) * stride_kh
+        Vb = V + hk.to(tl.int64) * stride_vh
+    else:
+        Kb = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
+        Vb = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
 
     diag = L - Sq + t  # the key aligned with token t
     lo = start
@@ -75,11 +89,20 @@ def _decode_split_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     offs_nb = tl.arange(0, BLOCK_N)
     for start_n in range(lo, end, BLOCK_N):
-        n0 = tl.cast(start_n, tl.int64)
+        if PAGED:
+            page = tl.load(BT + b.to(tl.int64) * stride_bt + start_n // PAGE_SIZE)
+            page = tl.minimum(tl.maximum(page, 0), num_pages - 1).to(tl.int64)
+            slot = tl.cast(start_n % PAGE_SIZE, tl.int64)
+            Kt = Kb + page * stride_kb + slot * stride_ks
+            Vt = Vb + page * stride_vb + slot * stride_vs
+        else:
+            n0 = tl.cast(start_n, tl.int64)
+            Kt = Kb + n0 * stride_ks
+            Vt = Vb + n0 * stride_vs
         offs_n = start_n + offs_nb
         n_ok = offs_n < end
-        kt = tl.load(Kb + n0 * stride_ks + offs_nb[None, :] * stride_ks + offs_d[:, None], mask=d_ok[:, None] & n_ok[None, :], other=0.0)
-        v = tl.load(Vb + n0 * stride_vs + offs_nb[:, None] * stride_vs + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        kt = tl.load(Kt + offs_nb[None, :] * stride_ks + offs_d[:, None], mask=d_ok[:, None] & n_ok[None, :], other=0.0)
+        v = tl.load(Vt + offs_nb[:, None] * stride_vs + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
         s = tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale
         ok = n_ok[None, :] & (offs_n[None, :] <= diag[:, None] + RIGHT)
         if HAS_LEFT:
@@ -168,21 +191,30 @@ def num_splits_for(batch: int, kv_heads: int, row_blocks: int, s_max: int, block
     return max(1, min(want, max_splits, 128))
 
 
-def decode_attention_fwd(q, k_cache, v_cache, cache_seqlens, scale, window_left, window_right, out, lse, num_splits=None) -> None:
+def decode_attention_fwd(q, k_cache, v_cache, cache_seqlens, scale, window_left, window_right, out, lse, num_splits=None,
+                         block_table=None) -> None:
     """Decode into caller-given out (B, Hq, Sq, D) and lse (B, Hq, Sq) fp32 (unit stride in S).
     q (B, Hq, Sq, D); caches (B, Hkv, S_max, D), unit stride in D; cache_seqlens (B,) int32: the
     keys of sequence b are cache[b, :, :L_b], its Sq new tokens being the last Sq of them.
+    block_table (B, max_pages) int32: paged caches (num_pages, Hkv, page_size, D), S_max =
+    max_pages * page_size, key j of sequence b in page block_table[b, j // page_size], row
+    j % page_size; key tiles shrink to at most page_size keys so that each lies in one page.
     window sides -1 = unbounded (the right side is capped at 0: decode is causal)."""
     for name, t in dict(q=q, k_cache=k_cache, v_cache=v_cache, out=out).items():
         if t.numel() and t.stride(-1) != 1:
             raise ValueError(f"fastlm.triton.decode_attention: {name} must have unit stride in the head dim (got strides {t.stride()})")
     B, Hq, Sq, D = q.shape
-    Hkv, S_max = k_cache.shape[1], k_cache.shape[2]
+    Hkv = k_cache.shape[1]
+    paged = block_table is not None
+    page_size = k_cache.shape[2] if paged else 1
+    S_max = block_table.shape[1] * page_size if paged else k_cache.shape[2]
     if B == 0 or Hq == 0 or Sq == 0:
         return
     group = Hq // Hkv
     cfg = config(D, group * Sq, q.dtype, capability(q))
     bd, bm, bn = cfg["BLOCK_D"], cfg["BLOCK_M"], cfg["BLOCK_N"]
+    if paged:
+        bn = min(bn, page_size)
     row_blocks = triton.cdiv(group * Sq, bm)
     splits = num_splits or num_splits_for(B, Hkv, row_blocks, S_max, bn, q.device)
     right = 0 if window_right < 0 else min(window_right, 0)
@@ -193,15 +225,73 @@ def decode_attention_fwd(q, k_cache, v_cache, cache_seqlens, scale, window_left,
     l_part = torch.empty((splits, rows), device=q.device, dtype=torch.float32)
     lens = cache_seqlens.to(torch.int32).contiguous()
     _decode_split_kernel[grid_1d(splits, Hkv * row_blocks, B)](
-        q, k_cache, v_cache, lens, o_part, l_part,
+        q, k_cache, v_cache, lens, o_part, l_part, block_table,
         q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        B, Hkv, group, Sq, S_max, splits, max(window_left, 0), right, scale * LOG2E,
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_table.stride(0) if paged else 0,
+        B, Hkv, group, Sq, S_max, splits, max(window_left, 0), right, scale * LOG2E, k_cache.shape[0] if paged else 1,
         HEAD_DIM=D, BLOCK_D=bd, HAS_LEFT=window_left >= 0, DOT_PREC=dot_precision(q.dtype, bd),
-        BLOCK_M=bm, BLOCK_N=bn, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        BLOCK_M=bm, BLOCK_N=bn, PAGED=paged, PAGE_SIZE=page_size, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     block_r = cfg["BLOCK_R"]
     _decode_combine_kernel[grid_1d(triton.cdiv(rows, block_r))](
         o_part, l_part, out, lse, out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
         Hq, Sq, rows, splits, D, BLOCK_D=bd, BLOCK_R=block_r, num_warps=4,
+    )
+
+
+@triton.jit(do_not_specialize=["Hkv", "S_new", "max_pages", "num_pages"])
+def _paged_append_kernel(
+    KN, VN, KC, VC, BT, Lens,  # new k/v (B, Hkv, S_new, D); paged caches (num_pages, Hkv, PAGE_SIZE, D); table; lens
+    stride_knb, stride_knh, stride_kns, stride_vnb, stride_vnh, stride_vns,
+    stride_kcp, stride_kch, stride_kcs, stride_vcp, stride_vch, stride_vcs, stride_bt,
+    Hkv, S_new, max_pages, num_pages,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, PAGE_SIZE: tl.constexpr,
+):
+    """Rows s of (b, h): position p = Lens[b] + s goes to page BT[b, p // PAGE_SIZE], row p % PAGE_SIZE.
+    A position outside [0, max_pages * PAGE_SIZE) or a page id outside [0, num_pages) is not written."""
+    s_blocks = tl.cdiv(S_new, BLOCK_S)
+    pid_s = tl.program_id(0) % s_blocks
+    bh = tl.program_id(0) // s_blocks
+    b = (bh // Hkv).to(tl.int64)
+    h = (bh % Hkv).to(tl.int64)
+    s = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
+    pos = tl.load(Lens + b) + s
+    ok = (s < S_new) & (pos >= 0) & (pos < max_pages * PAGE_SIZE)
+    page = tl.load(BT + b * stride_bt + pos // PAGE_SIZE, mask=ok, other=0)
+    ok = ok & (page >= 0) & (page < num_pages)
+    page = page.to(tl.int64)
+    slot = (pos % PAGE_SIZE).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    m = ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+    s64 = s.to(tl.int64)[:, None]
+    k = tl.load(KN + b * stride_knb + h * stride_knh + s64 * stride_kns + offs_d[None, :], mask=m)
+    v = tl.load(VN + b * stride_vnb + h * stride_vnh + s64 * stride_vns + offs_d[None, :], mask=m)
+    tl.store(KC + (page * stride_kcp + h * stride_kch + slot * stride_kcs)[:, None] + offs_d[None, :], k, mask=m)
+    tl.store(VC + (page * stride_vcp + h * stride_vch + slot * stride_vcs)[:, None] + offs_d[None, :], v, mask=m)
+
+
+def append_config(head_dim: int) -> dict:
+    """BLOCK_S rows of BLOCK_D per program (about 4096 elements of k and of v), 4 warps."""
+    bd = max(16, triton.next_power_of_2(head_dim))
+    return dict(BLOCK_D=bd, BLOCK_S=max(1, 4096 // bd) if not small_configs() else 4, num_warps=4)
+
+
+def paged_kv_append(k_cache, v_cache, block_table, cache_seqlens, k_new, v_new) -> None:
+    """Write k_new, v_new (B, Hkv, S_new, D) into the paged caches (num_pages, Hkv, page_size, D)
+    at positions cache_seqlens[b] + s, s < S_new, of sequence b (page block_table[b, p // page_size],
+    row p % page_size), in place; cache_seqlens is not changed. No host sync, no value-dependent
+    allocation (CUDA-graph capturable). Unit stride in D for all four tensors."""
+    for name, t in dict(k_cache=k_cache, v_cache=v_cache, k_new=k_new, v_new=v_new).items():
+        if t.numel() and t.stride(-1) != 1:
+            raise ValueError(f"fastlm.triton.paged_kv_append: {name} must have unit stride in the head dim (got strides {t.stride()})")
+    B, Hkv, S_new, D = k_new.shape
+    if B == 0 or Hkv == 0 or S_new == 0:
+        return
+    cfg = append_config(D)
+    lens = cache_seqlens.to(torch.int32).contiguous()
+    _paged_append_kernel[grid_1d(B, Hkv, triton.cdiv(S_new, cfg["BLOCK_S"]))](
+        k_new, v_new, k_cache, v_cache, block_table, lens,
+        *k_new.stride()[:3], *v_new.stride()[:3], *k_cache.stride()[:3], *v_cache.stride()[:3], block_table.stride(0),
+        Hkv, S_new, block_table.shape[1], k_cache.shape[0],
+        HEAD_DIM=D, BLOCK_D=cfg["BLOCK_D"], BLOCK_S=cfg["BLOCK_S"], PAGE_SIZE=k_cache.shape[2], num_warps=cfg["num_warps"],
     )
