@@ -243,11 +243,10 @@ __device__ __forceinline__ void copy_heads_vec(const T* x, T* o, const int64_t (
 }
 
 // The block layout of rotary_kernel with units = 16-byte chunks: threadIdx.x walks the a.chunks
-// rotation chunks, then the a.copy_chunks pass-through chunks (column R + V * u). The table form
-// is half split only (the interleaved table form, which no Python op produces, is any-stride).
+// rotation chunks, then the a.copy_chunks pass-through chunks (column R + V * u). The interleaved
+// table form reads the chunk's V table columns at once: pair j takes columns (2j, 2j + 1).
 template <typename T, typename C, bool TABLE, bool INTERLEAVED>
 __global__ void __launch_bounds__(kThreads, 4) rotary_vec_kernel(const RotaryArgs a) {
-  static_assert(!(TABLE && INTERLEAVED), "the table form's vector path is half split");
   constexpr int V = kMaxVec<T>;
   constexpr int NP = INTERLEAVED ? V / 2 : V;
   const RotaryBlock blk = rotary_block_of(static_cast<int>(blockIdx.x), a.B, a.sblocks);
@@ -269,10 +268,23 @@ __global__ void __launch_bounds__(kThreads, 4) rotary_vec_kernel(const RotaryArg
     if constexpr (TABLE) {
       const C* ct = static_cast<const C*>(a.cos) + b * a.scos[0] + s * a.scos[1];
       const C* st = static_cast<const C*>(a.sin) + b * a.ssin[0] + s * a.ssin[1];
-      load_float<C, NP>(ct + c1, cos1);
-      load_float<C, NP>(ct + c2, cos2);
-      load_float<C, NP>(st + c1, sin1);
-      load_float<C, NP>(st + c2, sin2);
+      if constexpr (INTERLEAVED) {
+        float cv[V], sv[V];
+        load_float<C, V>(ct + c1, cv);
+        load_float<C, V>(st + c1, sv);
+#pragma unroll
+        for (int j = 0; j < NP; ++j) {
+          cos1[j] = cv[2 * j];
+          cos2[j] = cv[2 * j + 1];
+          sin1[j] = sv[2 * j];
+          sin2[j] = sv[2 * j + 1];
+        }
+      } else {
+        load_float<C, NP>(ct + c1, cos1);
+        load_float<C, NP>(ct + c2, cos2);
+        load_float<C, NP>(st + c1, sin1);
+        load_float<C, NP>(st + c2, sin2);
+      }
     } else {
       const int64_t p0 = INTERLEAVED ? c1 / 2 : c1;
 #pragma unroll
@@ -364,7 +376,6 @@ bool rotary_vector_ok(uintptr_t q, uintptr_t k, uintptr_t q_out, uintptr_t k_out
   if (HQ > 0 && !(rows_aligned(q, &strides[0], qs, es) && rows_aligned(q_out, &strides[8], qs, es))) return false;
   if (HK > 0 && !(rows_aligned(k, &strides[4], ks, es) && rows_aligned(k_out, &strides[12], ks, es))) return false;
   if (cos != 0 || sin != 0) {
-    if (interleaved) return false;
     const int ts = rotary_elem_size(table_dtype);
     const int64_t tsz[3] = {B, S, 1};
     const int64_t cst[4] = {strides[18], strides[19], 0, strides[20]};
@@ -463,6 +474,7 @@ int rotary(uintptr_t q, uintptr_t k, uintptr_t q_out, uintptr_t k_out, uintptr_t
     if (table)
       return dispatch_rotary_dtype(table_dtype, [&](auto ct) -> int {
         using C = typename decltype(ct)::type;
+        if (interleaved) return launch(rotary_vec_kernel<T, C, true, true>, grid, block, st, a);
         return launch(rotary_vec_kernel<T, C, true, false>, grid, block, st, a);
       });
     if (interleaved) return launch(rotary_vec_kernel<T, float, false, true>, grid, block, st, a);

@@ -398,6 +398,7 @@ def rotary_plans(exhaustive: bool = False, cc: int = 90) -> list[Plan]:
         "positions": (1, False, True, False, False),
         "partial": (0.5, False, False, False, False),
         "table": (1, False, False, True, False),
+        "table_interleaved": (1, True, False, True, False),
         "backward": (1, False, False, False, True),
     }
     plans = []

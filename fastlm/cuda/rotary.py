@@ -57,11 +57,11 @@ def rotary_bwd(dq_out, dk_out, positions, offset, theta, rotary_dim, interleaved
     _launch(dq_out, dk_out, dq, dk, positions, offset, theta, rotary_dim, interleaved, True)
 
 
-def rotary_table_fwd(q, k, cos, sin, q_out, k_out) -> None:
+def rotary_table_fwd(q, k, cos, sin, q_out, k_out, interleaved=False) -> None:
     """See fastlm.triton.rotary.rotary_table_fwd."""
-    _launch(q, k, q_out, k_out, None, 0, 1.0, cos.shape[-1], False, False, cos, sin)
+    _launch(q, k, q_out, k_out, None, 0, 1.0, cos.shape[-1], interleaved, False, cos, sin)
 
 
-def rotary_table_bwd(dq_out, dk_out, cos, sin, dq, dk) -> None:
+def rotary_table_bwd(dq_out, dk_out, cos, sin, dq, dk, interleaved=False) -> None:
     """See fastlm.triton.rotary.rotary_table_bwd."""
-    _launch(dq_out, dk_out, dq, dk, None, 0, 1.0, cos.shape[-1], False, True, cos, sin)
+    _launch(dq_out, dk_out, dq, dk, None, 0, 1.0, cos.shape[-1], interleaved, True, cos, sin)

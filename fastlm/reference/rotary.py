@@ -10,7 +10,9 @@ so it is exact to float32 at any position (as the kernels' angles are: no precis
 cos/sin and the rotation are then computed in float32 (float64 for float64 inputs) and the result
 rounded once to the input's dtype.
 
-``apply_rotary_pos_emb`` is Hugging Face's table form: q * cos + rotate_half(q) * sin.
+``apply_rotary_pos_emb`` is Hugging Face's table form: q * cos + rotate_half(q) * sin, or with
+``interleaved`` q * cos + rotate_pairs(q) * sin (tables of R columns, one factor per column).
+``rotary_packed`` is the packed (cu_seqlens) form: rotary applied to each sequence alone.
 """
 
 from __future__ import annotations
@@ -50,6 +52,11 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
+def rotate_pairs(x: torch.Tensor) -> torch.Tensor:
+    """The interleaved rotate_half: pairs (x[2p], x[2p + 1]) -> (-x[2p + 1], x[2p])."""
+    return torch.stack((-x[..., 1::2], x[..., 0::2]), dim=-1).flatten(-2)
+
+
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int, interleaved: bool) -> torch.Tensor:
     """Rotate the leading rotary_dim dims of x (…, D) by angles with cos/sin of shape (…, R/2)."""
     xr, xp = x[..., :rotary_dim], x[..., rotary_dim:]
@@ -84,9 +91,25 @@ def rotary(q, k, positions, theta=10000.0, rotary_dim=None, interleaved=False):
     return out[0], out[1]
 
 
-def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
+def rotary_packed(q, k, cu_seqlens, offsets=0, theta=10000.0, rotary_dim=None, interleaved=False):
+    """q: (T, Hq, D), k: (T, Hk, D), sequence b the rows cu_seqlens[b] .. cu_seqlens[b + 1] - 1 at
+    positions offsets[b] + 0, 1, ... (offsets an int or a (B,) tensor), each sequence by rotary alone."""
+    cu = cu_seqlens.tolist()
+    qs, ks = [], []
+    for b, (t0, t1) in enumerate(zip(cu[:-1], cu[1:], strict=True)):
+        off = int(offsets[b]) if isinstance(offsets, torch.Tensor) else int(offsets)
+        qo, ko = rotary(q[None, t0:t1].transpose(1, 2), k[None, t0:t1].transpose(1, 2), off, theta, rotary_dim, interleaved)
+        qs.append(qo[0].transpose(0, 1))
+        ks.append(ko[0].transpose(0, 1))
+    if not qs:
+        return q.clone(), k.clone()
+    return torch.cat(qs), torch.cat(ks)
+
+
+def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1, interleaved=False):
     """Hugging Face Llama's helper, in float32 (float64 for float64 inputs), output in q's dtype.
-    cos/sin: (B, S, R) or (S, R) (read as (1, S, R)); R <= head dim, the rest passes through."""
+    cos/sin: (B, S, R) or (S, R) (read as (1, S, R)); R <= head dim, the rest passes through.
+    interleaved: rotate_pairs in place of rotate_half (GPT-J's rotate_every_two)."""
     ct = compute_dtype(q)
     if cos.dim() == 2:
         cos, sin = cos[None], sin[None]
@@ -96,6 +119,7 @@ def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
 
     def one(x):
         xr, xp = x.to(ct)[..., :R], x.to(ct)[..., R:]
-        return torch.cat((xr * cos + rotate_half(xr) * sin, xp), dim=-1).to(x.dtype)
+        rot = rotate_pairs(xr) if interleaved else rotate_half(xr)
+        return torch.cat((xr * cos + rot * sin, xp), dim=-1).to(x.dtype)
 
     return one(q), one(k)

@@ -14,7 +14,8 @@ cos/sin. fp32 math on pos * inv_freq would be off by up to 0.03 rad at position 
 work is a few operations per (position, pair), shared by every head.
 
 The backward is the rotation by -angle. The table form (Hugging Face's apply_rotary_pos_emb) reads
-cos and sin from (B or 1, S, R) tables instead and uses the general transpose for its backward.
+cos and sin from (B or 1, S, R) tables instead (interleaved: one contiguous [BLOCK_S, R] tile split
+into the columns 2p and 2p + 1, as x) and uses the general transpose for its backward.
 """
 
 from __future__ import annotations
@@ -183,10 +184,18 @@ def _rotary_kernel(
     if TABLE:
         cb = Cos + b * s_cb + s64[:, None] * s_cs
         sb = Sin + b * s_sb + s64[:, None] * s_ss
-        cos1 = tl.load(cb + c1[None, :] * s_cd, mask=mask, other=0.0).to(tl.float32)
-        cos2 = tl.load(cb + c2[None, :] * s_cd, mask=mask, other=0.0).to(tl.float32)
-        sin1 = tl.load(sb + c1[None, :] * s_sd, mask=mask, other=0.0).to(tl.float32)
-        sin2 = tl.load(sb + c2[None, :] * s_sd, mask=mask, other=0.0).to(tl.float32)
+        if INTERLEAVED:
+            cc = tl.arange(0, 2 * BLOCK_H)
+            m2 = s_mask[:, None] & (cc < R)[None, :]
+            ct = tl.load(cb + cc[None, :] * s_cd, mask=m2, other=0.0).to(tl.float32)
+            st = tl.load(sb + cc[None, :] * s_sd, mask=m2, other=0.0).to(tl.float32)
+            cos1, cos2 = tl.split(tl.reshape(ct, [BLOCK_S, BLOCK_H, 2]))
+            sin1, sin2 = tl.split(tl.reshape(st, [BLOCK_S, BLOCK_H, 2]))
+        else:
+            cos1 = tl.load(cb + c1[None, :] * s_cd, mask=mask, other=0.0).to(tl.float32)
+            cos2 = tl.load(cb + c2[None, :] * s_cd, mask=mask, other=0.0).to(tl.float32)
+            sin1 = tl.load(sb + c1[None, :] * s_sd, mask=mask, other=0.0).to(tl.float32)
+            sin2 = tl.load(sb + c2[None, :] * s_sd, mask=mask, other=0.0).to(tl.float32)
     else:
         if HAS_POS:
             pos = tl.load(Pos + b * s_posb + s64 * s_poss, mask=s_mask, other=0).to(tl.int64) + offset
@@ -284,12 +293,13 @@ def rotary_bwd(dq_out, dk_out, positions, offset, theta, rotary_dim, interleaved
     _launch(dq_out, dk_out, dq, dk, positions, offset, theta, rotary_dim, interleaved, True)
 
 
-def rotary_table_fwd(q, k, cos, sin, q_out, k_out) -> None:
-    """Hugging Face form: out = x * cos + rotate_half(x) * sin over the first R = cos.shape[-1] dims of
-    q (B, Hq, S, D) and k; cos, sin: (B or 1, S, R); dims R..D-1 copied."""
-    _launch(q, k, q_out, k_out, None, 0, 0.0, cos.shape[-1], False, False, cos, sin)
+def rotary_table_fwd(q, k, cos, sin, q_out, k_out, interleaved=False) -> None:
+    """Hugging Face form: out = x * cos + rotate_half(x) * sin (rotate_pairs when interleaved) over the
+    first R = cos.shape[-1] dims of q (B, Hq, S, D) and k; cos, sin: (B or 1, S, R); dims R..D-1
+    copied; q_out, k_out may be q, k."""
+    _launch(q, k, q_out, k_out, None, 0, 0.0, cos.shape[-1], interleaved, False, cos, sin)
 
 
-def rotary_table_bwd(dq_out, dk_out, cos, sin, dq, dk) -> None:
+def rotary_table_bwd(dq_out, dk_out, cos, sin, dq, dk, interleaved=False) -> None:
     """The gradient of rotary_table_fwd with respect to q and k (the transposed map)."""
-    _launch(dq_out, dk_out, dq, dk, None, 0, 0.0, cos.shape[-1], False, True, cos, sin)
+    _launch(dq_out, dk_out, dq, dk, None, 0, 0.0, cos.shape[-1], interleaved, True, cos, sin)
