@@ -9,11 +9,15 @@ Importing this module registers "fastlm" with transformers' ``AttentionInterface
 The attention function hands the call to ``fastlm.ops.scaled_dot_product_attention`` (GQA through
 ``enable_gqa``; that op itself uses torch for what its kernels do not serve, e.g. float64) whenever
 transformers passes no mask, which it does for causal or bidirectional
-attention without padding (and for one-token decode steps). When a mask is present (padded batches,
-BERT with padding, sliding windows that bite, packed sequences), when dropout is on in training, or
-for arguments it does not take (softcap, position_bias, attention sinks, paged caches), the call
-falls back to transformers' own "sdpa" function, visibly: a one-time ``FastlmFallbackWarning`` and
-the counters ``report.calls["attention.fallback.<why>"]`` / ``fastlm.hf.calls``.
+attention without padding (and for one-token decode steps). A padding mask (right-, left- or
+both-sided padding of decoders, with a dynamic cache; BERT's key-padding mask) runs on
+``fastlm.ops.attention_varlen``: the real tokens are unpacked into the packed layout, attended and
+padded back (counter ``attention.fastlm.varlen``; padded query rows get zeros). Any other mask
+(holes, sliding windows that bite, packed sequences, a static cache's layout, float masks), a mask
+under torch.compile, dropout in training, or arguments it does not take (softcap, position_bias,
+attention sinks, paged caches) fall back to transformers' own "sdpa" function, visibly: a one-time
+``FastlmFallbackWarning`` and the counters ``report.calls["attention.fallback.<why>"]`` /
+``fastlm.hf.calls``.
 
 ``fastlm.patch`` switches a model only if it currently uses "sdpa" (the masks are the same, so the
 fallback is exact), and routes a model file's ``apply_rotary_pos_emb`` to
@@ -28,6 +32,7 @@ running in another thread at the same moment may take fastlm's rotary too: the s
 from __future__ import annotations
 
 import collections
+import itertools
 import sys
 import warnings
 import weakref
@@ -36,6 +41,7 @@ import torch
 from transformers import AttentionInterface, AttentionMaskInterface, LogitsProcessor
 
 from fastlm import ops
+from fastlm.ops.attention import _sdpa_kernel_ok
 from fastlm.patch import PatchReport, same_code
 
 NAME = "fastlm"
@@ -46,7 +52,7 @@ TESTED_MODEL_TYPES = {
     "llama": "Llama: RMSNorm, causal GQA attention, rotary",
     "mistral": "Mistral: RMSNorm, causal GQA attention (sliding window via the mask), rotary",
     "qwen2": "Qwen2: RMSNorm, causal GQA attention, rotary",
-    "bert": "BERT: LayerNorm, bidirectional attention (padding mask: sdpa fallback)",
+    "bert": "BERT: LayerNorm, bidirectional attention (padding mask: attention_varlen)",
 }
 
 calls: collections.Counter = collections.Counter()  # process-wide counters, every model
@@ -81,19 +87,116 @@ def _fallback(reason: str, module, query, key, value, attention_mask, **kwargs):
     return _ATTN["sdpa"](module, query, key, value, attention_mask, **kwargs)
 
 
+def _padding_layout(mask, q_len: int, k_len: int, causal: bool):
+    """The packed layout of a padding mask, or None when the mask is anything else.
+
+    A padding mask: boolean, (B, 1, Sq, Sk) or (B, Sk), whose valid keys in row b are one run
+    [s_b, s_b + n_b) of key positions (right, left or both-sided padding), and whose every query row
+    allows exactly those keys (causal: those at or before the query's position), as transformers'
+    masks do. Bidirectional: every query row is computed (queries and keys may be different
+    sequences, as in cross-attention). Causal: query i sits at key position Sk - Sq + i
+    (transformers' dynamic cache) and is computed iff that position is in the run; since a static
+    cache's unused slots look like right padding, with Sq != Sk every non-empty run must end at Sk.
+    Returns (idx_q, idx_k, cu_seqlens_q, cu_seqlens_k, max_q, max_k): the computed rows' indices
+    into the flattened (B * Sq) and (B * Sk) positions, and int32 prefix sums. One host read.
+    """
+    if mask.dtype != torch.bool or mask.shape[-1] != k_len or (causal and q_len > k_len):
+        return None
+    if mask.dim() == 2:
+        m = mask[:, None, :]
+    elif mask.dim() == 4 and mask.shape[1] == 1 and mask.shape[2] in (1, q_len):
+        m = mask[:, 0]
+    else:
+        return None
+    b = m.shape[0]
+    m = m.expand(b, q_len, k_len)
+    valid = m[:, -1]
+    n = valid.sum(1)
+    start = torch.where(n > 0, valid.int().argmax(1), 0)
+    j = torch.arange(k_len, device=mask.device)
+    run = (j >= start[:, None]) & (j < (start + n)[:, None])
+    want = run[:, None, :].expand(b, q_len, k_len)
+    ok = (run == valid).all()
+    if causal:
+        pos = j[k_len - q_len:]
+        q_real = (pos >= start[:, None]) & (pos < (start + n)[:, None])
+        want = want & (j[None, :] <= pos[:, None])
+        if q_len != k_len:
+            ok = ok & ((start + n == k_len) | (n == 0)).all()
+    else:
+        q_real = torch.ones(b, q_len, dtype=torch.bool, device=mask.device)
+    ok = ok & (m == want).all()
+    nq = q_real.sum(1)
+    qstart = torch.where(nq > 0, q_real.int().argmax(1), 0)
+    host = torch.cat([ok.long().view(1), start, n, qstart, nq]).tolist()
+    if not host[0]:
+        return None
+    start, n, qstart, nq = (host[1 + i * b:1 + (i + 1) * b] for i in range(4))
+    dev = mask.device
+    return (_run_rows(qstart, nq, q_len).to(dev), _run_rows(start, n, k_len).to(dev), _cu_seqlens(nq, dev),
+            _cu_seqlens(n, dev), max(nq, default=0), max(n, default=0))
+
+
+def _run_rows(first, count, stride):
+    """The flat indices r * stride + first[r] + t, t < count[r], row after row (int64, CPU)."""
+    return torch.cat([torch.empty(0, dtype=torch.long)]
+                     + [torch.arange(r * stride + f, r * stride + f + c) for r, (f, c) in enumerate(zip(first, count, strict=True))])
+
+
+def _cu_seqlens(lengths, device):
+    return torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=device)
+
+
+def _cached_padding_layout(mask, q_len: int, k_len: int, causal: bool):
+    """_padding_layout, computed once per mask tensor: transformers builds one mask per forward and
+    hands the same tensor to every layer, so the cache (an attribute of the mask tensor, keyed by its
+    version counter, none for inference tensors, and the shapes) costs one host read per forward,
+    not one per layer."""
+    key = (None if mask.is_inference() else mask._version, q_len, k_len, causal)
+    cache = getattr(mask, "_fastlm_padding_layout", None)
+    if cache is None or cache[0] != key:
+        cache = (key, _padding_layout(mask, q_len, k_len, causal))
+        mask._fastlm_padding_layout = cache
+    return cache[1]
+
+
+def _varlen_forward(query, key, value, layout, causal: bool, scaling):
+    """Unpad (B, H, S, D) q, k, v into the packed rows of ``layout``, attention_varlen, pad back
+    (zeros at padded query rows): (B, Sq, Hq, D)."""
+    idx_q, idx_k, cu_q, cu_k, max_q, max_k = layout
+    b, hq, sq, d = query.shape
+    q, k, v = (t.transpose(1, 2).reshape(b * t.shape[2], t.shape[1], d) for t in (query, key, value))
+    out = ops.attention_varlen(q.index_select(0, idx_q), k.index_select(0, idx_k), v.index_select(0, idx_k),
+                               cu_q, cu_k, max_q, max_k, causal=causal, scale=scaling)
+    full = out.new_zeros(b * sq, hq, d).index_copy(0, idx_q, out)
+    return full.view(b, sq, hq, d)
+
+
 def attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
-    """transformers' attention-function signature: (B, H, S, D) inputs, returns ((B, S, H, D), None)."""
+    """transformers' attention-function signature: (B, H, S, D) inputs, returns ((B, S, H, D), None).
+
+    No mask: fastlm.ops.scaled_dot_product_attention. A padding mask (see _padding_layout):
+    fastlm.ops.attention_varlen on the real tokens (causal for causal modules), zeros at padded
+    query rows. Any other mask, and every other case it does not take: transformers' sdpa, counted."""
     kw = dict(kwargs, dropout=dropout, scaling=scaling, is_causal=is_causal)
-    if attention_mask is not None:
-        return _fallback("mask", module, query, key, value, attention_mask, **kw)
     if dropout:
         return _fallback("dropout", module, query, key, value, attention_mask, **kw)
     for arg in ("softcap", "position_bias", "s_aux", "sinks", "cache"):
         if kwargs.get(arg) is not None:
             return _fallback(f"unsupported_{arg}", module, query, key, value, attention_mask, **kw)
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    if attention_mask is not None:
+        if (not hasattr(ops, "attention_varlen") or torch.compiler.is_compiling()
+                or not _sdpa_kernel_ok(query, key, value, None, 0.0, True)):
+            return _fallback("mask", module, query, key, value, attention_mask, **kw)
+        layout = _cached_padding_layout(attention_mask, query.shape[2], key.shape[2], bool(causal))
+        if layout is None:
+            return _fallback("mask", module, query, key, value, attention_mask, **kw)
+        out = _varlen_forward(query, key, value, layout, bool(causal), scaling)
+        _count(module, "attention.fastlm.varlen")
+        return out, None
     if not hasattr(ops, "scaled_dot_product_attention"):
         return _fallback("op_not_available", module, query, key, value, attention_mask, **kw)
-    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     q_len = query.shape[2]
     # as transformers' sdpa: one query token attends to every key; is_causal is top-left aligned
     causal = q_len > 1 and causal

@@ -107,7 +107,7 @@ def launches(monkeypatch):
     if HAS_SDPA_OP:
         from fastlm.triton import attention as tat
 
-        for n in ("attention_fwd", "attention_bwd"):
+        for n in ("attention_fwd", "attention_bwd", "attention_varlen_fwd", "attention_varlen_bwd"):
             wrap(tat, n)
     return counts
 
@@ -166,15 +166,16 @@ def test_attention_runs_on_fastlm_kernels(family, launches):
 
 
 @needs_sdpa_op
-@pytest.mark.parametrize("family,why", [("bert", "padding"), ("gpt2", "padding"), ("mistral", "sliding window")])
+@pytest.mark.parametrize("family,why", [("bert", "holes"), ("gpt2", "holes"), ("mistral", "sliding window")])
 def test_masks_fall_back_to_sdpa_visibly(family, why):
+    """Masks that are not padding (valid keys that are not one run per row, a window that bites)."""
     torch.manual_seed(0)
     model = build(family, **({"sliding_window": 4} if family == "mistral" else {}))
     ids = torch.randint(0, V, (2, 10), device=DEVICE)
     kw = {}
-    if why == "padding":
+    if why == "holes":
         mask = torch.ones(2, 10, dtype=torch.long, device=DEVICE)
-        mask[1, 7:] = 0  # right padding in the second row
+        mask[1, 3:5] = 0  # a hole inside the second row: not padding
         kw = {"attention_mask": mask}
     truth, base = references(model, ids, **kw)
     report = fastlm.patch(model)
@@ -421,3 +422,154 @@ def test_generate_with_sampling_processor():
                               logits_processor=tf.LogitsProcessorList([fastlm.hf.sampling_processor(top_k=1)]))
     assert torch.equal(top1, greedy), "top_k=1 sampling is greedy decoding"
     assert fastlm.hf.calls["sampling.fastlm"] - before == 5
+
+
+# --- padded batches on attention_varlen ----------------------------------------------------------
+
+HAS_VARLEN_OP = hasattr(fastlm.ops, "attention_varlen")
+needs_varlen_op = pytest.mark.xfail(not HAS_VARLEN_OP, reason="op not landed yet: fastlm.ops.attention_varlen", strict=False)
+
+
+def _padding_mask(side, b=3, s=7):
+    """Row 0 full, row 1 with 3 pad positions, row 2 a single real token; pads on the given side."""
+    mask = torch.ones(b, s, dtype=torch.long, device=DEVICE)
+    real = [s, s - 3, 1]
+    for r, n in enumerate(real):
+        if side == "right":
+            mask[r, n:] = 0
+        else:
+            mask[r, : s - n] = 0
+    return mask
+
+
+def fwd_bwd_real(model, ids, mask, dy_seed=1):
+    """Outputs on the real tokens, and the parameter gradients of a random upstream gradient that is
+    zero at padded positions (what sdpa and fastlm put in padded rows is not part of the contract)."""
+    model.zero_grad(set_to_none=True)
+    y = _out(model, ids, attention_mask=mask)
+    g = torch.Generator(device="cpu").manual_seed(dy_seed)
+    dy = torch.randn(y.shape, generator=g, dtype=torch.float64).to(device=y.device, dtype=y.dtype)
+    y.backward(dy * mask[..., None].to(y.dtype))
+    return y.detach()[mask.bool()], {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@needs_varlen_op
+@pytest.mark.parametrize("side", ["right", "left"])
+@pytest.mark.parametrize("family", ["gpt2", "llama", "mistral", "qwen2", "bert"])
+def test_padded_batches_run_on_attention_varlen(family, side, launches):
+    """Right- and left-padded batches (a row with a single real token among them): every layer on
+    fastlm.ops.attention_varlen's kernels, none fell back; real-token outputs and all gradients
+    equal the unpatched model's by the tolerance rule."""
+    torch.manual_seed(0)
+    model = build(family, layers=2)
+    ids = torch.randint(1, V, (3, 7), device=DEVICE)
+    mask = _padding_mask(side)
+    truth = fwd_bwd_real(copy.deepcopy(model).double(), ids, mask)
+    base = fwd_bwd_real(copy.deepcopy(model), ids, mask)
+    report = fastlm.patch(model, norm=False, rotary=False)
+    with fastlm.use_backend("triton"):
+        out = fwd_bwd_real(model, ids, mask)
+    assert dict(report.calls) == {"attention.fastlm.varlen": 2}
+    assert launches["attention_varlen_fwd"] == 2 and launches["attention_varlen_bwd"] == 2
+    check(out, truth, base, GRAD_FACTOR_ATTENTION)
+    fastlm.unpatch(model)
+
+
+@needs_varlen_op
+def test_padding_layout_is_read_once_per_forward(monkeypatch):
+    """The mask is recognised once per forward (one host read), not once per layer, also for the
+    inference tensors of torch.inference_mode (which have no version counter)."""
+    seen = []
+    layout = fastlm.hf._padding_layout
+    monkeypatch.setattr(fastlm.hf, "_padding_layout", lambda *a: (seen.append(a[1:]), layout(*a))[1])
+    torch.manual_seed(0)
+    model = build("llama", layers=3)
+    ids = torch.randint(1, V, (3, 7), device=DEVICE)
+    mask = _padding_mask("left")
+    with torch.no_grad():
+        expected = _out(model, ids, attention_mask=mask)
+    with fastlm.patched(model, norm=False, rotary=False) as report, fastlm.use_backend("triton"):
+        with torch.no_grad():
+            _out(model, ids, attention_mask=_padding_mask("right"))
+        with torch.inference_mode():
+            got = _out(model, ids, attention_mask=mask)
+    assert report.calls["attention.fastlm.varlen"] == 6 and len(seen) == 2
+    torch.testing.assert_close(got[mask.bool()], expected[mask.bool()], rtol=1e-5, atol=1e-5)
+
+
+def _causal_padding(valid, q_len):
+    """transformers' causal-and-padding mask (B, 1, Sq, Sk) for key validity ``valid`` (B, Sk)."""
+    k_len = valid.shape[1]
+    pos = torch.arange(k_len - q_len, k_len)
+    return (valid[:, None, :] & (torch.arange(k_len)[None, :] <= pos[:, None]))[:, None]
+
+
+def test_padding_layout_recognises_padding_and_nothing_else():
+    valid = torch.tensor([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1], [1, 1, 0, 0, 0], [0, 0, 0, 0, 1]], dtype=torch.bool)
+    idx_q, idx_k, cu_q, cu_k, max_q, max_k = fastlm.hf._padding_layout(_causal_padding(valid, 5), 5, 5, True)
+    assert cu_q.tolist() == cu_k.tolist() == [0, 5, 8, 10, 11] and max_q == max_k == 5
+    assert idx_q.tolist() == idx_k.tolist() == [0, 1, 2, 3, 4, 7, 8, 9, 10, 11, 19]
+    # decode steps (queries at the last positions) of a left-padded batch
+    left = torch.tensor([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1], [0, 0, 0, 1, 1], [0, 0, 0, 0, 1]], dtype=torch.bool)
+    idx_q, idx_k, cu_q, cu_k, *_ = fastlm.hf._padding_layout(_causal_padding(left, 2), 2, 5, True)
+    assert cu_k.tolist() == [0, 5, 8, 10, 11] and cu_q.tolist() == [0, 2, 4, 6, 7] and idx_q.tolist() == [0, 1, 2, 3, 4, 5, 7]
+    # with Sq != Sk, keys after a run are a static cache's empty slots (the query is not at Sk - 1)
+    # or right padding in the middle of a generation: not taken
+    assert fastlm.hf._padding_layout(_causal_padding(valid, 1), 1, 5, True) is None
+    assert fastlm.hf._padding_layout(valid[2:3, None, None, :], 1, 5, True) is None
+    # BERT: a key-padding mask, 4-D or 2-D; every query row is computed (also with Sq != Sk, as in
+    # cross-attention over a padded encoder output)
+    bidir = valid[:, None, None, :].expand(4, 1, 5, 5)
+    idx_q, idx_k, cu_q, cu_k, max_q, max_k = fastlm.hf._padding_layout(bidir, 5, 5, False)
+    assert cu_k.tolist() == [0, 5, 8, 10, 11] and cu_q.tolist() == [0, 5, 10, 15, 20] and idx_q.tolist() == list(range(20))
+    assert fastlm.hf._padding_layout(valid, 5, 5, False)[3].tolist() == [0, 5, 8, 10, 11]
+    idx_q, idx_k, cu_q, cu_k, max_q, max_k = fastlm.hf._padding_layout(valid[:, None, None, :], 2, 5, False)
+    assert cu_q.tolist() == [0, 2, 4, 6, 8] and cu_k.tolist() == [0, 5, 8, 10, 11] and (max_q, max_k) == (2, 5)
+    # not padding: a hole, a bidirectional mask given to a causal layer (and the reverse), a window,
+    # a float mask, per-head masks
+    holes = valid.clone()
+    holes[0, 2] = False
+    assert fastlm.hf._padding_layout(_causal_padding(holes, 5), 5, 5, True) is None
+    assert fastlm.hf._padding_layout(bidir, 5, 5, True) is None
+    assert fastlm.hf._padding_layout(_causal_padding(valid, 5), 5, 5, False) is None
+    window = _causal_padding(valid, 5) & (torch.arange(5)[None, :] > torch.arange(5)[:, None] - 2)
+    assert fastlm.hf._padding_layout(window, 5, 5, True) is None
+    assert fastlm.hf._padding_layout(_causal_padding(valid, 5).float(), 5, 5, True) is None
+    assert fastlm.hf._padding_layout(_causal_padding(valid, 5).expand(4, 2, 5, 5), 5, 5, True) is None
+
+
+@needs_varlen_op
+@pytest.mark.parametrize("family", ["gpt2", "llama", "qwen2"])
+def test_greedy_generate_left_padded_batch_on_varlen(family):
+    """A left-padded batch (prefill and every decode step carry a padding mask) gives the tokens of
+    the unpatched model, with every attention call on attention_varlen."""
+    torch.manual_seed(0)
+    model = build(family).eval()
+    prompt = torch.randint(1, V, (3, 5), device=DEVICE)
+    mask = _padding_mask("left", 3, 5)
+    prompt = prompt * mask
+    kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=0, attention_mask=mask)
+    with torch.no_grad():
+        expected = model.generate(prompt, **kw)
+        with fastlm.patched(model, norm=False, rotary=False) as report, fastlm.use_backend("triton"):
+            got = model.generate(prompt, **kw)
+    assert torch.equal(got, expected)
+    assert dict(report.calls) == {"attention.fastlm.varlen": 2 * 4}
+
+
+@needs_varlen_op
+def test_greedy_generate_left_padded_batch_with_static_cache():
+    """A static cache's empty slots look like right padding and its queries are not at the last key
+    position: such masks keep the sdpa fallback (taking them as padding gave zero rows), and the
+    tokens are the unpatched model's."""
+    torch.manual_seed(0)
+    model = build("llama").eval()
+    mask = _padding_mask("left", 3, 5)
+    prompt = torch.randint(1, V, (3, 5), device=DEVICE) * mask
+    kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=0, attention_mask=mask, cache_implementation="static")
+    with torch.no_grad():
+        expected = model.generate(prompt, **kw)
+        with fastlm.patched(model, norm=False, rotary=False) as report, fastlm.use_backend("triton"):
+            got = model.generate(prompt, **kw)
+    assert torch.equal(got, expected)
+    assert report.calls["attention.fallback.mask"] >= 2 and sum(report.calls.values()) == 2 * 4

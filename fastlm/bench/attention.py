@@ -15,6 +15,18 @@ decode_attention bytes: the K and V caches read once (2 B Hkv L D elements); Hq 
 D = 128, one new token, every sequence L long, timed as CUDA-graph replays. Implementations:
 torch eager (F.scaled_dot_product_attention over cache[:, :, :L] with enable_gqa), the SDPA
 backends, fastlm per backend, flash-attn's flash_attn_with_kvcache when installed.
+
+attention_varlen FLOPs: the sum over sequences of 4 H L^2 D (halved, causal); a realistic length
+mix (lengths spread over [S/8, S], a fixed seed), about 16k tokens, H = 16, D = 128. The padded
+baseline computes on every padded position (B S_max^2 work): torch eager = SDPA over the padded
+batch with a boolean causal + padding mask, its output packed inside the timing (a gather, small
+beside the attention). fastlm
+varlen per backend; flash-attn's flash_attn_varlen_func when installed.
+
+paged_decode bytes: the K and V pages read once (2 B Hkv L D elements), page size 64, pages shuffled
+over the pool; one new token, CUDA-graph replays. torch eager gathers the pages into a contiguous
+cache, then SDPA (what a torch user does); fastlm paged per backend; flash-attn's
+flash_attn_with_kvcache with its block_table (page size 256, its minimum) when installed.
 """
 
 from __future__ import annotations
@@ -171,25 +183,30 @@ def _attention_truth(inp, mode):
 # ---- decode_attention ----------------------------------------------------------------------------
 
 
-def _decode_cases(dtype, mode, sizes, device, quick):
+def _decode_shapes(dtype, sizes, quick):
+    """(dtype, [(B, L, bytes of the K and V read)], Hq, Hkv, D) of the decode entries."""
     dt = getattr(torch, dtype)
     ls = sizes if isinstance(sizes, list) else DECODE_SIZES["quick" if quick else (sizes or "default")]
     HQ, HKV, D = (4, 2, 64) if quick else (32, 8, 128)
+    grid = [(B, L, 2 * B * HKV * L * D * dt.itemsize) for B in ((1, 2) if quick else (1, 8, 32)) for L in ls]
+    return dt, grid, HQ, HKV, D
+
+
+def _decode_cases(dtype, mode, sizes, device, quick):
+    dt, grid, HQ, HKV, D = _decode_shapes(dtype, sizes, quick)
     out = []
-    for B in ((1, 2) if quick else (1, 8, 32)):
-        for L in ls:
-            nbytes = 2 * B * HKV * L * D * dt.itemsize
+    for B, L, nbytes in grid:
 
-            def make(B=B, L=L):
-                g = torch.Generator(device=device).manual_seed(L + B)
-                q = torch.randn(B, HQ, 1, D, device=device, dtype=dt, generator=g)
-                kc = torch.randn(B, HKV, L, D, device=device, dtype=dt, generator=g)
-                vc = torch.randn(B, HKV, L, D, device=device, dtype=dt, generator=g)
-                lens = torch.full((B,), L, device=device, dtype=torch.int32)
-                return dict(q=q, k=kc, v=vc, lens=lens)
+        def make(B=B, L=L):
+            g = torch.Generator(device=device).manual_seed(L + B)
+            q = torch.randn(B, HQ, 1, D, device=device, dtype=dt, generator=g)
+            kc = torch.randn(B, HKV, L, D, device=device, dtype=dt, generator=g)
+            vc = torch.randn(B, HKV, L, D, device=device, dtype=dt, generator=g)
+            lens = torch.full((B,), L, device=device, dtype=torch.int32)
+            return dict(q=q, k=kc, v=vc, lens=lens)
 
-            out.append(Case(f"B={B} Hq={HQ} Hkv={HKV} L={L} D={D}", L, make, bytes=nbytes,
-                            params=dict(B=B, HQ=HQ, HKV=HKV, L=L, D=D, graph=torch.device(device).type == "cuda")))
+        out.append(Case(f"B={B} Hq={HQ} Hkv={HKV} L={L} D={D}", L, make, bytes=nbytes,
+                        params=dict(B=B, HQ=HQ, HKV=HKV, L=L, D=D, graph=torch.device(device).type == "cuda")))
     return out
 
 
@@ -224,7 +241,180 @@ def _decode_truth(inp, mode):
     return ref.decode_attention(inp["q"].float(), inp["k"].float(), inp["v"].float(), inp["lens"])
 
 
+# ---- attention_varlen ----------------------------------------------------------------------------
+
+
+VARLEN_SIZES = {"default": [1024, 2048, 4096, 8192], "large": [512, 1024, 2048, 4096, 8192, 16384], "quick": [24]}
+
+
+def _varlen_lengths(S: int, tokens: int, seed: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    lens, total = [], 0
+    while total < tokens:
+        n = int(torch.randint(max(1, S // 8), S + 1, (1,), generator=g))
+        lens.append(n)
+        total += n
+    return lens
+
+
+def _varlen_cases(dtype, mode, sizes, device, quick):
+    dt = getattr(torch, dtype)
+    ss = sizes if isinstance(sizes, list) else VARLEN_SIZES["quick" if quick else (sizes or "default")]
+    H, D = (2, 64) if quick else (16, 128)
+    out = []
+    for causal in (False, True):
+        for S in ss:
+            lens = _varlen_lengths(S, 3 * S if quick else TOKENS, S)
+            fwd = sum(4 * H * n * n * D for n in lens) / (2 if causal else 1)
+            flops = {"fwd": fwd, "bwd": 2.5 * fwd, "full": 3.5 * fwd}[mode]
+
+            def make(S=S, lens=lens, causal=causal):
+                g = torch.Generator(device=device).manual_seed(S)
+                T = sum(lens)
+                q, k, v, do = (torch.randn(T, H, D, device=device, dtype=dt, generator=g) for _ in range(4))
+                cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], device=device, dtype=torch.int32)
+                return dict(q=q, k=k, v=v, do=do, cu=cu, lens=lens, causal=causal)
+
+            label = f"seqs={len(lens)} tokens={sum(lens)} S_max={S} H={H} D={D} {'causal' if causal else 'full'}"
+            out.append(Case(label, S, make, flops=flops, params=dict(seqs=len(lens), tokens=sum(lens), S=S, H=H, D=D, causal=causal)))
+    return out
+
+
+def _padded(inp):
+    """([pad(x) (B, H, S_max, D) for x in q, k, v], the (B, S_max) validity mask)."""
+    lens, S = inp["lens"], max(inp["lens"])
+    B, (_, H, D) = len(lens), inp["q"].shape
+    valid = torch.arange(S, device=inp["q"].device)[None, :] < torch.tensor(lens, device=inp["q"].device)[:, None]
+    pads = []
+    for t in (inp["q"], inp["k"], inp["v"]):
+        p = t.new_zeros(B, S, H, D)
+        p[valid] = t
+        pads.append(p.transpose(1, 2))
+    return pads, valid
+
+
+def _varlen_impls(mode, device, backends):
+    def packed(fn):
+        def prepare(inp):
+            q, k, v, do, cu, causal = inp["q"], inp["k"], inp["v"], inp["do"], inp["cu"], inp["causal"]
+            S = max(inp["lens"])
+            call = lambda q, k, v: fn(q, k, v, cu, S, causal)  # noqa: E731
+            if mode == "fwd":
+                return lambda: call(q, k, v)
+            leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+            if mode == "bwd":
+                o = call(*leaves)
+                return lambda: torch.autograd.grad(o, leaves, do, retain_graph=True)
+            return lambda: (lambda o: (o, *torch.autograd.grad(o, leaves, do)))(call(*leaves))
+
+        return prepare
+
+    def padded(fn):
+        def prepare(inp):
+            (qp, kp, vp), valid = _padded(inp)
+            causal, do = inp["causal"], inp["do"]
+            call = lambda q, k, v: fn(q, k, v, valid, causal).transpose(1, 2)[valid]  # noqa: E731
+            if mode == "fwd":
+                return lambda: call(qp, kp, vp)
+            leaves = [t.detach().requires_grad_() for t in (qp, kp, vp)]
+
+            def grads(o):
+                return [g.transpose(1, 2)[valid] for g in torch.autograd.grad(o, leaves, do, retain_graph=True)]
+
+            if mode == "bwd":
+                o = call(*leaves)
+                return lambda: grads(o)
+            return lambda: (lambda o: (o, *grads(o)))(call(*leaves))
+
+        return prepare
+
+    def sdpa(q, k, v, valid, causal):
+        S = q.shape[2]
+        mask = valid[:, None, None, :]
+        if causal:  # bottom-right per sequence = top-left for right padding when Sq == Sk
+            mask = mask & torch.ones(S, S, dtype=torch.bool, device=q.device).tril()
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+    d = {"torch-eager": padded(sdpa)}
+    d.update(fastlm_impls(backends, lambda b: packed(
+        lambda q, k, v, cu, S, causal, b=b: ops.attention_varlen(q, k, v, cu, cu, S, S, causal=causal, backend=b))))
+    try:
+        from flash_attn import flash_attn_varlen_func
+
+        d["flash-attn"] = packed(lambda q, k, v, cu, S, causal: flash_attn_varlen_func(q, k, v, cu, cu, S, S, causal=causal))
+    except Exception:
+        pass
+    return d
+
+
+def _varlen_truth(inp, mode):
+    ct = torch.float64 if max(inp["lens"]) <= 2048 else torch.float32
+    leaves = [t.to(ct).requires_grad_(mode != "fwd") for t in (inp["q"], inp["k"], inp["v"])]
+    o = ref.attention_varlen(*leaves, inp["cu"], inp["cu"], causal=inp["causal"])
+    if mode == "fwd":
+        return o.detach()
+    grads = torch.autograd.grad(o, leaves, inp["do"].to(ct))
+    return tuple(grads) if mode == "bwd" else (o.detach(), *grads)
+
+
+# ---- paged decode --------------------------------------------------------------------------------
+
+
+PAGE = 64
+
+
+def _paged_cases(dtype, mode, sizes, device, quick):
+    dt, grid, HQ, HKV, D = _decode_shapes(dtype, sizes, quick)
+    page = 16 if quick else PAGE
+    out = []
+    for B, L, nbytes in grid:
+
+        def make(B=B, L=L):
+            g = torch.Generator(device=device).manual_seed(L + B)
+            per = -(-L // page)
+            pool = B * per + 3
+            q = torch.randn(B, HQ, 1, D, device=device, dtype=dt, generator=g)
+            kc = torch.randn(pool, HKV, page, D, device=device, dtype=dt, generator=g)
+            vc = torch.randn(pool, HKV, page, D, device=device, dtype=dt, generator=g)
+            perm = torch.randperm(pool, generator=torch.Generator().manual_seed(L))[: B * per]
+            table = perm.view(B, per).to(device=device, dtype=torch.int32)
+            lens = torch.full((B,), L, device=device, dtype=torch.int32)
+            return dict(q=q, k=kc, v=vc, table=table, lens=lens)
+
+        out.append(Case(f"B={B} Hq={HQ} Hkv={HKV} L={L} D={D} page={page}", L, make, bytes=nbytes,
+                        params=dict(B=B, HQ=HQ, HKV=HKV, L=L, D=D, page=page, graph=torch.device(device).type == "cuda")))
+    return out
+
+
+def _gather_pages(cache, table, L):
+    """(B, Hkv, L, D) contiguous keys from the pages (the torch user's way)."""
+    B, per = table.shape
+    pages = cache[table.long()]  # (B, per, Hkv, page, D)
+    return pages.permute(0, 2, 1, 3, 4).reshape(B, cache.shape[1], per * cache.shape[2], cache.shape[3])[:, :, :L]
+
+
+def _paged_impls(mode, device, backends):
+    def torch_eager(inp):
+        q, kc, vc, table, L = inp["q"], inp["k"], inp["v"], inp["table"], int(inp["lens"][0])
+        return lambda: F.scaled_dot_product_attention(q, _gather_pages(kc, table, L), _gather_pages(vc, table, L), enable_gqa=True)
+
+    d = {"torch-eager": torch_eager}
+    d.update(fastlm_impls(backends, lambda b: lambda inp, b=b: (lambda: ops.decode_attention(
+        inp["q"], inp["k"], inp["v"], inp["lens"], block_table=inp["table"], backend=b))))
+    return d
+
+
+def _paged_truth(inp, mode):
+    L = int(inp["lens"][0])
+    return ref.decode_attention(inp["q"].float(), _gather_pages(inp["k"], inp["table"], L).float(),
+                                _gather_pages(inp["v"], inp["table"], L).float(), inp["lens"])
+
+
 register(Entry("attention", "flops", ("fwd", "bwd"), _attention_cases, _attention_impls, _attention_truth,
                factor=GRAD_FACTOR_ATTENTION, description="fused attention (B, H, S, D), causal and not"))
 register(Entry("decode_attention", "bandwidth", ("fwd",), _decode_cases, _decode_impls, _decode_truth,
                description="KV-cache decode, one new token, GQA 32/8, D=128; bytes = the K and V read"))
+register(Entry("attention_varlen", "flops", ("fwd", "bwd"), _varlen_cases, _varlen_impls, _varlen_truth,
+               factor=GRAD_FACTOR_ATTENTION, description="packed sequences of mixed lengths vs padded SDPA (B, H, S_max, D)"))
+register(Entry("paged_decode", "bandwidth", ("fwd",), _paged_cases, _paged_impls, _paged_truth,
+               description="decode over a paged KV cache (page 64), GQA 32/8, D=128; bytes = the K and V pages read"))
