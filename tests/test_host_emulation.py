@@ -209,7 +209,8 @@ def _exercise_every_instantiation():
                 fastlm.ops.rotary(q, k, torch.arange(5)[None], interleaved=interleaved, backend="cuda")
             for cdt in (f32, f16, bf16):
                 cos, sin = torch.randn(1, 5, 16).to(cdt), torch.randn(1, 5, 16).to(cdt)
-                fastlm.ops.apply_rotary_pos_emb(q, k, cos, sin, backend="cuda")
+                for interleaved in (False, True):
+                    fastlm.ops.apply_rotary_pos_emb(q, k, cos, sin, interleaved=interleaved, backend="cuda")
         for D in (8, 6):  # the backward's vector kernels, then its any-width ones
             w = torch.randn(10, D).to(dt).requires_grad_()
             for det in (True, False):  # 80 tokens of 3 ids: runs cross the 32-row chunks
