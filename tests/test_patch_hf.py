@@ -426,8 +426,6 @@ def test_generate_with_sampling_processor():
 
 # --- padded batches on attention_varlen ----------------------------------------------------------
 
-HAS_VARLEN_OP = hasattr(fastlm.ops, "attention_varlen")
-needs_varlen_op = pytest.mark.xfail(not HAS_VARLEN_OP, reason="op not landed yet: fastlm.ops.attention_varlen", strict=False)
 
 
 def _padding_mask(side, b=3, s=7):
@@ -453,7 +451,6 @@ def fwd_bwd_real(model, ids, mask, dy_seed=1):
     return y.detach()[mask.bool()], {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@needs_varlen_op
 @pytest.mark.parametrize("side", ["right", "left"])
 @pytest.mark.parametrize("family", ["gpt2", "llama", "mistral", "qwen2", "bert"])
 def test_padded_batches_run_on_attention_varlen(family, side, launches):
@@ -475,7 +472,6 @@ def test_padded_batches_run_on_attention_varlen(family, side, launches):
     fastlm.unpatch(model)
 
 
-@needs_varlen_op
 def test_padding_layout_is_read_once_per_forward(monkeypatch):
     """The mask is recognised once per forward (one host read), not once per layer, also for the
     inference tensors of torch.inference_mode (which have no version counter)."""
@@ -538,7 +534,6 @@ def test_padding_layout_recognises_padding_and_nothing_else():
     assert fastlm.hf._padding_layout(_causal_padding(valid, 5).expand(4, 2, 5, 5), 5, 5, True) is None
 
 
-@needs_varlen_op
 @pytest.mark.parametrize("family", ["gpt2", "llama", "qwen2"])
 def test_greedy_generate_left_padded_batch_on_varlen(family):
     """A left-padded batch (prefill and every decode step carry a padding mask) gives the tokens of
@@ -557,7 +552,6 @@ def test_greedy_generate_left_padded_batch_on_varlen(family):
     assert dict(report.calls) == {"attention.fastlm.varlen": 2 * 4}
 
 
-@needs_varlen_op
 def test_greedy_generate_left_padded_batch_with_static_cache():
     """A static cache's empty slots look like right padding and its queries are not at the last key
     position: such masks keep the sdpa fallback (taking them as padding gave zero rows), and the
