@@ -223,3 +223,16 @@ def test_bench_entries_run_quick():
     assert {("gpt_train", "torch-eager"), ("gpt_decode", "torch-eager")} <= ok
     assert {("gpt_train", f"fastlm-{b}") for b in BACKENDS} <= ok
     assert all(r["tokens_per_s"] > 0 for r in train + decode if r["status"] == "ok")
+
+
+def test_hidden_states_are_what_lm_head_reads():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=37, block_size=16, n_layer=2, n_head=2, n_embd=16)).eval()
+    idx = torch.randint(0, 37, (2, 9))
+    h = model.hidden_states(idx)
+    assert h.shape == (2, 9, 16)
+    torch.testing.assert_close(model.lm_head(h), model(idx), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="token ids"):
+        model.hidden_states(torch.full((1, 3), 37))
+    with pytest.raises(ValueError, match="longer than the context"):
+        model.hidden_states(torch.zeros(1, 17, dtype=torch.long))

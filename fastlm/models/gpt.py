@@ -255,17 +255,31 @@ class GPT(nn.Module):
                 positions = cache.seqlens.long()[:, None] + torch.arange(S, device=idx.device)
             else:
                 positions = torch.arange(S, device=idx.device)
-        h, delta = self.embed(idx, positions, cache is not None), None
-        for block in self.transformer.h:
-            h, delta = block(h, delta, positions, cache, prefill)
-        y, _ = _add_norm(self.transformer.ln_f, h, delta)
-        logits = self.lm_head(y)
+        logits = self.lm_head(self._hidden(idx, positions, cache, prefill))
         if cache is not None:
             cache.advance(S)
         if targets is None:
             return logits
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
         return logits, loss
+
+    def _hidden(self, idx, positions, cache=None, prefill=False):
+        h, delta = self.embed(idx, positions, cache is not None), None
+        for block in self.transformer.h:
+            h, delta = block(h, delta, positions, cache, prefill)
+        y, _ = _add_norm(self.transformer.ln_f, h, delta)
+        return y
+
+    def hidden_states(self, idx, *, positions=None):
+        """The final normed hidden states (B, S, n_embd) for idx (B, S): what lm_head (or a task head) reads."""
+        B, S = idx.shape
+        if not torch.compiler.is_compiling():
+            _check_ids(idx, self.config.vocab_size)
+        if S > self.config.block_size:
+            raise ValueError(f"sequence length {S} is longer than the context (block_size {self.config.block_size})")
+        if positions is None:
+            positions = torch.arange(S, device=idx.device)
+        return self._hidden(idx, positions)
 
     @torch.no_grad()
     def generate(self, prompts, max_new_tokens: int = 64, **kwargs):
