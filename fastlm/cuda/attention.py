@@ -18,6 +18,8 @@ its kernels do not cover to the Triton launcher, which computes the same thing):
   per-row page lookup in the 16-byte cp.async copies (paged_decode_split_kernel), same coverage.
 - paged_kv_append: CUDA for every dtype and shape (16-byte copies on aligned rows).
 - attention_varlen (packed sequences): no CUDA kernel yet; forward and backward run the Triton ones.
+- the options softcap, alibi_slopes and dropout (forward, backward, decode): no CUDA kernel yet; a call
+  with any of them runs the Triton kernels.
 ``CUDA_COVERAGE`` says this in one line for ``fastlm info``.
 On CPU tensors the kernels run through fastlm._C_host and the Triton cases through the interpreter
 (TRITON_INTERPRET=1), bf16 ones on fp32 copies rounded once (the interpreter's bf16 is wrong).
@@ -56,6 +58,20 @@ def _triton(device: torch.device):
             f"fastlm.cuda.attention: this case is served by the Triton kernels (see CUDA_COVERAGE), and triton is not importable: {exc}"
         ) from exc
     return triton_attention
+
+
+def _options(softcap=0.0, alibi_slopes=None, dropout_p=0.0, seed=None) -> dict:
+    """The attention options that are set (softcap, ALiBi, dropout), as keyword arguments for the
+    Triton launchers; {} when none is. The CUDA kernels do not take them yet: a call with any of
+    them runs the Triton kernels (see CUDA_COVERAGE)."""
+    opts = {}
+    if softcap:
+        opts["softcap"] = softcap
+    if alibi_slopes is not None:
+        opts["alibi_slopes"] = alibi_slopes
+    if dropout_p:
+        opts.update(dropout_p=dropout_p, seed=seed)
+    return opts
 
 
 def _rows_aligned(*tensors, elems: int) -> bool:
@@ -98,15 +114,17 @@ def fwd_splits_for(batch: int, q_heads: int, sq: int, sk: int, device: torch.dev
     return max(1, min(-(-sms // blocks), sk // 256, 32))
 
 
-def attention_fwd(q, k, v, causal, scale, window_left, window_right, out, lse, num_splits=None) -> None:
+def attention_fwd(q, k, v, causal, scale, window_left, window_right, out, lse, num_splits=None, *, softcap=0.0,
+                  alibi_slopes=None, dropout_p=0.0, seed=None) -> None:
     """See fastlm.triton.attention.attention_fwd. num_splits: key splits per query block (None:
     ``fwd_splits_for``); CUDA only."""
-    if not fwd_runs_cuda(q, k, v, causal, window_left, window_right, out, scale):
+    opts = _options(softcap, alibi_slopes, dropout_p, seed)
+    if opts or not fwd_runs_cuda(q, k, v, causal, window_left, window_right, out, scale):
         T = _triton(q.device)
         if not interpreted_bf16(q):
-            return T.attention_fwd(q, k, v, causal, scale, window_left, window_right, out, lse)
+            return T.attention_fwd(q, k, v, causal, scale, window_left, window_right, out, lse, **opts)
         out32 = torch.empty_like(out, dtype=torch.float32)
-        T.attention_fwd(q.float(), k.float(), v.float(), causal, scale, window_left, window_right, out32, lse)
+        T.attention_fwd(q.float(), k.float(), v.float(), causal, scale, window_left, window_right, out32, lse, **opts)
         out.copy_(out32)
         return
     B, Hq, Sq, D = q.shape
@@ -138,17 +156,20 @@ def bwd_runs_cuda(do, q, k, v, out, dq, dk, dv) -> bool:
     )
 
 
-def attention_bwd(do, dlse, q, k, v, out, lse, causal, scale, window_left, window_right, dq, dk, dv, deterministic=True) -> None:
+def attention_bwd(do, dlse, q, k, v, out, lse, causal, scale, window_left, window_right, dq, dk, dv, deterministic=True, *,
+                  softcap=0.0, alibi_slopes=None, dropout_p=0.0, seed=None) -> None:
     """See fastlm.triton.attention.attention_bwd (always deterministic; so are the CUDA kernels:
     every output element is summed by one block in a fixed order)."""
-    if bwd_runs_cuda(do, q, k, v, out, dq, dk, dv):
+    opts = _options(softcap, alibi_slopes, dropout_p, seed)
+    if not opts and bwd_runs_cuda(do, q, k, v, out, dq, dk, dv):
         return _attention_bwd_cuda(do, dlse, q, k, v, out, lse, causal, scale, window_left, window_right, dq, dk, dv)
     T = _triton(q.device)
     if not interpreted_bf16(q):
-        return T.attention_bwd(do, dlse, q, k, v, out, lse, causal, scale, window_left, window_right, dq, dk, dv, deterministic)
+        return T.attention_bwd(do, dlse, q, k, v, out, lse, causal, scale, window_left, window_right, dq, dk, dv, deterministic,
+                               **opts)
     grads = [torch.empty_like(g, dtype=torch.float32) for g in (dq, dk, dv)]
     T.attention_bwd(do.float(), dlse, q.float(), k.float(), v.float(), out.float(), lse, causal, scale,
-                    window_left, window_right, *grads, deterministic)
+                    window_left, window_right, *grads, deterministic, **opts)
     for g, g32 in zip((dq, dk, dv), grads, strict=True):
         g.copy_(g32)
 
@@ -200,16 +221,17 @@ def num_splits_for(batch: int, kv_heads: int, s_max: int, device: torch.device) 
 
 
 def decode_attention_fwd(q, k_cache, v_cache, cache_seqlens, scale, window_left, window_right, out, lse, num_splits=None,
-                         block_table=None) -> None:
+                         block_table=None, *, softcap=0.0, alibi_slopes=None) -> None:
     """See fastlm.triton.attention.decode_attention_fwd (block_table: paged caches)."""
-    if not decode_runs_cuda(q, k_cache, v_cache, block_table):
+    opts = _options(softcap, alibi_slopes)
+    if opts or not decode_runs_cuda(q, k_cache, v_cache, block_table):
         T = _triton(q.device)
         if not interpreted_bf16(q):
             return T.decode_attention_fwd(q, k_cache, v_cache, cache_seqlens, scale, window_left, window_right, out, lse, num_splits,
-                                          block_table=block_table)
+                                          block_table=block_table, **opts)
         out32 = torch.empty_like(out, dtype=torch.float32)
         T.decode_attention_fwd(q.float(), k_cache.float(), v_cache.float(), cache_seqlens, scale, window_left, window_right,
-                               out32, lse, num_splits, block_table=block_table)
+                               out32, lse, num_splits, block_table=block_table, **opts)
         out.copy_(out32)
         return
     B, Hq, Sq, D = q.shape
@@ -259,14 +281,16 @@ def paged_kv_append(k_cache, v_cache, block_table, cache_seqlens, k_new, v_new) 
 
 
 def attention_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale,
-                         window_left, window_right, out, lse) -> None:
+                         window_left, window_right, out, lse, *, softcap=0.0, alibi_slopes=None, dropout_p=0.0, seed=None) -> None:
     """See fastlm.triton.attention.attention_varlen_fwd: no CUDA kernel yet, always the Triton one."""
     _triton(q.device).attention_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale,
-                                           window_left, window_right, out, lse)
+                                           window_left, window_right, out, lse, **_options(softcap, alibi_slopes, dropout_p, seed))
 
 
 def attention_varlen_bwd(do, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale,
-                         window_left, window_right, dq, dk, dv, deterministic=True) -> None:
+                         window_left, window_right, dq, dk, dv, deterministic=True, *, softcap=0.0, alibi_slopes=None,
+                         dropout_p=0.0, seed=None) -> None:
     """See fastlm.triton.attention.attention_varlen_bwd: no CUDA kernel yet, always the Triton one."""
     _triton(q.device).attention_varlen_bwd(do, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                           causal, scale, window_left, window_right, dq, dk, dv, deterministic)
+                                           causal, scale, window_left, window_right, dq, dk, dv, deterministic,
+                                           **_options(softcap, alibi_slopes, dropout_p, seed))

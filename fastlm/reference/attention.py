@@ -12,6 +12,19 @@ query sees the last key, which is what chunked prefill and decode need):
 Causal and a window combine (causal caps r at 0). A query that sees no key gets O = 0, LSE = -inf.
 GQA/MQA: Hq = G * Hkv; query head h reads key/value head h // G.
 
+Options (flash-attn's semantics), applied in this order to the scaled score S = scale q.k:
+    softcap c > 0:   S <- c tanh(S / c)                               (Gemma 2; c = 0: off)
+    ALiBi:           S <- S - slope_h |i + off - j|                   (alibi_slopes (Hq,) or (B, Hq), fp32;
+                                                                       no gradient reaches the slopes)
+    then the mask and P = softmax(S); the LSE is that of S (before dropout).
+    dropout p:       O = (P * keep / (1 - p)) V, keep_ij = word_{jg mod 4} of Philox4x32-10(counter =
+                     (jg >> 2, ig, h, offset mod 2**32), key = (seed_lo, seed_hi)) >= floor(p 2**32)
+                     (as uint32), where ig / jg are the query / key row in the packed layout (for a
+                     (B, H, S, D) batch: b Sq + i and b Sk + j; for attention_varlen the packed rows
+                     themselves), h the query head, and seed = [seed, offset] the int64 pair the op
+                     draws like fastlm.ops.sample does. So attention on a batch and attention_varlen on
+                     the same sequences packed drop the same entries, on every backend.
+
 decode_attention: the new Sq tokens are the last Sq of each sequence b, whose keys fill
 cache[b, :, :L_b]; it equals attention(causal=True) over those L_b keys, per sequence. Keys that
 no query sees (the cache beyond L_b) are never read into the result: NaN or inf there cannot reach
@@ -23,6 +36,8 @@ from __future__ import annotations
 import math
 
 import torch
+
+from fastlm.reference.sampling import _M32, philox4x32
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -45,8 +60,34 @@ def visible_mask(sq: int, sk: int, causal: bool = False, window=None, device=Non
     return mask
 
 
-def _masked_attention(q, k, v, mask, scale, return_lse):
-    """softmax(scale q k^T) v over the keys where mask (broadcast to (..., Sq, Sk)) is True."""
+def dropout_keep(seed: torch.Tensor, p: float, q_rows: torch.Tensor, k_rows: torch.Tensor, heads: torch.Tensor) -> torch.Tensor:
+    """The dropout keep mask (bool, the broadcast shape of q_rows, k_rows and heads): the packed query
+    rows ig, key rows jg and query heads h, by the Philox rule in the module docstring."""
+    seed = seed.to(torch.int64)
+    s, off = seed[0], seed[1]
+    ig, jg, h = torch.broadcast_tensors(q_rows.to(torch.int64), k_rows.to(torch.int64), heads.to(torch.int64))
+    words = philox4x32(jg >> 2, ig, h, (off & _M32) + torch.zeros_like(ig), s & _M32, (s >> 32) & _M32)
+    word = torch.stack(words, -1).gather(-1, (jg & 3)[..., None]).squeeze(-1)
+    return word >= dropout_threshold(p)
+
+
+def dropout_threshold(p: float) -> int:
+    """floor(p 2**32) as a uint32 (an entry is kept iff its Philox word is >= this)."""
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout_p must lie in [0, 1), got {p}")
+    return min(int(p * 2**32), 2**32 - 1)
+
+
+def alibi_bias(slopes: torch.Tensor, sq: int, sk: int, device) -> torch.Tensor:
+    """-slope_h |i + off - j| with off = Sk - Sq: (H, Sq, Sk) for slopes (H,), (B, H, Sq, Sk) for (B, H)."""
+    i = torch.arange(sq, device=device)[:, None]
+    j = torch.arange(sk, device=device)[None, :]
+    return -slopes.double()[..., None, None] * (i + (sk - sq) - j).abs()
+
+
+def _masked_attention(q, k, v, mask, scale, return_lse, softcap=0.0, bias=None, keep=None, dropout_p=0.0):
+    """softmax(scale q k^T) v over the keys where mask (broadcast to (..., Sq, Sk)) is True; with the
+    options of the module docstring (bias: the ALiBi term, keep: the dropout mask)."""
     ct = _compute_dtype(q)
     hq, hkv = q.shape[-3], k.shape[-3]
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
@@ -58,22 +99,50 @@ def _masked_attention(q, k, v, mask, scale, return_lse):
     used = mask.any(-2)[..., None]
     kf, vf = torch.where(used, kf, 0.0), torch.where(used, vf, 0.0)
     s = torch.matmul(qf, kf.transpose(-1, -2)) * scale
+    if softcap:
+        s = softcap * torch.tanh(s / softcap)
+    if bias is not None:
+        s = s + bias.to(s.dtype)
     mask = mask.expand_as(s)
     seen = mask.any(-1, keepdim=True)
     # Rows that see no key are filled with 0 (not -inf) so that no NaN appears, even in gradients.
     s = torch.where(mask, s, torch.where(seen, float("-inf"), 0.0))
     lse = torch.logsumexp(s, dim=-1, keepdim=True)
     p = torch.where(mask, torch.exp(s - lse), 0.0)
+    if dropout_p:
+        p = torch.where(keep, p, 0.0) * (1.0 / (1.0 - dropout_p))
     out = torch.matmul(p, vf).to(q.dtype)
     if not return_lse:
         return out
     return out, torch.where(seen, lse, float("-inf")).squeeze(-1)
 
 
-def attention(q, k, v, causal=False, scale=None, window=None, return_lse=False):
+def _options(q, sq, sk, softcap, alibi_slopes, dropout_p, seed, q_row0=0, k_row0=0):
+    """(bias, keep) for q (B, H, Sq, D) or (H, Sq, D); the batch's packed rows start at q_row0 / k_row0."""
+    bias = keep = None
+    if alibi_slopes is not None:
+        bias = alibi_bias(alibi_slopes.to(q.device), sq, sk, q.device)
+    if dropout_p:
+        if seed is None:
+            raise ValueError("the reference dropout needs seed = an int64 tensor [seed, offset]")
+        nb = q.shape[0] if q.dim() == 4 else 1
+        b = torch.arange(nb, device=q.device)[:, None, None, None]
+        i = torch.arange(sq, device=q.device)[None, None, :, None]
+        j = torch.arange(sk, device=q.device)[None, None, None, :]
+        h = torch.arange(q.shape[-3], device=q.device)[None, :, None, None]
+        keep = dropout_keep(seed.to(q.device), dropout_p, q_row0 + b * sq + i, k_row0 + b * sk + j, h)
+        if q.dim() == 3:
+            keep = keep[0]
+    return bias, keep
+
+
+def attention(q, k, v, causal=False, scale=None, window=None, return_lse=False, softcap=0.0, alibi_slopes=None,
+              dropout_p=0.0, seed=None, _rows=(0, 0)):
     """Reference attention; differentiable by autograd (rows that see no key have zero gradient)."""
-    mask = visible_mask(q.shape[-2], k.shape[-2], causal, window, device=q.device)
-    return _masked_attention(q, k, v, mask, scale, return_lse)
+    sq, sk = q.shape[-2], k.shape[-2]
+    mask = visible_mask(sq, sk, causal, window, device=q.device)
+    bias, keep = _options(q, sq, sk, softcap, alibi_slopes, dropout_p, seed, *_rows)
+    return _masked_attention(q, k, v, mask, scale, return_lse, softcap, bias, keep, dropout_p)
 
 
 def paged_to_contiguous(cache, block_table):
@@ -85,7 +154,8 @@ def paged_to_contiguous(cache, block_table):
     return pages.transpose(1, 2).reshape(B, H, P * ps, D)
 
 
-def decode_attention(q, k_cache, v_cache, cache_seqlens, scale=None, window=None, return_lse=False, block_table=None):
+def decode_attention(q, k_cache, v_cache, cache_seqlens, scale=None, window=None, return_lse=False, block_table=None,
+                     softcap=0.0, alibi_slopes=None):
     """Per sequence b: attention(q[b], cache[b, :, :L_b], causal=True, window) with L_b = cache_seqlens[b]
     (computed for all sequences at once, with a per-sequence mask). With block_table the caches are
     paged and are gathered into contiguous ones first (paged_to_contiguous)."""
@@ -101,10 +171,16 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, scale=None, window=None
     mask = (j < n) & (j <= diag + right)
     if left >= 0:
         mask &= j >= diag - left
-    return _masked_attention(q, k_cache, v_cache, mask, scale, return_lse)
+    bias = None
+    if alibi_slopes is not None:
+        slopes = alibi_slopes.to(q.device)
+        slopes = slopes.expand(q.shape[0], -1) if slopes.ndim == 1 else slopes
+        bias = -slopes.double()[:, :, None, None] * (diag - j).abs()
+    return _masked_attention(q, k_cache, v_cache, mask, scale, return_lse, softcap, bias)
 
 
-def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=False, scale=None, window=None, return_lse=False):
+def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=False, scale=None, window=None, return_lse=False,
+                     softcap=0.0, alibi_slopes=None, dropout_p=0.0, seed=None):
     """Packed attention: q (Tq, Hq, D), k/v (Tk, Hkv, D); sequence b owns query rows
     cu_seqlens_q[b]:cu_seqlens_q[b + 1] and key rows cu_seqlens_k[b]:cu_seqlens_k[b + 1], and gets
     attention() over them alone (bottom-right causal per sequence). out (Tq, Hq, D), lse (Hq, Tq).
@@ -114,7 +190,9 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=False, scale=No
     for b in range(len(cq) - 1):
         qb = q[cq[b]:cq[b + 1]].transpose(0, 1)
         kb, vb = k[ck[b]:ck[b + 1]].transpose(0, 1), v[ck[b]:ck[b + 1]].transpose(0, 1)
-        out, lse = attention(qb, kb, vb, causal=causal, scale=scale, window=window, return_lse=True)
+        slopes = alibi_slopes if alibi_slopes is None or alibi_slopes.ndim == 1 else alibi_slopes[b]
+        out, lse = attention(qb, kb, vb, causal=causal, scale=scale, window=window, return_lse=True, softcap=softcap,
+                             alibi_slopes=slopes, dropout_p=dropout_p, seed=seed, _rows=(cq[b], ck[b]))
         outs.append(out.transpose(0, 1))
         lses.append(lse)
     out, lse = torch.cat(outs, 0), torch.cat(lses, 1)
