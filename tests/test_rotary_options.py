@@ -279,3 +279,22 @@ def test_torch_compile_fullgraph_new_forms(backend):
         results.append([out.detach()] + [t.grad for t in ls])
     for a, b in zip(*results, strict=True):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rotary_embedding_module_passes_the_new_options(backend):
+    """fastlm.nn.RotaryEmbedding forwards interleaved, inplace and cu_seqlens to fastlm.ops.rotary."""
+    g = torch.Generator().manual_seed(9)
+    m = fastlm.nn.RotaryEmbedding(16, theta=500.0, interleaved=True, backend=backend)
+    cu = torch.tensor([0, 3, 3, 7], dtype=torch.int32, device=DEVICE)
+    q, k = torch.randn(7, 4, 32, generator=g).to(DEVICE), torch.randn(7, 2, 32, generator=g).to(DEVICE)
+    want = fastlm.ops.rotary(q, k, 5, theta=500.0, rotary_dim=16, interleaved=True, cu_seqlens=cu, backend="torch")
+    got = m(q, k, 5, cu_seqlens=cu)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b)
+    qi, ki = q.clone(), k.clone()
+    out = m(qi, ki, 5, cu_seqlens=cu, inplace=True)
+    assert out[0] is qi and out[1] is ki
+    assert torch.equal(qi, got[0]) and torch.equal(ki, got[1])
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        m(q, k, 5, cu_seqlens=torch.tensor([0, 3, 9], dtype=torch.int32, device=DEVICE))
