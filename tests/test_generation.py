@@ -107,7 +107,7 @@ def test_cuda_graph_decode_matches_eager(variant):
     prompts = [[5, 17, 3, 99], [64, 2]]
     eager = model.generate(prompts, 10, temperature=0, cuda_graph=False)
     graphed = model.generate(prompts, 10, temperature=0, cuda_graph=True)
-    decoders = [d for d in model.__dict__["_fastlm_kv_cache"].graphs.values() if d.graph is not None]
+    decoders = [d for d in model.__dict__["_fastlm_paged_cache"].graphs.values() if d.graph is not None]
     assert decoders, "the decode step was not captured"
     assert graphed == eager
     for p, o in zip(prompts, graphed, strict=True):
@@ -180,7 +180,110 @@ def test_cuda_graph_decode_streamed_tokens_are_not_overwritten(monkeypatch):
     eager = model.generate(prompts, 6, temperature=0, cuda_graph=False)
     kept = []
     graphed = model.generate(prompts, 6, temperature=0, cuda_graph=True, stream=lambda i, tok: kept.append(tok))
-    assert any(d.graph is not None for d in model.__dict__["_fastlm_kv_cache"].graphs.values())
+    assert any(d.graph is not None for d in model.__dict__["_fastlm_paged_cache"].graphs.values())
     assert len(set(zip(*eager, strict=True))) > 1, "the tokens must differ between steps"
     assert graphed == eager
     assert [[int(t[b]) for t in kept] for b in range(2)] == eager
+
+
+def _count_calls(monkeypatch, name):
+    calls = []
+    real = getattr(fastlm.ops, name)
+
+    def wrapped(*a, **k):
+        calls.append(a)
+        return real(*a, **k)
+
+    monkeypatch.setattr(fastlm.ops, name, wrapped)
+    return calls
+
+
+# The Triton interpreter takes about a second per decode step of this model: the position kinds
+# run on the reference backend, the kernels under the model once.
+@pytest.mark.parametrize("variant, backend", [(v, "torch") for v in VARIANTS] + [("rotary-gqa-rms", "triton")])
+def test_ragged_batch_prefills_packed_into_the_paged_cache(monkeypatch, variant, backend):
+    """A ragged batch: one packed prefill through attention_varlen over exactly the prompts' tokens
+    (no padding), no padded attention, paged decode; each sequence gets its tokens generated alone."""
+    model = _model(**VARIANTS[variant])
+    prompts = [[5, 17, 3, 99, 42, 7, 1], [64], [8, 9, 10]]
+    with fastlm.use_backend(backend):
+        alone = [model.generate([p], 4, temperature=0)[0] for p in prompts]
+        varlen, padded = _count_calls(monkeypatch, "attention_varlen"), _count_calls(monkeypatch, "attention")
+        paged = _count_calls(monkeypatch, "decode_attention")
+        batch = model.generate(prompts, 4, temperature=0)
+    assert batch == alone
+    assert len(set(map(tuple, batch))) > 1 and any(len(set(o)) > 1 for o in batch), "the test needs varied tokens"
+    assert padded == [] and len(varlen) == TINY["n_layer"]
+    assert all(q.shape[0] == 11 and cu.tolist() == [0, 7, 8, 11] for q, _, _, cu, *_ in varlen)
+    assert len(paged) == 3 * TINY["n_layer"] and all(c[1].dim() == 4 and c[1].shape[2] == 16 for c in paged)
+    from fastlm.generation import PagedKVCache
+
+    cache = model.__dict__["_fastlm_paged_cache"]
+    assert isinstance(cache, PagedKVCache) and cache.seqlens.tolist() == [10, 4, 6]
+
+
+def test_seeded_sampling_gives_each_sequence_its_tokens_alone():
+    """seed= makes every sequence's draws its own (Philox row 0, counter = its token index): the same
+    tokens in a ragged batch, a same-length batch (the static cache) and alone. On the reference
+    backend (the Triton sampling kernel equals it bit for bit: tests/test_sampling.py)."""
+    model = _model(positions="rotary")
+    kw = dict(temperature=1.0, top_k=40)
+    ragged = [[1, 2, 3, 4, 5, 6], [7], [8, 9, 10]]
+    seeds = [11, -3, 2**62]
+    with fastlm.use_backend("torch"):
+        alone = [model.generate([p], 7, seed=s, **kw)[0] for p, s in zip(ragged, seeds, strict=True)]
+        assert model.generate(ragged, 7, seed=seeds, **kw) == alone
+        assert len(set(map(tuple, alone))) == 3
+        same = [[1, 2, 3], [4, 5, 6]]
+        alone = [model.generate([p], 7, seed=5, **kw)[0] for p in same]
+        assert model.generate(same, 7, seed=5, **kw) == alone
+        assert model.generate([[1, 2, 3], [1, 2, 3]], 7, seed=[5, 6], **kw)[0] == alone[0]
+        with pytest.raises(ValueError, match="one int64 per prompt"):
+            model.generate(same, 2, seed=[1, 2, 3])
+        with pytest.raises(ValueError, match="seed or generator, not both"):
+            model.generate(same, 2, seed=1, generator=torch.Generator())
+
+
+def test_paged_kv_cache_pages_and_errors():
+    from fastlm.generation import PagedKVCache
+
+    cache = PagedKVCache(2, 5, 2, 16, 8, max_batch=2, max_pages=3)
+    a = cache.alloc(33)
+    assert a == [0, 1, 2] and cache.free_pages == [3, 4]
+    with pytest.raises(ValueError, match="33 tokens need 3 pages but 2 of 5 are free"):
+        cache.alloc(33)
+    with pytest.raises(ValueError, match="more than a block-table row's 3"):
+        cache.alloc(49)
+    b = cache.alloc(17)
+    cache.set_rows([a, b], [33, 17])
+    assert cache.block_table.tolist() == [[0, 1, 2], [3, 4, 0]] and cache.seqlens.tolist() == [33, 17]
+    cache.release(a)
+    assert sorted(cache.free_pages) == [0, 1, 2]
+    cache.set_rows([b], [17])
+    assert cache.batch == 1 and cache.block_table.shape == (1, 3)
+    with pytest.raises(ValueError, match="page_size must be a power of two from 16 to 256"):
+        PagedKVCache(2, 5, 2, 24, 8, max_batch=1, max_pages=1)
+    with pytest.raises(ValueError, match="num_pages must be an int >= 1"):
+        PagedKVCache(2, 0, 2, 16, 8, max_batch=1, max_pages=1)
+
+
+@pytest.mark.parametrize("prompts, cache", [([[5, 17, 3, 99], [64, 2]], "_fastlm_paged_cache"),
+                                             ([[5, 17, 3], [64, 2, 8]], "_fastlm_kv_cache")])
+def test_graph_decode_matches_eager_on_both_caches(monkeypatch, prompts, cache):
+    """The CUDA-graph path (a fake capture replaying the eager step into static buffers) on the
+    paged cache (a ragged batch) and the static one (prompts of one length): the same tokens as
+    eager decoding, greedy and with per-sequence seeds."""
+    from fastlm.generation import _Decoder
+
+    def fake_capture(self):
+        self.static_tok = torch.zeros(self.cache.batch, dtype=torch.long, device=DEVICE)
+        self.static_out = torch.zeros_like(self.static_tok)
+        self.graph = _FakeGraph(lambda: self.static_out.copy_(self._step(self.static_tok)))
+
+    monkeypatch.setattr(_Decoder, "_capture", fake_capture)
+    model = _model()
+    with fastlm.use_backend("torch"):
+        for kw in (dict(temperature=0), dict(temperature=1.0, seed=[3, 4])):
+            eager = model.generate(prompts, 6, cuda_graph=False, **kw)
+            assert model.generate(prompts, 6, cuda_graph=True, **kw) == eager
+    assert sum(d.graph is not None for d in model.__dict__[cache].graphs.values()) == 2

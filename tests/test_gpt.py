@@ -87,8 +87,8 @@ class _Counter:
 
     def __init__(self, monkeypatch):
         self.calls, self.resolved = [], []
-        for name in ("layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm", "attention", "decode_attention",
-                     "rotary", "embed_sinusoidal", "sample"):
+        for name in ("layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm", "attention", "attention_varlen",
+                     "decode_attention", "rotary", "embed_sinusoidal", "sample"):
             fn = getattr(fastlm.ops, name, None)
             if fn is not None:
                 monkeypatch.setattr(fastlm.ops, name, self._wrap(name, fn))
@@ -128,7 +128,7 @@ def test_every_op_goes_through_fastlm_and_follows_use_backend(monkeypatch, varia
     counter.calls.clear()
     with fastlm.use_backend(backend):
         model.generate([[1, 2, 3], [4]], 3, temperature=0, cuda_graph=False)  # a replayed graph makes no Python calls
-    assert counter.count("attention") == L  # the prefill
+    assert counter.count("attention_varlen") == L and counter.count("attention") == 0  # the packed prefill (ragged batch)
     assert counter.count("decode_attention") == 2 * L  # two decode steps
     assert counter.count("sample") == 3
     assert {b for _, b in counter.resolved} == {backend}, counter.resolved

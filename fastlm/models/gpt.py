@@ -121,6 +121,44 @@ def _check_ids(idx, vocab_size: int) -> None:
             raise ValueError(f"GPT: token ids must lie in [0, {vocab_size}) (the vocabulary size), got ids from {lo} to {hi}")
 
 
+def _check_packed(idx, cu_seqlens, max_seqlen, block_size: int) -> int:
+    """Validate the packed form (idx (1, T), cu_seqlens int32 (B + 1,) prefix sums from 0 to T, no
+    sequence longer than block_size) and return max_seqlen (the longest sequence when None). The
+    values are read on the host (one sync on CUDA) except while compiling, where max_seqlen is required."""
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1 or len(cu_seqlens) < 2:
+        what = f"{cu_seqlens.dtype} of shape {list(cu_seqlens.shape)}" if isinstance(cu_seqlens, torch.Tensor) else type(cu_seqlens).__name__
+        raise ValueError(f"GPT: cu_seqlens must be an int32 tensor (B + 1,) of prefix sums with B >= 1, got {what}")
+    if cu_seqlens.device != idx.device:
+        raise ValueError(f"GPT: cu_seqlens is on {cu_seqlens.device} but idx is on {idx.device}")
+    if idx.dim() != 2 or idx.shape[0] != 1:
+        raise ValueError(f"GPT: with cu_seqlens, idx must be (1, total) packed tokens, got shape {list(idx.shape)}")
+    if max_seqlen is not None and (isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 0):
+        raise ValueError(f"GPT: max_seqlen must be None or an int >= 0, got {max_seqlen!r}")
+    if torch.compiler.is_compiling():
+        if max_seqlen is None:
+            raise ValueError("GPT: under torch.compile the packed form needs max_seqlen")
+        return max_seqlen
+    cu = cu_seqlens.tolist()
+    lens = [b - a for a, b in zip(cu[:-1], cu[1:], strict=True)]
+    if cu[0] != 0 or min(lens) < 0 or cu[-1] != idx.shape[1]:
+        raise ValueError(f"GPT: cu_seqlens must rise from 0 to the {idx.shape[1]} packed tokens without decreasing, got {cu[:8]}"
+                         + (" ..." if len(cu) > 8 else ""))
+    longest = max(lens)
+    if longest > block_size:
+        b = lens.index(longest)
+        raise ValueError(f"GPT: packed sequence {b} of length {longest} is longer than the context (block_size {block_size})")
+    if max_seqlen is not None and max_seqlen < longest:
+        raise ValueError(f"GPT: max_seqlen {max_seqlen} is below the longest packed sequence ({longest} tokens)")
+    return longest if max_seqlen is None else max_seqlen
+
+
+def packed_positions(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    """Positions (total,) int64 restarting at 0 in every sequence of cu_seqlens (on the device, no sync)."""
+    t = torch.arange(total, device=cu_seqlens.device, dtype=torch.int32)
+    seq = torch.searchsorted(cu_seqlens[1:], t, right=True).clamp_max(len(cu_seqlens) - 2)
+    return (t - cu_seqlens[seq]).long()
+
+
 def _add_norm(norm: nn.Module, h: torch.Tensor, delta: torch.Tensor | None):
     """(norm(h + delta), h + delta) in one fused op; (norm(h), h) without a delta."""
     if delta is None:
@@ -140,7 +178,8 @@ class Attention(nn.Module):
         self.c_proj = nn.Linear(H * D, cfg.n_embd, bias=cfg.bias)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, positions, cache=None, prefill=False):
+    def forward(self, x, positions, cache=None, prefill=False, packed=None):
+        """packed: None, or (cu_seqlens, max_seqlen) for x (1, T, C) holding the sequences one after another."""
         cfg = self.cfg
         B, S, _ = x.shape
         H, Hkv, D = cfg.n_head, cfg.n_kv_head, cfg.head_dim
@@ -150,7 +189,15 @@ class Attention(nn.Module):
         v = v.view(B, S, Hkv, D).transpose(1, 2)
         if cfg.positions == "rotary":
             q, k = ops.rotary(q, k, positions, theta=cfg.rope_theta)
-        if cache is None:
+        if packed is not None:
+            cu, max_seqlen = packed
+            q3, k3, v3 = q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1)  # (T, H, D)
+            if cache is None:
+                y3 = ops.attention_varlen(q3, k3, v3, cu, cu, max_seqlen, max_seqlen, causal=cfg.causal)
+            else:
+                y3 = cache.attend_packed(self.layer, q3, k3, v3, cu, max_seqlen)
+            y = y3.transpose(0, 1)[None]
+        elif cache is None:
             y = ops.attention(q, k, v, causal=cfg.causal)
         else:
             y = cache.attend(self.layer, q, k, v, positions, prefill)
@@ -181,10 +228,10 @@ class Block(nn.Module):
         super().__init__()
         self.ln_1, self.attn, self.ln_2, self.mlp = _make_norm(cfg), Attention(cfg, layer), _make_norm(cfg), MLP(cfg)
 
-    def forward(self, h, delta, positions, cache=None, prefill=False):
+    def forward(self, h, delta, positions, cache=None, prefill=False, packed=None):
         """h: the residual stream; delta: the previous block's MLP output, not yet added to it."""
         y, h = _add_norm(self.ln_1, h, delta)
-        a = self.attn(y, positions, cache, prefill)
+        a = self.attn(y, positions, cache, prefill, packed)
         y, h = _add_norm(self.ln_2, h, a)
         return h, self.mlp(y)
 
@@ -239,12 +286,27 @@ class GPT(nn.Module):
             x = wte(idx)
         return self.transformer.drop(x)
 
-    def forward(self, idx, targets=None, *, cache=None, prefill=False, positions=None):
-        """Logits (B, S, V) for idx (B, S), and the mean next-token cross-entropy if targets are given.
+    def forward(self, idx, targets=None, *, cache=None, prefill=False, positions=None, cu_seqlens=None, max_seqlen=None):
+        """Logits (B, S, V) for idx (B, S), and the mean next-token cross-entropy if targets are given
+        (ignore_index -100).
 
         With a KV cache (fastlm.generation.KVCache) the tokens are appended at each sequence's
         cache length (the positions follow from it); ``prefill`` says the cache starts empty.
+
+        Packed form: with ``cu_seqlens`` (int32 (B + 1,) prefix sums from 0 to T) idx is (1, T), the
+        B sequences one after another, and so are the logits (1, T, V) and targets (1, T). Every
+        sequence is the model run on it alone: positions restart at 0 in each (unless ``positions``
+        (T,) gives them), attention is ``fastlm.ops.attention_varlen`` (causal per sequence when
+        config.causal), so no token sees another sequence and no compute is spent on padding.
+        ``max_seqlen`` (the longest sequence) is read from cu_seqlens when None (a host sync on CUDA).
         """
+        if cu_seqlens is not None and cache is not None:
+            raise ValueError("GPT: cu_seqlens with a cache: a packed batch runs without a KV cache here "
+                             "(fastlm.generation prefills a ragged batch into its paged cache itself)")
+        if cu_seqlens is not None:
+            h = self.hidden_states(idx, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, positions=positions)
+            logits = self.lm_head(h)
+            return logits if targets is None else (logits, self._loss(logits, targets))
         B, S = idx.shape
         if cache is None and not torch.compiler.is_compiling():
             _check_ids(idx, self.config.vocab_size)
@@ -260,26 +322,42 @@ class GPT(nn.Module):
             cache.advance(S)
         if targets is None:
             return logits
-        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
-        return logits, loss
+        return logits, self._loss(logits, targets)
 
-    def _hidden(self, idx, positions, cache=None, prefill=False):
+    @staticmethod
+    def _loss(logits, targets):
+        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+
+    def _hidden(self, idx, positions, cache=None, prefill=False, packed=None):
         h, delta = self.embed(idx, positions, cache is not None), None
         for block in self.transformer.h:
-            h, delta = block(h, delta, positions, cache, prefill)
+            h, delta = block(h, delta, positions, cache, prefill, packed)
         y, _ = _add_norm(self.transformer.ln_f, h, delta)
         return y
 
-    def hidden_states(self, idx, *, positions=None):
-        """The final normed hidden states (B, S, n_embd) for idx (B, S): what lm_head (or a task head) reads."""
-        B, S = idx.shape
+    def hidden_states(self, idx, *, cu_seqlens=None, max_seqlen=None, positions=None):
+        """The final normed hidden states (B, S, n_embd) for idx (B, S): what lm_head (or a task head) reads.
+
+        With ``cu_seqlens`` the packed form of ``forward``: idx (1, T), hidden states (1, T, n_embd).
+        """
         if not torch.compiler.is_compiling():
+            if not isinstance(idx, torch.Tensor) or idx.dim() != 2:
+                raise ValueError(f"GPT: idx must be a (B, S) tensor of token ids, got {getattr(idx, 'shape', type(idx).__name__)}")
             _check_ids(idx, self.config.vocab_size)
-        if S > self.config.block_size:
+        B, S = idx.shape
+        packed = None
+        if cu_seqlens is not None:
+            packed = (cu_seqlens, _check_packed(idx, cu_seqlens, max_seqlen, self.config.block_size))
+            if positions is None:
+                positions = packed_positions(cu_seqlens, S)
+            elif tuple(positions.shape) not in ((S,), (1, S)):
+                raise ValueError(f"GPT: with cu_seqlens, positions must be (T,) = ({S},) per-token positions, got {list(positions.shape)}")
+            positions = positions.reshape(S)
+        elif S > self.config.block_size:
             raise ValueError(f"sequence length {S} is longer than the context (block_size {self.config.block_size})")
         if positions is None:
             positions = torch.arange(S, device=idx.device)
-        return self._hidden(idx, positions)
+        return self._hidden(idx, positions, packed=packed)
 
     @torch.no_grad()
     def generate(self, prompts, max_new_tokens: int = 64, **kwargs):
