@@ -14,10 +14,15 @@ both-sided padding of decoders, with a dynamic cache; BERT's key-padding mask) r
 ``fastlm.ops.attention_varlen``: the real tokens are unpacked into the packed layout, attended and
 padded back (counter ``attention.fastlm.varlen``; padded query rows get zeros). Any other mask
 (holes, sliding windows that bite, packed sequences, a static cache's layout, float masks), a mask
-under torch.compile, dropout in training, or arguments it does not take (softcap, position_bias,
-attention sinks, paged caches) fall back to transformers' own "sdpa" function, visibly: a one-time
+under torch.compile, or arguments it does not take (position_bias, attention sinks, paged caches)
+fall back to transformers' own "sdpa" function, visibly: a one-time
 ``FastlmFallbackWarning`` and the counters ``report.calls["attention.fallback.<why>"]`` /
-``fastlm.hf.calls``.
+``fastlm.hf.calls``. Logit soft-capping (Gemma 2's ``softcap``) and attention dropout in training
+(``dropout`` > 0, i.e. module.training with attention_dropout > 0) run on the kernels' options:
+fastlm's dropout mask is its own Philox stream seeded by one draw from torch's default generator
+per call (reproducible under torch.manual_seed, not torch's stream: the same distribution, other
+dropped entries than the unpatched model's). Inputs the kernels do not take (float64, odd head
+dims) with one of these options fall back as "dropout" / "unsupported_softcap".
 
 ``fastlm.patch`` switches a model only if it currently uses "sdpa" (the masks are the same, so the
 fallback is exact), and routes a model file's ``apply_rotary_pos_emb`` to
@@ -160,14 +165,14 @@ def _cached_padding_layout(mask, q_len: int, k_len: int, causal: bool):
     return cache[1]
 
 
-def _varlen_forward(query, key, value, layout, causal: bool, scaling):
-    """Unpad (B, H, S, D) q, k, v into the packed rows of ``layout``, attention_varlen, pad back
-    (zeros at padded query rows): (B, Sq, Hq, D)."""
+def _varlen_forward(query, key, value, layout, causal: bool, scaling, options):
+    """Unpad (B, H, S, D) q, k, v into the packed rows of ``layout``, attention_varlen (with the
+    options softcap / dropout_p), pad back (zeros at padded query rows): (B, Sq, Hq, D)."""
     idx_q, idx_k, cu_q, cu_k, max_q, max_k = layout
     b, hq, sq, d = query.shape
     q, k, v = (t.transpose(1, 2).reshape(b * t.shape[2], t.shape[1], d) for t in (query, key, value))
     out = ops.attention_varlen(q.index_select(0, idx_q), k.index_select(0, idx_k), v.index_select(0, idx_k),
-                               cu_q, cu_k, max_q, max_k, causal=causal, scale=scaling)
+                               cu_q, cu_k, max_q, max_k, causal=causal, scale=scaling, **options)
     full = out.new_zeros(b * sq, hq, d).index_copy(0, idx_q, out)
     return full.view(b, sq, hq, d)
 
@@ -177,13 +182,18 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
 
     No mask: fastlm.ops.scaled_dot_product_attention. A padding mask (see _padding_layout):
     fastlm.ops.attention_varlen on the real tokens (causal for causal modules), zeros at padded
-    query rows. Any other mask, and every other case it does not take: transformers' sdpa, counted."""
+    query rows. ``softcap`` and ``dropout`` (training) go to the kernels as their options (both
+    paths). Any other mask, and every other case it does not take: transformers' sdpa, counted."""
     kw = dict(kwargs, dropout=dropout, scaling=scaling, is_causal=is_causal)
-    if dropout:
-        return _fallback("dropout", module, query, key, value, attention_mask, **kw)
-    for arg in ("softcap", "position_bias", "s_aux", "sinks", "cache"):
+    for arg in ("position_bias", "s_aux", "sinks", "cache"):
         if kwargs.get(arg) is not None:
             return _fallback(f"unsupported_{arg}", module, query, key, value, attention_mask, **kw)
+    softcap = kwargs.get("softcap") or 0.0
+    options = dict(softcap=softcap) if softcap else {}
+    if dropout:
+        options["dropout_p"] = float(dropout)
+    if options and not _sdpa_kernel_ok(query, key, value, None, 0.0, True):
+        return _fallback("dropout" if dropout else "unsupported_softcap", module, query, key, value, attention_mask, **kw)
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     if attention_mask is not None:
         if (not hasattr(ops, "attention_varlen") or torch.compiler.is_compiling()
@@ -192,7 +202,7 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
         layout = _cached_padding_layout(attention_mask, query.shape[2], key.shape[2], bool(causal))
         if layout is None:
             return _fallback("mask", module, query, key, value, attention_mask, **kw)
-        out = _varlen_forward(query, key, value, layout, bool(causal), scaling)
+        out = _varlen_forward(query, key, value, layout, bool(causal), scaling, options)
         _count(module, "attention.fastlm.varlen")
         return out, None
     if not hasattr(ops, "scaled_dot_product_attention"):
@@ -202,9 +212,15 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
     causal = q_len > 1 and causal
     if causal and key.shape[2] > q_len:  # prefill into an empty static cache: the extra keys are unused slots
         key, value = key[:, :, :q_len], value[:, :, :q_len]
-    out = ops.scaled_dot_product_attention(
-        query, key, value, is_causal=bool(causal), scale=scaling, enable_gqa=key.shape[1] != query.shape[1]
-    )
+    if softcap:  # Sq == Sk whenever causal here, so attention's bottom-right diagonal is sdpa's top-left one
+        if causal and key.shape[2] != q_len:
+            return _fallback("unsupported_softcap", module, query, key, value, attention_mask, **kw)
+        out = ops.attention(query, key, value, causal=bool(causal), scale=scaling, **options)
+    else:
+        out = ops.scaled_dot_product_attention(
+            query, key, value, dropout_p=options.get("dropout_p", 0.0), is_causal=bool(causal), scale=scaling,
+            enable_gqa=key.shape[1] != query.shape[1],
+        )
     _count(module, "attention.fastlm")
     return out.transpose(1, 2).contiguous(), None
 

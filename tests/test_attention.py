@@ -164,13 +164,13 @@ def test_sdpa_falls_back_to_torch_exactly_when_documented(backend, monkeypatch):
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
     fastlm.ops.scaled_dot_product_attention(q, k, v, is_causal=True, backend=backend)
     fastlm.ops.scaled_dot_product_attention(q, k[:, :1], v[:, :1], enable_gqa=True, backend=backend)
+    fastlm.ops.scaled_dot_product_attention(q, k, v, dropout_p=0.5, backend=backend)  # the kernels' dropout (issue 17)
     assert calls == []
     mask = torch.rand(8, 8, device=DEVICE) > 0.3
     mask[:, 0] = True
     fallbacks = [
         dict(args=(q, k, v), kw=dict(attn_mask=mask)),
         dict(args=(q, k, v), kw=dict(attn_mask=torch.randn(8, 8, device=DEVICE))),
-        dict(args=(q, k, v), kw=dict(dropout_p=0.5)),
         dict(args=(q[0], k[0], v[0]), kw={}),  # 3-D
         dict(args=(q.double(), k.double(), v.double()), kw={}),
         dict(args=(q[..., :12], k[..., :12], v[..., :12]), kw={}),  # head dim 12

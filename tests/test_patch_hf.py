@@ -40,8 +40,8 @@ def build(family, layers=2, **over):
         cfg = cfg_cls(**{**LLAMA_LIKE, "num_hidden_layers": layers, **over})
         cls = {"llama": tf.LlamaForCausalLM, "mistral": tf.MistralForCausalLM, "qwen2": tf.Qwen2ForCausalLM}[family]
     elif family == "gpt2":
-        cfg = tf.GPT2Config(n_embd=64, n_layer=layers, n_head=4, vocab_size=V, n_positions=64, resid_pdrop=0.0,
-                            embd_pdrop=0.0, attn_pdrop=0.0, initializer_range=0.1, **over)
+        cfg = tf.GPT2Config(**{**dict(n_embd=64, n_layer=layers, n_head=4, vocab_size=V, n_positions=64, resid_pdrop=0.0,
+                                      embd_pdrop=0.0, attn_pdrop=0.0, initializer_range=0.1), **over})
         cls = tf.GPT2LMHeadModel
     elif family == "bert":
         cfg = tf.BertConfig(hidden_size=64, num_hidden_layers=layers, num_attention_heads=4, intermediate_size=96,
@@ -567,3 +567,78 @@ def test_greedy_generate_left_padded_batch_with_static_cache():
             got = model.generate(prompt, **kw)
     assert torch.equal(got, expected)
     assert report.calls["attention.fallback.mask"] >= 2 and sum(report.calls.values()) == 2 * 4
+
+
+# --- attention options: dropout in training (GPT-2), logit soft-capping (Gemma 2) ----------------
+
+
+def test_gpt2_train_mode_dropout_runs_on_the_kernels(launches):
+    """attn_pdrop > 0 in train mode: no fallback, finite loss, gradients flow, the same output for the
+    same torch.manual_seed and another for another seed; eval mode equals the unpatched model."""
+    torch.manual_seed(0)
+    model = build("gpt2", attn_pdrop=0.3)
+    ids = torch.randint(0, V, (2, 12), device=DEVICE)
+    report = fastlm.patch(model, norm=False)
+    model.train()
+    outs = []
+    with fastlm.use_backend("triton"):
+        for seed in (1, 1, 2):
+            torch.manual_seed(seed)
+            y, grads = fwd_bwd(model, ids)
+            assert torch.isfinite(y).all() and grads and all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads.values())
+            outs.append(y)
+    assert torch.equal(outs[0], outs[1]) and not torch.equal(outs[0], outs[2])
+    assert not any(key.startswith("attention.fallback") for key in report.calls)
+    assert report.calls["attention.fastlm"] == 6 and launches["attention_fwd"] >= 6 and launches["attention_bwd"] >= 6
+    model.eval()
+    fastlm.unpatch(model)
+    truth, base = references(model, ids)
+    fastlm.patch(model, norm=False)
+    with fastlm.use_backend("triton"):
+        out = fwd_bwd(model, ids)
+    check(out, truth, base, GRAD_FACTOR_ATTENTION)
+    fastlm.unpatch(model)
+
+
+def test_hf_dropout_keeps_1_minus_p():
+    """attention_forward(dropout=p) on one-hot values: the output reveals the keep mask, whose kept
+    fraction is 1 - p within 5 standard deviations (false alarm ~ 6e-7)."""
+    torch.manual_seed(0)
+    model = build("gpt2", layers=1, attn_pdrop=0.25)
+    fastlm.patch(model, norm=False)
+    module = model.transformer.h[0].attn
+    b, h, s, d, p = 2, 4, 32, 32, 0.25
+    q, k = torch.randn(b, h, s, d, device=DEVICE) * 0.1, torch.randn(b, h, s, d, device=DEVICE) * 0.1
+    v = torch.eye(s, d, device=DEVICE).expand(b, h, s, d).contiguous()
+    with fastlm.use_backend("triton"):
+        out, _ = fastlm.hf.attention_forward(module, q, k, v, None, dropout=p, scaling=1.0, is_causal=False)
+    kept = out.transpose(1, 2)[..., :s] != 0
+    frac = kept.float().mean().item()
+    assert abs(frac - (1 - p)) < 5 * (p * (1 - p) / kept.numel()) ** 0.5, frac
+    fastlm.unpatch(model)
+
+
+@pytest.mark.skipif(not hasattr(tf, "Gemma2Config"), reason="this transformers has no Gemma 2")
+@pytest.mark.parametrize("padded", [False, True])
+def test_gemma2_softcap_runs_on_the_kernels(padded, launches):
+    """A tiny Gemma 2 (attn_logit_softcapping = 2, small enough to bite): softcap passed to the kernels
+    (no fallback), outputs and gradients equal the unpatched model's; padded: on attention_varlen."""
+    torch.manual_seed(0)
+    cfg = tf.Gemma2Config(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                          head_dim=16, vocab_size=V, max_position_embeddings=64, sliding_window=64, attn_logit_softcapping=2.0,
+                          final_logit_softcapping=None, initializer_range=0.1, query_pre_attn_scalar=16)
+    model = tf.Gemma2ForCausalLM(cfg).to(DEVICE).eval()
+    ids = torch.randint(1, V, (3, 7), device=DEVICE)
+    mask = _padding_mask("right") if padded else torch.ones_like(ids)
+    run = lambda m: fwd_bwd_real(m, ids, mask)  # noqa: E731
+    model.set_attn_implementation("eager")  # Gemma 2 has no sdpa path (and transformers' sdpa refuses softcap)
+    truth, base = run(copy.deepcopy(model).double()), run(copy.deepcopy(model))
+    model.set_attn_implementation("fastlm")  # fastlm.patch switches sdpa models only: the registered name instead
+    before = collections.Counter(fastlm.hf.calls)
+    with fastlm.use_backend("triton"):
+        out = run(model)
+    calls = fastlm.hf.calls - before
+    assert not any(key.startswith("attention.fallback") for key in calls), dict(calls)
+    assert calls["attention.fastlm.varlen" if padded else "attention.fastlm"] == 2
+    assert launches["attention_varlen_fwd" if padded else "attention_fwd"] == 2
+    check(out, truth, base, GRAD_FACTOR_ATTENTION)

@@ -141,14 +141,39 @@ FP32_FMA = ("tensor-cores: fp32 at head dims over 128 runs IEEE FMA dots on smal
             "README): no 3xTF32 tile fits the register file without spilling")
 
 
-def _attention_pointer_plans(A, D: int, dt: str, mask: str, exhaustive: bool, cc: int, varlen: bool = False) -> list[Plan]:
+# the attention options' constexprs (fastlm/triton/attention_options.py) and their runtime arguments
+_OPTIONS = {"softcap": dict(HAS_SOFTCAP=True), "alibi": dict(HAS_ALIBI=True), "dropout": dict(HAS_DROPOUT=True),
+            "softcap+alibi": dict(HAS_SOFTCAP=True, HAS_ALIBI=True),
+            "all": dict(HAS_SOFTCAP=True, HAS_ALIBI=True, HAS_DROPOUT=True)}
+_OPTION_VALUES = dict(cap_in=0.0025, cap_out=72.1, Slopes=torch.float32, stride_sb=16, Seed=torch.int64, drop_thresh=2**30,
+                      drop_scale=1.25)
+
+
+def _option_values(options: str | None) -> tuple[dict, dict, str]:
+    """(runtime values, constexprs, label suffix) of an _OPTIONS entry; None: no option (Slopes and Seed None)."""
+    if options is None:
+        return dict(Slopes=None, Seed=None), {}, ""
+    flags = _OPTIONS[options]
+    vals = dict(_OPTION_VALUES)
+    if "HAS_ALIBI" not in flags:
+        vals["Slopes"] = None
+    if "HAS_DROPOUT" not in flags:
+        vals["Seed"] = None
+    return vals, flags, f" {options}"
+
+
+def _attention_pointer_plans(A, D: int, dt: str, mask: str, exhaustive: bool, cc: int, varlen: bool = False,
+                             options: str | None = None) -> list[Plan]:
     """The pointer forward, dK/dV and dQ kernels at one (head dim, dtype, mask); ``varlen``: their
-    packed-sequence variant (IS_VARLEN, attention_varlen's launchers)."""
+    packed-sequence variant (IS_VARLEN, attention_varlen's launchers); ``options``: an _OPTIONS entry
+    (softcap / ALiBi / dropout constexprs on)."""
     dtype = DTYPES[dt]
     fp32 = dtype == torch.float32
     meta, left, right = A.fwd_meta(D, dtype, *_MASKS[mask])
-    base = f"D={D} {dt} {mask}{' varlen' if varlen else ''}"
+    opt_vals, opt_meta, opt_label = _option_values(options)
+    base = f"D={D} {dt} {mask}{' varlen' if varlen else ''}{opt_label}"
     extra = dict(CU_Q=torch.int32, CU_K=torch.int32, TOTAL_Q=4096) if varlen else {}
+    extra.update(opt_vals)
     plans = []
     for kind, kernel, ptrs in (
         ("fwd", A._attn_fwd_kernel, dict(Q=dtype, K=dtype, V=dtype, O=dtype, LSE=torch.float32)),
@@ -159,14 +184,16 @@ def _attention_pointer_plans(A, D: int, dt: str, mask: str, exhaustive: bool, cc
     ):
         vals = dict(ptrs, LEFT=left, RIGHT=right, qk_scale=0.18, sm_scale=0.125, GROUP=2, Hq=8, Hkv=4,
                     Sq=1000, Sk=1000, SEQ_BUCKET=1024, **extra)
-        cfgs = A.candidates(kind, meta["BLOCK_D"], fp32, meta["EVEN_D"], cc, varlen)
+        kmeta = A.dkdv_meta(meta, opt_meta) if kind == "dkdv" else {**meta, **opt_meta}
+        cfgs = A.candidates(kind, meta["BLOCK_D"], fp32, meta["EVEN_D"], cc, varlen, "HAS_DROPOUT" in opt_meta,
+                            "HAS_SOFTCAP" in opt_meta or "HAS_ALIBI" in opt_meta)
         cfgs = cfgs if exhaustive else cfgs[:1]
         for i, cfg in enumerate(cfgs):
             c = dict(cfg)
             label = f"{base} BM={c['BLOCK_M']} BN={c['BLOCK_N']} w{c['num_warps']} s{c['num_stages']}"
-            plans.append(Plan("attention", kernel, label, vals, {**meta, **c, **({"IS_VARLEN": True} if varlen else {})},
+            plans.append(Plan("attention", kernel, label, vals, {**kmeta, **c, **({"IS_VARLEN": True} if varlen else {})},
                               role="default" if i == 0 else "candidate", kind="matrix",
-                              allowed=FP32_FMA if meta["DOT_PREC"] == "ieee" else None))
+                              allowed=FP32_FMA if kmeta["DOT_PREC"] == "ieee" else None))
     return plans
 
 
@@ -196,6 +223,10 @@ def attention_plans(exhaustive: bool = False, cc: int = 90) -> list[Plan]:
     # packed sequences (attention_varlen): the same kernels with IS_VARLEN, pointer path only
     for D, dt, mask in _grid([(64, 128), tuple(DTYPES), ("causal", "window")], exhaustive):
         plans += _attention_pointer_plans(A, D, dt, mask, exhaustive, cc, varlen=True)
+    # the options (softcap, ALiBi, dropout): the same kernels with their constexprs on, dense and packed
+    for D, dt, options, varlen in _grid([(64, 128, 256), tuple(DTYPES), ("softcap+alibi", "dropout", "all"), (False, True)],
+                                        exhaustive):
+        plans += _attention_pointer_plans(A, D, dt, "causal", exhaustive, cc, varlen=varlen, options=options)
     return plans
 
 
@@ -226,7 +257,7 @@ def decode_plans(exhaustive: bool = False, cc: int = 90) -> list[Plan]:
         label = f"D={D} {dt} {shape}{' window' if window else ''} BM={cfg['BLOCK_M']} BN={cfg['BLOCK_N']} w{cfg['num_warps']} s{cfg['num_stages']}"
         vals = dict(Q=dtype, K=dtype, V=dtype, Lens=torch.int32, OP=torch.float32, LP=torch.float32, BT=None, B=4, Hkv=4,
                     GROUP=group, Sq=sq, S_max=4096, num_splits=4, LEFT=256 if window else 0, RIGHT=0, qk_scale=0.18,
-                    stride_bt=0, num_pages=1)
+                    stride_bt=0, num_pages=1, Slopes=None)
         plans.append(Plan("decode_attention", DA._decode_split_kernel, label, vals, meta, kind="matrix",
                           allowed=FP32_FMA if meta["DOT_PREC"] == "ieee" else None))
         if not window and shape == "mha":
@@ -245,7 +276,26 @@ def decode_plans(exhaustive: bool = False, cc: int = 90) -> list[Plan]:
                     num_stages=cfg["num_stages"])
         label = f"D={D} {dt} {shape} paged page={page} BM={cfg['BLOCK_M']} BN={bn} w{cfg['num_warps']} s{cfg['num_stages']}"
         vals = dict(Q=dtype, K=dtype, V=dtype, Lens=torch.int32, OP=torch.float32, LP=torch.float32, BT=torch.int32, B=4, Hkv=4,
-                    GROUP=group, Sq=sq, S_max=4096, num_splits=4, LEFT=0, RIGHT=0, qk_scale=0.18, num_pages=1000)
+                    GROUP=group, Sq=sq, S_max=4096, num_splits=4, LEFT=0, RIGHT=0, qk_scale=0.18, num_pages=1000, Slopes=None)
+        plans.append(Plan("decode_attention", DA._decode_split_kernel, label, vals, meta, kind="matrix",
+                          allowed=FP32_FMA if meta["DOT_PREC"] == "ieee" else None))
+    # the options (softcap, ALiBi; no dropout at decode), contiguous and paged
+    for D, dt, shape, options, page in _grid([(64, 128, 256), tuple(DTYPES), tuple(shapes), ("softcap", "alibi", "softcap+alibi"),
+                                              (None, 16)], exhaustive):
+        dtype = DTYPES[dt]
+        group, sq = shapes[shape]
+        cfg = DA.config(D, group * sq, dtype, cc)
+        bn = min(cfg["BLOCK_N"], page or cfg["BLOCK_N"])
+        opt_vals, opt_meta, opt_label = _option_values(options)
+        meta = dict(HEAD_DIM=D, BLOCK_D=cfg["BLOCK_D"], HAS_LEFT=True, DOT_PREC=DA.dot_precision(dtype, cfg["BLOCK_D"]),
+                    BLOCK_M=cfg["BLOCK_M"], BLOCK_N=bn, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **opt_meta,
+                    **(dict(PAGED=True, PAGE_SIZE=page) if page else {}))
+        label = (f"D={D} {dt} {shape} window{f' paged page={page}' if page else ''}{opt_label} BM={cfg['BLOCK_M']} BN={bn} "
+                 f"w{cfg['num_warps']} s{cfg['num_stages']}")
+        vals = dict(Q=dtype, K=dtype, V=dtype, Lens=torch.int32, OP=torch.float32, LP=torch.float32,
+                    BT=torch.int32 if page else None, B=4, Hkv=4, GROUP=group, Sq=sq, S_max=4096, num_splits=4, LEFT=256, RIGHT=0,
+                    qk_scale=0.18, stride_bt=0 if not page else 64, num_pages=1000 if page else 1,
+                    **{k: v for k, v in opt_vals.items() if k in ("cap_in", "cap_out", "Slopes", "stride_sb")})
         plans.append(Plan("decode_attention", DA._decode_split_kernel, label, vals, meta, kind="matrix",
                           allowed=FP32_FMA if meta["DOT_PREC"] == "ieee" else None))
     for D, dt in _grid([(64, 80, 128, 256), tuple(DTYPES)], exhaustive):

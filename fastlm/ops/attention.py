@@ -1,11 +1,12 @@
 """attention, attention_varlen, scaled_dot_product_attention, decode_attention: validation, dispatch, autograd, torch.library.
 
 The kernel backends run through three custom ops:
-    fastlm::attention_fwd(q, k, v, causal, scale, window_left, window_right, deterministic, backend) -> (out, lse)
+    fastlm::attention_fwd(q, k, v, causal, scale, window_left, window_right, deterministic, backend,
+                          softcap=0.0, alibi_slopes=None, dropout_p=0.0, seed=None) -> (out, lse)
     fastlm::attention_bwd(dout, dlse, q, k, v, out, lse, causal, scale, window_left, window_right,
-                          deterministic, backend) -> (dq, dk, dv)
+                          deterministic, backend, softcap=0.0, alibi_slopes=None, dropout_p=0.0, seed=None) -> (dq, dk, dv)
     fastlm::decode_attention(q, k_cache, v_cache, cache_seqlens, scale, window_left, window_right, backend,
-                             block_table=None) -> (out, lse)
+                             block_table=None, softcap=0.0, alibi_slopes=None) -> (out, lse)
     fastlm::paged_kv_append(k_cache!, v_cache!, block_table, cache_seqlens, k_new, v_new, backend) -> ()  (in place)
     fastlm::attention_varlen_fwd / attention_varlen_bwd: the same on packed (total_rows, H, D) tensors with
         cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k after v (and after lse in the backward)
@@ -18,6 +19,16 @@ so ``deterministic=True`` costs nothing and ``deterministic=False`` gives the sa
 decode_attention is inference-only (no autograd formula is registered). Under the Triton
 interpreter (CPU) bf16 arithmetic and bf16 tl.dot are wrong, so there the kernels run on fp32
 copies and the result is rounded to bf16.
+
+Options (the contract: fastlm/reference/attention.py): ``softcap`` c (S <- c tanh(S / c)),
+``alibi_slopes`` (S <- S - slope_h |i + off - j|; fp32 (Hq,) or (B, Hq); no gradient reaches them)
+and ``dropout_p`` (training) in attention and attention_varlen, softcap and ALiBi in
+decode_attention. The ops validate them and hand a launcher only the options that are set, so an
+unset option is the old call, bit for bit. Dropout's seed is an int64 tensor [seed, offset] drawn
+once per forward (torch.randint on q's device, from ``generator`` or torch's default generator, so
+torch.manual_seed reproduces it), or given as ``seed=``; the forward saves it and the backward
+recomputes the same Philox mask from it. The mask is a function of the seed and the packed
+(query row, key row, head) alone, so every backend (torch, triton, cuda) drops the same entries.
 """
 
 from __future__ import annotations
@@ -55,19 +66,34 @@ def _unit_d(t: Tensor) -> Tensor:
 # ---- custom ops ----------------------------------------------------------------------------------
 
 
+def _set_options(softcap=0.0, alibi_slopes=None, dropout_p=0.0, seed=None) -> dict:
+    """The options that are set, as launcher keywords (an unset one is not passed)."""
+    opts = {}
+    if softcap:
+        opts["softcap"] = softcap
+    if alibi_slopes is not None:
+        opts["alibi_slopes"] = alibi_slopes
+    if dropout_p:
+        opts.update(dropout_p=dropout_p, seed=seed)
+    return opts
+
+
 @torch.library.custom_op("fastlm::attention_fwd", mutates_args=())
 def _attention_fwd(
     q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, window_left: int, window_right: int,
-    deterministic: bool, backend: str,
+    deterministic: bool, backend: str, softcap: float = 0.0, alibi_slopes: Optional[Tensor] = None,
+    dropout_p: float = 0.0, seed: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor]:
     out = q.new_empty(q.shape)
     lse = q.new_empty(q.shape[:-1], dtype=torch.float32)
-    launcher(backend, "attention").attention_fwd(q, k, v, causal, scale, window_left, window_right, out, lse)
+    launcher(backend, "attention").attention_fwd(q, k, v, causal, scale, window_left, window_right, out, lse,
+                                                 **_set_options(softcap, alibi_slopes, dropout_p, seed))
     return out, lse
 
 
 @_attention_fwd.register_fake
-def _(q, k, v, causal, scale, window_left, window_right, deterministic, backend):
+def _(q, k, v, causal, scale, window_left, window_right, deterministic, backend, softcap=0.0, alibi_slopes=None,
+      dropout_p=0.0, seed=None):
     return q.new_empty(q.shape), q.new_empty(q.shape[:-1], dtype=torch.float32)
 
 
@@ -75,33 +101,38 @@ def _(q, k, v, causal, scale, window_left, window_right, deterministic, backend)
 def _attention_bwd(
     dout: Tensor, dlse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
     causal: bool, scale: float, window_left: int, window_right: int, deterministic: bool, backend: str,
+    softcap: float = 0.0, alibi_slopes: Optional[Tensor] = None, dropout_p: float = 0.0, seed: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     dq, dk, dv = q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
     launcher(backend, "attention").attention_bwd(
-        dout, dlse, q, k, v, out, lse, causal, scale, window_left, window_right, dq, dk, dv, deterministic
+        dout, dlse, q, k, v, out, lse, causal, scale, window_left, window_right, dq, dk, dv, deterministic,
+        **_set_options(softcap, alibi_slopes, dropout_p, seed),
     )
     return dq, dk, dv
 
 
 @_attention_bwd.register_fake
-def _(dout, dlse, q, k, v, out, lse, causal, scale, window_left, window_right, deterministic, backend):
+def _(dout, dlse, q, k, v, out, lse, causal, scale, window_left, window_right, deterministic, backend, softcap=0.0,
+      alibi_slopes=None, dropout_p=0.0, seed=None):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, causal, scale, window_left, window_right, deterministic, backend = inputs
+    q, k, v, causal, scale, window_left, window_right, deterministic, backend, softcap, alibi_slopes, dropout_p, seed = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.save_for_backward(q, k, v, out, lse, alibi_slopes, seed)
     ctx.args = (causal, scale, window_left, window_right, deterministic, backend)
+    ctx.options = (softcap, dropout_p)
 
 
 def _backward(ctx, dout, dlse):
-    q, k, v, out, lse = ctx.saved_tensors
+    q, k, v, out, lse, alibi_slopes, seed = ctx.saved_tensors
     dout = torch.zeros_like(out) if dout is None else _unit_d(dout)
     if dlse is not None:
         dlse = dlse.float().contiguous()
-    dq, dk, dv = _attention_bwd(dout, dlse, q, k, v, out, lse, *ctx.args)
-    return dq, dk, dv, None, None, None, None, None, None
+    softcap, dropout_p = ctx.options
+    dq, dk, dv = _attention_bwd(dout, dlse, q, k, v, out, lse, *ctx.args, softcap, alibi_slopes, dropout_p, seed)
+    return (dq, dk, dv) + (None,) * 10
 
 
 _attention_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -110,18 +141,21 @@ _attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 @torch.library.custom_op("fastlm::decode_attention", mutates_args=())
 def _decode_attention(
     q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor, scale: float, window_left: int,
-    window_right: int, backend: str, block_table: Optional[Tensor] = None,
+    window_right: int, backend: str, block_table: Optional[Tensor] = None, softcap: float = 0.0,
+    alibi_slopes: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor]:
     out = q.new_empty(q.shape)
     lse = q.new_empty(q.shape[:-1], dtype=torch.float32)
     launcher(backend, "attention").decode_attention_fwd(
-        q, k_cache, v_cache, cache_seqlens, scale, window_left, window_right, out, lse, block_table=block_table
+        q, k_cache, v_cache, cache_seqlens, scale, window_left, window_right, out, lse, block_table=block_table,
+        **_set_options(softcap, alibi_slopes),
     )
     return out, lse
 
 
 @_decode_attention.register_fake
-def _(q, k_cache, v_cache, cache_seqlens, scale, window_left, window_right, backend, block_table=None):
+def _(q, k_cache, v_cache, cache_seqlens, scale, window_left, window_right, backend, block_table=None, softcap=0.0,
+      alibi_slopes=None):
     return q.new_empty(q.shape), q.new_empty(q.shape[:-1], dtype=torch.float32)
 
 
@@ -129,17 +163,20 @@ def _(q, k_cache, v_cache, cache_seqlens, scale, window_left, window_right, back
 def _attention_varlen_fwd(
     q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int, max_seqlen_k: int,
     causal: bool, scale: float, window_left: int, window_right: int, deterministic: bool, backend: str,
+    softcap: float = 0.0, alibi_slopes: Optional[Tensor] = None, dropout_p: float = 0.0, seed: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor]:
     out = q.new_empty(q.shape)
     lse = q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
     launcher(backend, "attention").attention_varlen_fwd(
-        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, window_left, window_right, out, lse
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, window_left, window_right, out, lse,
+        **_set_options(softcap, alibi_slopes, dropout_p, seed),
     )
     return out, lse
 
 
 @_attention_varlen_fwd.register_fake
-def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, window_left, window_right, deterministic, backend):
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, window_left, window_right, deterministic, backend,
+      softcap=0.0, alibi_slopes=None, dropout_p=0.0, seed=None):
     return q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
 
 
@@ -147,36 +184,39 @@ def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, s
 def _attention_varlen_bwd(
     dout: Tensor, dlse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, cu_seqlens_q: Tensor,
     cu_seqlens_k: Tensor, max_seqlen_q: int, max_seqlen_k: int, causal: bool, scale: float, window_left: int,
-    window_right: int, deterministic: bool, backend: str,
+    window_right: int, deterministic: bool, backend: str, softcap: float = 0.0, alibi_slopes: Optional[Tensor] = None,
+    dropout_p: float = 0.0, seed: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     dq, dk, dv = q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
     launcher(backend, "attention").attention_varlen_bwd(
         dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale,
-        window_left, window_right, dq, dk, dv, deterministic,
+        window_left, window_right, dq, dk, dv, deterministic, **_set_options(softcap, alibi_slopes, dropout_p, seed),
     )
     return dq, dk, dv
 
 
 @_attention_varlen_bwd.register_fake
 def _(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, window_left,
-      window_right, deterministic, backend):
+      window_right, deterministic, backend, softcap=0.0, alibi_slopes=None, dropout_p=0.0, seed=None):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _varlen_setup_context(ctx, inputs, output):
-    q, k, v, cu_q, cu_k, *args = inputs
+    q, k, v, cu_q, cu_k, *args, softcap, alibi_slopes, dropout_p, seed = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
+    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, alibi_slopes, seed)
     ctx.args = tuple(args)
+    ctx.options = (softcap, dropout_p)
 
 
 def _varlen_backward(ctx, dout, dlse):
-    q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
+    q, k, v, out, lse, cu_q, cu_k, alibi_slopes, seed = ctx.saved_tensors
     dout = torch.zeros_like(out) if dout is None else _unit_d(dout)
     if dlse is not None:
         dlse = dlse.float().contiguous()
-    dq, dk, dv = _attention_varlen_bwd(dout, dlse, q, k, v, out, lse, cu_q, cu_k, *ctx.args)
-    return (dq, dk, dv) + (None,) * 10
+    softcap, dropout_p = ctx.options
+    dq, dk, dv = _attention_varlen_bwd(dout, dlse, q, k, v, out, lse, cu_q, cu_k, *ctx.args, softcap, alibi_slopes, dropout_p, seed)
+    return (dq, dk, dv) + (None,) * 14
 
 
 _attention_varlen_fwd.register_autograd(_varlen_backward, setup_context=_varlen_setup_context)
@@ -242,10 +282,64 @@ def _check_qkv(op: str, q, k, v, kname="k", vname="v", packed=False) -> None:
         raise ValueError(f"fastlm.ops.{op}: query heads ({hq}) must be a multiple of key/value heads ({hkv}) (GQA/MQA)")
 
 
+def _check_softcap(op: str, softcap) -> float:
+    if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real) or not math.isfinite(softcap) or softcap < 0:
+        raise ValueError(f"fastlm.ops.{op}: softcap must be a finite number >= 0 (0: off), got {softcap!r}")
+    return float(softcap)
+
+
+def _check_alibi(op: str, alibi_slopes, q, batch: int, heads: int):
+    """None, or the slopes fp32 (heads,) or (batch, heads) on q's device, detached (no gradient reaches
+    them) and with unit stride in the head dim."""
+    if alibi_slopes is None:
+        return None
+    check_tensor("alibi_slopes", alibi_slopes, op=op, dtypes=(torch.float32,))
+    if tuple(alibi_slopes.shape) not in ((heads,), (batch, heads)):
+        raise ValueError(f"fastlm.ops.{op}: alibi_slopes must have shape [{heads}] (query heads) or [{batch}, {heads}] "
+                         f"(batch, query heads), got {list(alibi_slopes.shape)}")
+    check_same_device(op, "q", q, alibi_slopes=alibi_slopes)
+    slopes = alibi_slopes.detach()
+    return slopes if slopes.numel() == 0 or slopes.stride(-1) == 1 else slopes.contiguous()
+
+
+def _check_dropout(op: str, dropout_p, q, generator, seed):
+    """(dropout_p, seed): p in [0, 1); for p > 0 the int64 [seed, offset] tensor on q's device, from ``seed``
+    (an int: [seed, 0]) or drawn from ``generator`` (default: torch's default generator of q's device)."""
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"fastlm.ops.{op}: dropout_p must be a number in [0, 1), got {dropout_p!r}")
+    if seed is not None and generator is not None:
+        raise ValueError(f"fastlm.ops.{op}: pass generator or seed, not both")
+    if generator is not None:
+        if not isinstance(generator, torch.Generator):
+            raise TypeError(f"fastlm.ops.{op}: generator must be a torch.Generator, got {type(generator).__name__}")
+        if generator.device.type != q.device.type:
+            raise ValueError(f"fastlm.ops.{op}: generator is on {generator.device} but q is on {q.device}")
+    if seed is not None:
+        if isinstance(seed, numbers.Integral) and not isinstance(seed, bool):
+            if not -(2**63) <= seed < 2**63:
+                raise ValueError(f"fastlm.ops.{op}: seed must fit in int64, got {seed}")
+        elif isinstance(seed, torch.Tensor):
+            check_tensor("seed", seed, op=op, dtypes=(torch.int64,))
+            if tuple(seed.shape) != (2,):
+                raise ValueError(f"fastlm.ops.{op}: seed must be an int64 tensor [seed, offset] of shape (2,), got shape {list(seed.shape)}")
+            check_same_device(op, "q", q, seed=seed)
+        else:
+            raise TypeError(f"fastlm.ops.{op}: seed must be an int or an int64 tensor [seed, offset], got {type(seed).__name__}")
+    dropout_p = float(dropout_p)
+    if not dropout_p:
+        return 0.0, None
+    if isinstance(seed, torch.Tensor):
+        return dropout_p, seed.contiguous()
+    if seed is not None:
+        return dropout_p, torch.tensor([int(seed), 0], dtype=torch.int64, device=q.device)
+    return dropout_p, torch.randint(-(2**63), 2**63 - 1, (2,), dtype=torch.int64, generator=generator, device=q.device)
+
+
 # ---- public ops ----------------------------------------------------------------------------------
 
 
-def attention(q, k, v, *, causal=False, scale=None, window=None, return_lse=False, deterministic=False, backend=None):
+def attention(q, k, v, *, causal=False, scale=None, window=None, softcap=0.0, alibi_slopes=None, dropout_p=0.0, generator=None,
+              seed=None, return_lse=False, deterministic=False, backend=None):
     """Fused attention: softmax(scale q k^T + mask) v, layout (B, H, S, D).
 
     q (B, Hq, Sq, D), k and v (B, Hkv, Sk, D) with Hq a multiple of Hkv (GQA; Hkv = 1 is MQA);
@@ -256,6 +350,14 @@ def attention(q, k, v, *, causal=False, scale=None, window=None, return_lse=Fals
     ``scale`` defaults to 1/sqrt(D). ``return_lse=True`` returns (out, lse) with lse (B, Hq, Sq)
     fp32 (fp64 for fp64 inputs); lse is differentiable. The backward is deterministic on every
     backend, so ``deterministic=True`` is always honoured at no cost.
+
+    Options (module docstring; order: softcap, ALiBi, mask, softmax, dropout): ``softcap`` c >= 0
+    (0: off) maps the scaled score S to c tanh(S / c); ``alibi_slopes`` fp32 (Hq,) or (B, Hq) adds
+    -slope_h |i + Sk - Sq - j| (no gradient to the slopes); ``dropout_p`` in [0, 1) drops P entries
+    by a Philox mask and scales the kept ones by 1 / (1 - p) (the LSE is that of the undropped P).
+    Its seed: ``seed`` (an int, or an int64 tensor [seed, offset] on q's device) or one draw from
+    ``generator`` (default: torch's default generator, so torch.manual_seed reproduces the mask);
+    the backward recomputes the same mask. dropout_p = 0 is exactly the call without dropout.
     """
     op = "attention"
     _check_qkv(op, q, k, v)
@@ -263,20 +365,25 @@ def attention(q, k, v, *, causal=False, scale=None, window=None, return_lse=Fals
         raise TypeError(f"fastlm.ops.{op}: causal must be a bool, got {type(causal).__name__}")
     scale = _check_scale(op, scale, q.shape[-1])
     left, right = _check_window(op, window, q.shape[2] + k.shape[2])
+    softcap = _check_softcap(op, softcap)
+    alibi_slopes = _check_alibi(op, alibi_slopes, q, q.shape[0], q.shape[1])
+    dropout_p, seed = _check_dropout(op, dropout_p, q, generator, seed)
     name = _backend.resolve(backend, q.device, op)
     if name == "torch":
-        return ref.attention(q, k, v, causal=causal, scale=scale, window=(left, right), return_lse=return_lse)
+        return ref.attention(q, k, v, causal=causal, scale=scale, window=(left, right), return_lse=return_lse, softcap=softcap,
+                             alibi_slopes=alibi_slopes, dropout_p=dropout_p, seed=seed)
     check_kernel_dtype(op, name, q=q)
+    opts = (softcap, alibi_slopes, dropout_p, seed)
     if emulate_bf16(name, q):
-        out, lse = _attention_fwd(q.float(), k.float(), v.float(), causal, scale, left, right, bool(deterministic), name)
+        out, lse = _attention_fwd(q.float(), k.float(), v.float(), causal, scale, left, right, bool(deterministic), name, *opts)
         out = out.to(q.dtype)
     else:
-        out, lse = _attention_fwd(_unit_d(q), _unit_d(k), _unit_d(v), causal, scale, left, right, bool(deterministic), name)
+        out, lse = _attention_fwd(_unit_d(q), _unit_d(k), _unit_d(v), causal, scale, left, right, bool(deterministic), name, *opts)
     return (out, lse) if return_lse else out
 
 
 def _sdpa_kernel_ok(query, key, value, attn_mask, dropout_p, enable_gqa) -> bool:
-    if attn_mask is not None or not (isinstance(dropout_p, numbers.Real) and dropout_p == 0):
+    if attn_mask is not None or isinstance(dropout_p, bool) or not (isinstance(dropout_p, numbers.Real) and 0 <= dropout_p < 1):
         return False
     ts = (query, key, value)
     if not all(isinstance(t, torch.Tensor) and t.dim() == 4 for t in ts):
@@ -296,14 +403,18 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
                                  enable_gqa=False, *, backend=None):
     """torch.nn.functional.scaled_dot_product_attention, same signature and results.
 
-    The kernels serve attn_mask=None, dropout_p=0 and 4-D (B, H, S, D) inputs of one float dtype
+    The kernels serve attn_mask=None, 0 <= dropout_p < 1 and 4-D (B, H, S, D) inputs of one float dtype
     (fp32/fp16/bf16) with a head dim that is a multiple of 8 up to 256, Sk >= 1, and Hq == Hkv or
     enable_gqa=True with Hq % Hkv == 0. Every other call (a mask, dropout, other ranks, fp64, a
     value head dim differing from the query's, ...) and backend "torch" call torch's own function,
     so the result is never silently different. is_causal follows torch: the mask is aligned
     TOP-LEFT (query i sees keys j <= i) even when Sq != Sk, unlike fastlm.ops.attention's
     bottom-right; for Sq < Sk that is causal attention over the first Sq keys, for Sq > Sk a
-    right window of Sq - Sk keys past the bottom-right diagonal.
+    right window of Sq - Sk keys past the bottom-right diagonal. dropout_p > 0 runs the kernels'
+    dropout (fastlm.ops.attention's, seeded by one draw from torch's default generator of the
+    device): the same distribution as torch's, but its own Philox stream, not torch's RNG stream,
+    so the dropped entries differ from torch's for the same torch.manual_seed (and are the same
+    on every fastlm backend).
     """
     op = "scaled_dot_product_attention"
     device = query.device if isinstance(query, torch.Tensor) else torch.device("cpu")
@@ -319,10 +430,13 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
             key, value, causal = key[:, :, :sq], value[:, :, :sq], True
         else:
             right = sq - sk
+    dropout_p, seed = _check_dropout(op, dropout_p, query, None, None)
     if emulate_bf16(name, query):
-        out, _ = _attention_fwd(query.float(), key.float(), value.float(), causal, scale, left, right, False, name)
+        out, _ = _attention_fwd(query.float(), key.float(), value.float(), causal, scale, left, right, False, name, 0.0, None,
+                                dropout_p, seed)
         return out.to(query.dtype)
-    out, _ = _attention_fwd(_unit_d(query), _unit_d(key), _unit_d(value), causal, scale, left, right, False, name)
+    out, _ = _attention_fwd(_unit_d(query), _unit_d(key), _unit_d(value), causal, scale, left, right, False, name, 0.0, None,
+                            dropout_p, seed)
     return out
 
 
@@ -396,7 +510,8 @@ def _check_pages_used(op: str, block_table, cache_seqlens, num_pages: int, page_
                          f"[0, num_pages={num_pages}) (sequence {b} uses its first {int(need[b])} pages)")
 
 
-def decode_attention(q, k_cache, v_cache, cache_seqlens, *, block_table=None, scale=None, window=None, backend=None):
+def decode_attention(q, k_cache, v_cache, cache_seqlens, *, block_table=None, scale=None, window=None, softcap=0.0,
+                     alibi_slopes=None, backend=None):
     """Attention of a few new tokens over a KV cache (flash-decoding: the cache is split across
     programs, so batch 1 with a long cache fills the GPU).
 
@@ -415,6 +530,9 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, *, block_table=None, sc
     first ceil(L_b / page_size) entries of each row lie in [0, num_pages); other entries are never
     read. Unchecked (compile, capture), the kernels clamp L_b to [0, S_max] and page ids to
     [0, num_pages), so a bad value gives wrong rows but never reads outside the caches.
+
+    ``softcap`` and ``alibi_slopes`` ((Hq,) or (B, Hq) fp32) as in fastlm.ops.attention, the ALiBi
+    distance of token t to key j being |L_b - Sq + t - j|. No dropout (inference).
     """
     op = "decode_attention"
     if block_table is None:
@@ -440,14 +558,19 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, *, block_table=None, sc
         block_table = block_table.contiguous()
     scale = _check_scale(op, scale, q.shape[-1])
     left, right = _check_window(op, window, sq + s_max)
+    softcap = _check_softcap(op, softcap)
+    alibi_slopes = _check_alibi(op, alibi_slopes, q, q.shape[0], q.shape[1])
     name = _backend.resolve(backend, q.device, op)
     if name == "torch":
-        return ref.decode_attention(q, k_cache, v_cache, cache_seqlens, scale=scale, window=(left, right), block_table=block_table)
+        return ref.decode_attention(q, k_cache, v_cache, cache_seqlens, scale=scale, window=(left, right), block_table=block_table,
+                                    softcap=softcap, alibi_slopes=alibi_slopes)
     check_kernel_dtype(op, name, q=q)
     if emulate_bf16(name, q):
-        out, _ = _decode_attention(q.float(), k_cache.float(), v_cache.float(), cache_seqlens, scale, left, right, name, block_table)
+        out, _ = _decode_attention(q.float(), k_cache.float(), v_cache.float(), cache_seqlens, scale, left, right, name, block_table,
+                                   softcap, alibi_slopes)
         return out.to(q.dtype)
-    out, _ = _decode_attention(_unit_d(q), _unit_d(k_cache), _unit_d(v_cache), cache_seqlens, scale, left, right, name, block_table)
+    out, _ = _decode_attention(_unit_d(q), _unit_d(k_cache), _unit_d(v_cache), cache_seqlens, scale, left, right, name, block_table,
+                               softcap, alibi_slopes)
     return out
 
 
@@ -491,7 +614,8 @@ def _check_cu_seqlens(op: str, q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, m
 
 
 def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, causal=False, scale=None,
-                     window=None, return_lse=False, deterministic=False, backend=None):
+                     window=None, softcap=0.0, alibi_slopes=None, dropout_p=0.0, generator=None, seed=None, return_lse=False,
+                     deterministic=False, backend=None):
     """Attention over a packed batch of variable-length sequences (no padding).
 
     q (Tq, Hq, D), k and v (Tk, Hkv, D): the rows of all sequences one after another;
@@ -509,6 +633,10 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     sequence's length gives unspecified rows, as in FlashAttention's varlen functions.
     Backends: "triton" and "torch" (a loop over sequences); "cuda" has no varlen kernel yet and
     hands the call to the Triton kernels (fastlm.cuda.attention.CUDA_COVERAGE).
+
+    Options as in fastlm.ops.attention: ``alibi_slopes`` (Hq,) or (B, Hq) (one row per sequence),
+    the ALiBi offset Sk - Sq per sequence; dropout's mask is indexed by the packed rows, so the
+    same sequences packed or batched (B, H, S, D) with the same seed drop the same entries.
     """
     op = "attention_varlen"
     _check_qkv(op, q, k, v, packed=True)
@@ -517,19 +645,23 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     _check_cu_seqlens(op, q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     scale = _check_scale(op, scale, q.shape[-1])
     left, right = _check_window(op, window, q.shape[0] + k.shape[0])
+    softcap = _check_softcap(op, softcap)
+    alibi_slopes = _check_alibi(op, alibi_slopes, q, cu_seqlens_q.shape[0] - 1, q.shape[1])
+    dropout_p, seed = _check_dropout(op, dropout_p, q, generator, seed)
     name = _backend.resolve(backend, q.device, op)
     if name == "torch":
         return ref.attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=causal, scale=scale, window=(left, right),
-                                    return_lse=return_lse)
+                                    return_lse=return_lse, softcap=softcap, alibi_slopes=alibi_slopes, dropout_p=dropout_p, seed=seed)
     check_kernel_dtype(op, name, q=q)
     mq, mk = int(max_seqlen_q), int(max_seqlen_k)
+    opts = (softcap, alibi_slopes, dropout_p, seed)
     if emulate_bf16("triton", q):  # the cuda backend runs the Triton kernels here too
         out, lse = _attention_varlen_fwd(q.float(), k.float(), v.float(), cu_seqlens_q, cu_seqlens_k, mq, mk, causal, scale,
-                                         left, right, bool(deterministic), name)
+                                         left, right, bool(deterministic), name, *opts)
         out = out.to(q.dtype)
     else:
         out, lse = _attention_varlen_fwd(_unit_d(q), _unit_d(k), _unit_d(v), cu_seqlens_q, cu_seqlens_k, mq, mk, causal, scale,
-                                         left, right, bool(deterministic), name)
+                                         left, right, bool(deterministic), name, *opts)
     return (out, lse) if return_lse else out
 
 

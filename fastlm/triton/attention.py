@@ -35,6 +35,12 @@ _attn_fwd_tma_kernel, rank-4 descriptors over (B, H, S, D), so any 16-byte align
 boxes past a sequence's end or the head dim read as zeros); the pointer kernel serves sm_80, older
 Triton, and layouts no descriptor expresses (uses_tma, FASTLM_ATTENTION_TMA).
 
+Options (softcap, ALiBi, dropout: fastlm/triton/attention_options.py): constexpr HAS_SOFTCAP /
+HAS_ALIBI / HAS_DROPOUT in the pointer forward, dK/dV and dQ (and the varlen path, which is the
+same kernels); a call that sets one runs the pointer forward, never the TMA one. Dropout's mask is
+recomputed in the backward from the seed (nothing stored); the forward's l sums the whole P, its
+accumulator the kept entries, and O is scaled by 1 / (1 - p).
+
 Packed variable-length batches (attention_varlen_fwd / _bwd): the same three pointer kernels with
 IS_VARLEN, on (total_rows, H, D) tensors seen as (1, H, total_rows, D). Program b of the batch axis
 is sequence b: it reads its first rows and lengths from cu_seqlens_q/k (int32 prefix sums), offsets
@@ -72,6 +78,7 @@ import triton.language as tl
 from fastlm.backend import interpreter_on
 from fastlm.triton._configs import capability, dot_precision, grid_1d, is_fp32_prec, small_configs
 from fastlm.triton._online_softmax import _online_softmax_step
+from fastlm.triton.attention_options import _OPTION_PARAMS, _dropout_keep, _option_args, _option_state, _scores
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -123,9 +130,12 @@ def _fwd_blocks(
     offs_m, offs_d, lo, hi, Sk, diag, LEFT, RIGHT, qk_scale,
     MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, EVEN_D: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
+    cap_in, cap_out, slope2, ig0, jg0, h, seed_lo, seed_hi, off_lo, thresh,
+    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
 ):
-    """Online softmax over key blocks [lo, hi): s = qk_scale q.k (log2 units), m' = max(m, max_j s),
-    p = 2^(s - m'), l' = l 2^(m - m') + sum_j p, acc' = acc 2^(m - m') + p V."""
+    """Online softmax over key blocks [lo, hi): s = qk_scale q.k (log2 units; the options by _scores),
+    m' = max(m, max_j s), p = 2^(s - m'), l' = l 2^(m - m') + sum_j p, acc' = acc 2^(m - m') + p V
+    (HAS_DROPOUT: acc' takes p keep, l' the whole p; the caller scales by 1 / (1 - p_drop))."""
     offs_nb = tl.arange(0, BLOCK_N)
     d_ok = offs_d < HEAD_DIM
     for start_n in range(lo, hi, BLOCK_N):
@@ -143,11 +153,25 @@ def _fwd_blocks(
         else:
             kt = tl.load(kt_ptrs, mask=d_ok[:, None], other=0.0)
             v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
-        s = tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale
+        if HAS_SOFTCAP or HAS_ALIBI:
+            s, _ = _scores(tl.dot(q, kt, input_precision=DOT_PREC), offs_m[:, None], offs_n[None, :], diag, qk_scale,
+                           cap_in, cap_out, slope2, HAS_SOFTCAP, HAS_ALIBI)
+        else:
+            s = tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale
         if MASKED:
             ok = _key_visible(offs_m[:, None], offs_n[None, :], Sk, diag, LEFT, RIGHT, HAS_LEFT, HAS_RIGHT)
             s = tl.where(ok, s, float("-inf"))
-        acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, s, v, DOT_PREC)
+        if HAS_DROPOUT:
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.math.exp2(s - m_safe[:, None])
+            alpha = tl.math.exp2(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            keep = _dropout_keep(ig0, offs_m[:, None], jg0, offs_n[None, :], h, seed_lo, seed_hi, off_lo, thresh)
+            acc = tl.dot(tl.where(keep, p, 0.0).to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PREC)
+            m_i = m_new
+        else:
+            acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, s, v, DOT_PREC)
     return acc, m_i, l_i
 
 
@@ -184,7 +208,7 @@ def _query_block_key_ranges(m0, Sq, Sk, LEFT, RIGHT, HAS_LEFT: tl.constexpr, HAS
     return lo_blk, a_hi, b_lo, b_hi, c_lo, hi
 
 
-@triton.jit(do_not_specialize=["Hq", "GROUP", "Sq", "Sk", "LEFT", "RIGHT", "SEQ_BUCKET"])
+@triton.jit(do_not_specialize=["Hq", "GROUP", "Sq", "Sk", "LEFT", "RIGHT", "SEQ_BUCKET"] + _OPTION_PARAMS)
 def _attn_fwd_kernel(
     Q, K, V, O, LSE,  # q (B, Hq, Sq, D), k/v (B, Hkv, Sk, D), o like q, lse (B, Hq, Sq) fp32; unit D stride
     stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
@@ -193,12 +217,17 @@ def _attn_fwd_kernel(
     qk_scale,  # scale * log2(e)
     SEQ_BUCKET,  # seq_bucket(Sq, Sk): unused by the code, a key of the autotuner
     CU_Q, CU_K,  # IS_VARLEN: (B + 1,) int32 first rows of each sequence (see attention_varlen_fwd); else unused
+    cap_in, cap_out, Slopes, stride_sb, Seed, drop_thresh, drop_scale,  # the options (see _option_args)
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_VARLEN: tl.constexpr = False,
+    HAS_SOFTCAP: tl.constexpr = False, HAS_ALIBI: tl.constexpr = False, HAS_DROPOUT: tl.constexpr = False,
 ):
     """O_i = sum_j softmax_j(scale q_i.k_j) v_j over visible j;  LSE_i = log sum_j exp(scale q_i.k_j).
     IS_VARLEN: the batch is packed (B = 1 in the strides, rows of sequence b from CU_Q[b] / CU_K[b]),
-    b indexes sequences, Sq / Sk are the longest lengths, and blocks past a sequence's end exit."""
+    b indexes sequences, Sq / Sk are the longest lengths, and blocks past a sequence's end exit.
+    The options (fastlm/reference/attention.py): HAS_SOFTCAP, HAS_ALIBI change the score (_scores),
+    HAS_DROPOUT drops P entries by _dropout_keep (packed rows b Sq + i / b Sk + j, or the varlen rows)
+    and scales O by drop_scale = 1 / (1 - p); the LSE is that of the undropped P."""
     num_m = tl.cdiv(Sq, BLOCK_M)
     pid_m = tl.program_id(0) % num_m
     bh = tl.program_id(0) // num_m
@@ -211,17 +240,22 @@ def _attn_fwd_kernel(
         q_start, k_start, Sq, Sk = _varlen_bounds(CU_Q, CU_K, b)
         if pid_m * BLOCK_M >= Sq:
             return
+        ig0 = q_start.to(tl.uint32)
+        jg0 = k_start.to(tl.uint32)
         Q += q_start.to(tl.int64) * stride_qs + h.to(tl.int64) * stride_qh
         O += q_start.to(tl.int64) * stride_os + h.to(tl.int64) * stride_oh
         K += k_start.to(tl.int64) * stride_ks + hk.to(tl.int64) * stride_kh
         V += k_start.to(tl.int64) * stride_vs + hk.to(tl.int64) * stride_vh
         LSE += q_start.to(tl.int64) + h.to(tl.int64) * stride_lh
     else:
+        ig0 = (b.to(tl.int64) * Sq).to(tl.uint32)
+        jg0 = (b.to(tl.int64) * Sk).to(tl.uint32)
         Q += b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
         O += b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
         K += b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
         V += b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
         LSE += b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh
+    slope2, seed_lo, seed_hi, off_lo, thresh = _option_state(Slopes, stride_sb, Seed, drop_thresh, b, h, HAS_ALIBI, HAS_DROPOUT)
 
     m0 = pid_m * BLOCK_M
     offs_m = m0 + tl.arange(0, BLOCK_M)
@@ -237,14 +271,19 @@ def _attn_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     acc, m_i, l_i = _fwd_blocks(acc, m_i, l_i, q, K, V, stride_ks, stride_vs, offs_m, offs_d, lo_blk, a_hi, Sk, diag,
-                                LEFT, RIGHT, qk_scale, True, HAS_LEFT, HAS_RIGHT, EVEN_D, HEAD_DIM, BLOCK_N, DOT_PREC)
+                                LEFT, RIGHT, qk_scale, True, HAS_LEFT, HAS_RIGHT, EVEN_D, HEAD_DIM, BLOCK_N, DOT_PREC,
+                                cap_in, cap_out, slope2, ig0, jg0, h, seed_lo, seed_hi, off_lo, thresh, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT)
     acc, m_i, l_i = _fwd_blocks(acc, m_i, l_i, q, K, V, stride_ks, stride_vs, offs_m, offs_d, b_lo, b_hi, Sk, diag,
-                                LEFT, RIGHT, qk_scale, False, HAS_LEFT, HAS_RIGHT, EVEN_D, HEAD_DIM, BLOCK_N, DOT_PREC)
+                                LEFT, RIGHT, qk_scale, False, HAS_LEFT, HAS_RIGHT, EVEN_D, HEAD_DIM, BLOCK_N, DOT_PREC,
+                                cap_in, cap_out, slope2, ig0, jg0, h, seed_lo, seed_hi, off_lo, thresh, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT)
     acc, m_i, l_i = _fwd_blocks(acc, m_i, l_i, q, K, V, stride_ks, stride_vs, offs_m, offs_d, c_lo, hi, Sk, diag,
-                                LEFT, RIGHT, qk_scale, True, HAS_LEFT, HAS_RIGHT, EVEN_D, HEAD_DIM, BLOCK_N, DOT_PREC)
+                                LEFT, RIGHT, qk_scale, True, HAS_LEFT, HAS_RIGHT, EVEN_D, HEAD_DIM, BLOCK_N, DOT_PREC,
+                                cap_in, cap_out, slope2, ig0, jg0, h, seed_lo, seed_hi, off_lo, thresh, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT)
 
     seen = l_i > 0.0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
+    if HAS_DROPOUT:
+        out = out * drop_scale
     lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
     tl.store(O + offs_m[:, None].to(tl.int64) * stride_os + offs_d[None, :], out.to(O.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
     tl.store(LSE + offs_m, lse, mask=m_ok)
@@ -353,9 +392,13 @@ def _bwd_dkdv_blocks(
     offs_n, offs_d, lo, hi, Sq, Sk, diag, LEFT, RIGHT, qk_scale,
     MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, EVEN_D: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, DOT_PREC: tl.constexpr,
+    cap_in, cap_out, slope2, ig0, jg0, h, seed_lo, seed_hi, off_lo, thresh, drop_scale,
+    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
 ):
     """Over query blocks [lo, hi): P^T = 2^(qk_scale k.q - LSE2), dV += P^T dO,
-    dS^T = P^T (v.dO - delta), dK += dS^T q (scale applied by the caller)."""
+    dS^T = P^T (v.dO - delta), dK += dS^T q (scale applied by the caller). The options: scores by
+    _scores; dropout: dV += (P keep / (1 - p))^T dO, dP = v.dO keep / (1 - p); softcap:
+    dS_raw = dS (1 - t^2)."""
     offs_mb = tl.arange(0, BLOCK_M)
     d_ok = offs_d < HEAD_DIM
     for start_m in range(lo, hi, BLOCK_M):
@@ -379,29 +422,43 @@ def _bwd_dkdv_blocks(
             lse2 = tl.load(LSE2 + offs_m)
             delta = tl.load(Delta + offs_m)
         lse2 = tl.where(lse2 == float("-inf"), float("inf"), lse2)
-        st = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale
+        if HAS_SOFTCAP or HAS_ALIBI:
+            st, tt = _scores(tl.dot(k, tl.trans(q), input_precision=DOT_PREC), offs_m[None, :], offs_n[:, None], diag, qk_scale,
+                             cap_in, cap_out, slope2, HAS_SOFTCAP, HAS_ALIBI)
+        else:
+            st = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale
         pt = tl.math.exp2(st - lse2[None, :])
         if MASKED:
             ok = (offs_m[None, :] < Sq) & _key_visible(offs_m[None, :], offs_n[:, None], Sk, diag, LEFT, RIGHT, HAS_LEFT, HAS_RIGHT)
             pt = tl.where(ok, pt, 0.0)
-        dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=DOT_PREC)
-        dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+        if HAS_DROPOUT:
+            keep = _dropout_keep(ig0, offs_m[None, :], jg0, offs_n[:, None], h, seed_lo, seed_hi, off_lo, thresh)
+            dv = tl.dot(tl.where(keep, pt * drop_scale, 0.0).to(do.dtype), do, dv, input_precision=DOT_PREC)
+            dpt = tl.where(keep, tl.dot(v, tl.trans(do), input_precision=DOT_PREC) * drop_scale, 0.0)
+        else:
+            dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=DOT_PREC)
+            dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
         dst = pt * (dpt - delta[None, :])
+        if HAS_SOFTCAP:
+            dst = dst * (1.0 - tt * tt)
         dk = tl.dot(dst.to(q.dtype), q, dk, input_precision=DOT_PREC)
     return dk, dv
 
 
-@triton.jit(do_not_specialize=["Hkv", "GROUP", "Sq", "Sk", "LEFT", "RIGHT", "SEQ_BUCKET", "TOTAL_Q"])
+@triton.jit(do_not_specialize=["Hkv", "GROUP", "Sq", "Sk", "LEFT", "RIGHT", "SEQ_BUCKET", "TOTAL_Q"] + _OPTION_PARAMS)
 def _attn_bwd_dkdv_kernel(
     Q, K, V, DO, LSE2, Delta, DK, DV,  # LSE2 = LSE * log2(e) and Delta: (B, Hq, Sq) fp32 contiguous
     stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
     stride_db, stride_dh, stride_ds, stride_dkb, stride_dkh, stride_dks, stride_dvb, stride_dvh, stride_dvs,
     Hkv, GROUP, Sq, Sk, LEFT, RIGHT, qk_scale, sm_scale, SEQ_BUCKET,
     CU_Q, CU_K, TOTAL_Q,  # IS_VARLEN: as in _attn_fwd_kernel; LSE2 and Delta are then (Hq, TOTAL_Q)
+    cap_in, cap_out, Slopes, stride_sb, Seed, drop_thresh, drop_scale,  # the options, as in _attn_fwd_kernel
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_VARLEN: tl.constexpr = False,
+    HAS_SOFTCAP: tl.constexpr = False, HAS_ALIBI: tl.constexpr = False, HAS_DROPOUT: tl.constexpr = False,
 ):
-    """dK_j = scale sum_{h in group} sum_i dS_ij q_i;  dV_j = sum_{h in group} sum_i P_ij dO_i."""
+    """dK_j = scale sum_{h in group} sum_i dS_ij q_i;  dV_j = sum_{h in group} sum_i P_ij dO_i
+    (P, dS with the options of _attn_fwd_kernel; the dropout mask recomputed from Seed)."""
     num_n = tl.cdiv(Sk, BLOCK_N)
     pid_n = tl.program_id(0) % num_n
     hk = (tl.program_id(0) // num_n) % Hkv
@@ -411,11 +468,15 @@ def _attn_bwd_dkdv_kernel(
         q_start, k_start, Sq, Sk = _varlen_bounds(CU_Q, CU_K, b)
         if n0 >= Sk:
             return
+        ig0 = q_start.to(tl.uint32)
+        jg0 = k_start.to(tl.uint32)
         Q += q_start.to(tl.int64) * stride_qs
         DO += q_start.to(tl.int64) * stride_ds
         K += k_start.to(tl.int64) * stride_ks
         V += k_start.to(tl.int64) * stride_vs
     else:
+        ig0 = (b.to(tl.int64) * Sq).to(tl.uint32)
+        jg0 = (b.to(tl.int64) * Sk).to(tl.uint32)
         Q += b.to(tl.int64) * stride_qb
         DO += b.to(tl.int64) * stride_db
         K += b.to(tl.int64) * stride_kb
@@ -445,6 +506,7 @@ def _attn_bwd_dkdv_kernel(
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     for g in range(0, GROUP):
         h = (hk * GROUP + g).to(tl.int64)
+        slope2, seed_lo, seed_hi, off_lo, thresh = _option_state(Slopes, stride_sb, Seed, drop_thresh, b, h, HAS_ALIBI, HAS_DROPOUT)
         Qh = Q + h * stride_qh
         DOh = DO + h * stride_dh
         if IS_VARLEN:
@@ -453,13 +515,19 @@ def _attn_bwd_dkdv_kernel(
             row = (b.to(tl.int64) * (Hkv * GROUP) + h) * Sq
         dk, dv = _bwd_dkdv_blocks(dk, dv, k, v, Qh, DOh, LSE2 + row, Delta + row, stride_qs, stride_ds, offs_n, offs_d,
                                   lo_blk, a_hi, Sq, Sk, diag, LEFT, RIGHT, qk_scale,
-                                  True, HAS_LEFT, HAS_RIGHT, EVEN_D, HEAD_DIM, BLOCK_M, DOT_PREC)
+                                  True, HAS_LEFT, HAS_RIGHT, EVEN_D, HEAD_DIM, BLOCK_M, DOT_PREC,
+                                  cap_in, cap_out, slope2, ig0, jg0, h, seed_lo, seed_hi, off_lo, thresh, drop_scale,
+                                  HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT)
         dk, dv = _bwd_dkdv_blocks(dk, dv, k, v, Qh, DOh, LSE2 + row, Delta + row, stride_qs, stride_ds, offs_n, offs_d,
                                   b_lo, b_hi, Sq, Sk, diag, LEFT, RIGHT, qk_scale,
-                                  False, HAS_LEFT, HAS_RIGHT, EVEN_D, HEAD_DIM, BLOCK_M, DOT_PREC)
+                                  False, HAS_LEFT, HAS_RIGHT, EVEN_D, HEAD_DIM, BLOCK_M, DOT_PREC,
+                                  cap_in, cap_out, slope2, ig0, jg0, h, seed_lo, seed_hi, off_lo, thresh, drop_scale,
+                                  HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT)
         dk, dv = _bwd_dkdv_blocks(dk, dv, k, v, Qh, DOh, LSE2 + row, Delta + row, stride_qs, stride_ds, offs_n, offs_d,
                                   c_lo, hi, Sq, Sk, diag, LEFT, RIGHT, qk_scale,
-                                  True, HAS_LEFT, HAS_RIGHT, EVEN_D, HEAD_DIM, BLOCK_M, DOT_PREC)
+                                  True, HAS_LEFT, HAS_RIGHT, EVEN_D, HEAD_DIM, BLOCK_M, DOT_PREC,
+                                  cap_in, cap_out, slope2, ig0, jg0, h, seed_lo, seed_hi, off_lo, thresh, drop_scale,
+                                  HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT)
     dk = dk * sm_scale
     if IS_VARLEN:  # offset here, not above: two 64-bit pointers live across the loop spill at D=128
         DK += k_start.to(tl.int64) * stride_dks
@@ -479,8 +547,11 @@ def _bwd_dq_blocks(
     offs_m, offs_d, lo, hi, Sk, diag, LEFT, RIGHT, qk_scale,
     MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, EVEN_D: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
+    cap_in, cap_out, slope2, ig0, jg0, h, seed_lo, seed_hi, off_lo, thresh, drop_scale,
+    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
 ):
-    """Over key blocks [lo, hi): P = 2^(qk_scale q.k - LSE2), dS = P (dO.v - delta), dQ += dS k."""
+    """Over key blocks [lo, hi): P = 2^(qk_scale q.k - LSE2), dS = P (dO.v - delta), dQ += dS k
+    (the options as in _bwd_dkdv_blocks)."""
     offs_nb = tl.arange(0, BLOCK_N)
     d_ok = offs_d < HEAD_DIM
     for start_n in range(lo, hi, BLOCK_N):
@@ -498,28 +569,39 @@ def _bwd_dq_blocks(
         else:
             k = tl.load(k_ptrs, mask=d_ok[None, :], other=0.0)
             v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+        if HAS_SOFTCAP or HAS_ALIBI:
+            s, t = _scores(tl.dot(q, tl.trans(k), input_precision=DOT_PREC), offs_m[:, None], offs_n[None, :], diag, qk_scale,
+                           cap_in, cap_out, slope2, HAS_SOFTCAP, HAS_ALIBI)
+        else:
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
         p = tl.math.exp2(s - lse2[:, None])
         if MASKED:
             ok = _key_visible(offs_m[:, None], offs_n[None, :], Sk, diag, LEFT, RIGHT, HAS_LEFT, HAS_RIGHT)
             p = tl.where(ok, p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+        if HAS_DROPOUT:
+            keep = _dropout_keep(ig0, offs_m[:, None], jg0, offs_n[None, :], h, seed_lo, seed_hi, off_lo, thresh)
+            dp = tl.where(keep, dp * drop_scale, 0.0)
         ds = p * (dp - delta[:, None])
+        if HAS_SOFTCAP:
+            ds = ds * (1.0 - t * t)
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PREC)
     return dq
 
 
-@triton.jit(do_not_specialize=["Hq", "GROUP", "Sq", "Sk", "LEFT", "RIGHT", "SEQ_BUCKET", "TOTAL_Q"])
+@triton.jit(do_not_specialize=["Hq", "GROUP", "Sq", "Sk", "LEFT", "RIGHT", "SEQ_BUCKET", "TOTAL_Q"] + _OPTION_PARAMS)
 def _attn_bwd_dq_kernel(
     Q, K, V, DO, LSE2, Delta, DQ,
     stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
     stride_db, stride_dh, stride_ds, stride_dqb, stride_dqh, stride_dqs,
     Hq, GROUP, Sq, Sk, LEFT, RIGHT, qk_scale, sm_scale, SEQ_BUCKET,
     CU_Q, CU_K, TOTAL_Q,  # IS_VARLEN: as in _attn_bwd_dkdv_kernel
+    cap_in, cap_out, Slopes, stride_sb, Seed, drop_thresh, drop_scale,  # the options, as in _attn_fwd_kernel
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_VARLEN: tl.constexpr = False,
+    HAS_SOFTCAP: tl.constexpr = False, HAS_ALIBI: tl.constexpr = False, HAS_DROPOUT: tl.constexpr = False,
 ):
-    """dQ_i = scale sum_j dS_ij k_j."""
+    """dQ_i = scale sum_j dS_ij k_j (the options as in _attn_bwd_dkdv_kernel)."""
     num_m = tl.cdiv(Sq, BLOCK_M)
     pid_m = tl.program_id(0) % num_m
     h = (tl.program_id(0) // num_m) % Hq
@@ -532,6 +614,8 @@ def _attn_bwd_dq_kernel(
         q_start, k_start, Sq, Sk = _varlen_bounds(CU_Q, CU_K, b)
         if m0 >= Sq:
             return
+        ig0 = q_start.to(tl.uint32)
+        jg0 = k_start.to(tl.uint32)
         Q += q_start.to(tl.int64) * stride_qs
         DO += q_start.to(tl.int64) * stride_ds
         DQ += q_start.to(tl.int64) * stride_dqs
@@ -539,6 +623,8 @@ def _attn_bwd_dq_kernel(
         V += k_start.to(tl.int64) * stride_vs
         row = h.to(tl.int64) * TOTAL_Q + q_start
     else:
+        ig0 = (b.to(tl.int64) * Sq).to(tl.uint32)
+        jg0 = (b.to(tl.int64) * Sk).to(tl.uint32)
         Q += b.to(tl.int64) * stride_qb
         DO += b.to(tl.int64) * stride_db
         DQ += b.to(tl.int64) * stride_dqb
@@ -556,17 +642,24 @@ def _attn_bwd_dq_kernel(
     delta = tl.load(Delta + row + offs_m, mask=m_ok, other=0.0)
     Kh = K + hk.to(tl.int64) * stride_kh
     Vh = V + hk.to(tl.int64) * stride_vh
+    slope2, seed_lo, seed_hi, off_lo, thresh = _option_state(Slopes, stride_sb, Seed, drop_thresh, b, h, HAS_ALIBI, HAS_DROPOUT)
 
     diag = Sk - Sq
     lo_blk, a_hi, b_lo, b_hi, c_lo, hi = _query_block_key_ranges(m0, Sq, Sk, LEFT, RIGHT, HAS_LEFT, HAS_RIGHT, BLOCK_M, BLOCK_N)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     dq = _bwd_dq_blocks(dq, q, do, lse2, delta, Kh, Vh, stride_ks, stride_vs, offs_m, offs_d, lo_blk, a_hi, Sk, diag,
-                        LEFT, RIGHT, qk_scale, True, HAS_LEFT, HAS_RIGHT, EVEN_D, HEAD_DIM, BLOCK_N, DOT_PREC)
+                        LEFT, RIGHT, qk_scale, True, HAS_LEFT, HAS_RIGHT, EVEN_D, HEAD_DIM, BLOCK_N, DOT_PREC,
+                        cap_in, cap_out, slope2, ig0, jg0, h, seed_lo, seed_hi, off_lo, thresh, drop_scale,
+                        HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT)
     dq = _bwd_dq_blocks(dq, q, do, lse2, delta, Kh, Vh, stride_ks, stride_vs, offs_m, offs_d, b_lo, b_hi, Sk, diag,
-                        LEFT, RIGHT, qk_scale, False, HAS_LEFT, HAS_RIGHT, EVEN_D, HEAD_DIM, BLOCK_N, DOT_PREC)
+                        LEFT, RIGHT, qk_scale, False, HAS_LEFT, HAS_RIGHT, EVEN_D, HEAD_DIM, BLOCK_N, DOT_PREC,
+                        cap_in, cap_out, slope2, ig0, jg0, h, seed_lo, seed_hi, off_lo, thresh, drop_scale,
+                        HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT)
     dq = _bwd_dq_blocks(dq, q, do, lse2, delta, Kh, Vh, stride_ks, stride_vs, offs_m, offs_d, c_lo, hi, Sk, diag,
-                        LEFT, RIGHT, qk_scale, True, HAS_LEFT, HAS_RIGHT, EVEN_D, HEAD_DIM, BLOCK_N, DOT_PREC)
+                        LEFT, RIGHT, qk_scale, True, HAS_LEFT, HAS_RIGHT, EVEN_D, HEAD_DIM, BLOCK_N, DOT_PREC,
+                        cap_in, cap_out, slope2, ig0, jg0, h, seed_lo, seed_hi, off_lo, thresh, drop_scale,
+                        HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT)
     dq = dq * sm_scale
     tl.store(DQ + h.to(tl.int64) * stride_dqh + offs_m[:, None].to(tl.int64) * stride_dqs + offs_d[None, :],
              dq.to(DQ.dtype.element_ty), mask=qmask)
@@ -639,7 +732,27 @@ _SM80 = {
 # Packed sequences (IS_VARLEN), on every target: where the lengths and offsets the varlen prologue
 # loads (registers, where the padded kernel reads parameters) make a row spill (D=128 windows).
 _VARLEN = {"dkdv": {False: {128: [(16, 32, 8, 2)]}}}
+# The options, on every target, where the rows above spill: softcap / ALiBi (HAS_SOFTCAP, HAS_ALIBI:
+# the tanh and the distance per score element) and dropout (HAS_DROPOUT: one Philox4x32-10 per score
+# element keeps its four words and the key live, so the backward's score tiles shrink to a few
+# elements per thread); _DROPOUT first, then _SCORE_OPTIONS (which dropout takes too); on sm_80
+# (whole mma.sync accumulators per warp) _DROPOUT_SM80 and _SCORE_SM80 before them.
+_SCORE_OPTIONS = {
+    "fwd": {False: {256: [(64, 32, 8, 2)]}},
+    "dkdv": {False: {128: [(16, 32, 8, 2)]}},
+}
+_DROPOUT = {
+    "fwd": {False: {256: [(64, 16, 8, 2)]}},
+    "dkdv": {False: {64: [(16, 64, 8, 2)], 128: [(16, 32, 8, 2)]}},
+    "dq": {False: {64: [(64, 32, 8, 2)], 128: [(64, 32, 8, 2)], 256: [(32, 16, 4, 2)]}},
+}
+_SCORE_SM80 = {
+    "fwd": {False: {128: [(128, 32, 8, 3)]}},
+    "dkdv": {False: {256: [(16, 16, 8, 1)]}},
+}
+_DROPOUT_SM80 = {"dkdv": {False: {64: [(16, 32, 8, 2)]}, True: {128: [(32, 16, 8, 1)]}}}
 _KEY = ["BLOCK_D", "EVEN_D", "HAS_LEFT", "HAS_RIGHT", "DOT_PREC", "SEQ_BUCKET"]
+_OPTION_KEY = ["HAS_SOFTCAP", "HAS_ALIBI", "HAS_DROPOUT"]  # the pointer kernels only (the TMA forward takes no option)
 # Under the interpreter: one small fixed config (BLOCK_M != BLOCK_N, so mismatched block boundaries
 # are exercised); inside fastlm.triton._configs.gpu_configs() the GPU defaults instead.
 _INTERP = {"fwd": dict(BLOCK_M=32, BLOCK_N=16), "dkdv": dict(BLOCK_M=16, BLOCK_N=32), "dq": dict(BLOCK_M=32, BLOCK_N=16)}
@@ -648,30 +761,37 @@ _INTERP["fwd_tma"] = _INTERP["fwd"]
 _TMA: dict = {}
 
 
-def table_row(kind: str, bd: int, fp32: bool, even: bool = True, cc: int = 90, varlen: bool = False) -> list[tuple[int, int, int, int]]:
+def table_row(kind: str, bd: int, fp32: bool, even: bool = True, cc: int = 90, varlen: bool = False,
+              dropout: bool = False, scores: bool = False) -> list[tuple[int, int, int, int]]:
     """The candidates of kernel ``kind`` ("fwd", "dkdv", "dq") for BLOCK_D = bd, the dtype class,
     whether the head dim fills BLOCK_D, and the GPU's compute capability cc (sm_80 keeps whole
     mma.sync accumulators per warp, so some rows differ there). "fwd_tma" (the TMA forward, sm_90
-    only) is the "fwd" row unless _TMA has its own; ``varlen`` (IS_VARLEN) takes _VARLEN's first."""
+    only) is the "fwd" row unless _TMA has its own; ``varlen`` (IS_VARLEN) takes _VARLEN's first,
+    ``dropout`` (HAS_DROPOUT) _DROPOUT's before all, ``scores`` (HAS_SOFTCAP or HAS_ALIBI) or dropout
+    _SCORE_OPTIONS' next."""
     tma = kind == "fwd_tma"
     kind = "fwd" if tma else kind
     table = _TABLES[kind][fp32]
     key = min((k for k in table if k >= bd), default=max(table))
-    for override, applies in ((_VARLEN, varlen), (_TMA, tma), (_SM80, cc < 90), (_UNEVEN, not even)):
+    sm80 = cc < 90
+    for override, applies in ((_DROPOUT_SM80, dropout and sm80), (_SCORE_SM80, (scores or dropout) and sm80), (_DROPOUT, dropout),
+                              (_SCORE_OPTIONS, scores or dropout), (_VARLEN, varlen), (_TMA, tma), (_SM80, cc < 90), (_UNEVEN, not even)):
         row = override.get(kind, {}).get(fp32, {}).get(key) if applies else None
         if row:
             return row
     return table[key]
 
 
-def candidates(kind: str, bd: int, fp32: bool, even: bool = True, cc: int = 90, varlen: bool = False) -> list[dict]:
+def candidates(kind: str, bd: int, fp32: bool, even: bool = True, cc: int = 90, varlen: bool = False, dropout: bool = False,
+               scores: bool = False) -> list[dict]:
     """Every config the autotuner may try for this kernel variant (its pruned list), default first."""
-    return [dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s) for bm, bn, w, s in table_row(kind, bd, fp32, even, cc, varlen)]
+    return [dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s) for bm, bn, w, s in table_row(kind, bd, fp32, even, cc, varlen, dropout, scores)]
 
 
-def default_config(kind: str, bd: int, fp32: bool = False, even: bool = True, cc: int = 90, varlen: bool = False) -> dict:
+def default_config(kind: str, bd: int, fp32: bool = False, even: bool = True, cc: int = 90, varlen: bool = False,
+                   dropout: bool = False, scores: bool = False) -> dict:
     """The config used without autotuning (and under gpu_configs()): the first candidate."""
-    return candidates(kind, bd, fp32, even, cc, varlen)[0]
+    return candidates(kind, bd, fp32, even, cc, varlen, dropout, scores)[0]
 
 
 
@@ -693,23 +813,27 @@ def _set_tma_blocks(nargs: dict) -> None:
 _PRE_HOOKS = {"fwd_tma": _set_tma_blocks}
 
 
+def _has_scores(meta: dict) -> bool:
+    return bool(meta.get("HAS_SOFTCAP", False) or meta.get("HAS_ALIBI", False))
+
+
 def _autotuned(kind: str, kernel):
     table_kind = "fwd" if kind == "fwd_tma" else kind
-    tables = (_TABLES, _UNEVEN, _SM80, _TMA) if kind == "fwd_tma" else (_TABLES, _UNEVEN, _SM80, _VARLEN)
+    tables = (_TABLES, _UNEVEN, _SM80, _TMA) if kind == "fwd_tma" else (_TABLES, _UNEVEN, _SM80, _VARLEN, _DROPOUT, _SCORE_OPTIONS, _DROPOUT_SM80, _SCORE_SM80)
     configs = sorted({c for t in tables for rows in t.get(table_kind, {}).values() for cs in rows.values() for c in cs})
 
     def prune(configs, named_args, **kwargs):
         meta = {**named_args, **kwargs}
         q = meta["Q"]
         want = table_row(kind, meta["BLOCK_D"], is_fp32_prec(meta["DOT_PREC"]), meta["EVEN_D"], capability(getattr(q, "base", q)),
-                         meta.get("IS_VARLEN", False))
+                         meta.get("IS_VARLEN", False), meta.get("HAS_DROPOUT", False), _has_scores(meta))
         keep = [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in want]
         return keep or configs[:1]
 
     hook = _PRE_HOOKS.get(kind)
     return triton.autotune(
         [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s, pre_hook=hook) for (bm, bn, w, s) in configs],
-        key=_KEY if kind == "fwd_tma" else _KEY + ["IS_VARLEN"], prune_configs_by={"early_config_prune": prune},
+        key=_KEY if kind == "fwd_tma" else _KEY + ["IS_VARLEN"] + _OPTION_KEY, prune_configs_by={"early_config_prune": prune},
     )(kernel)
 
 
@@ -730,14 +854,15 @@ def _launch(kind, grid_fn, args, meta):
     raw, tuned = _KERNELS[kind]
     fp32 = is_fp32_prec(meta["DOT_PREC"])
     first = getattr(args[0], "base", args[0])  # a tensor, or the tensor under a descriptor
-    varlen = meta.get("IS_VARLEN", False)
+    varlen, dropout, scores = meta.get("IS_VARLEN", False), meta.get("HAS_DROPOUT", False), _has_scores(meta)
     if not first.is_cuda or interpreter_on():
-        cfg = _INTERP[kind] if small_configs() else default_config(kind, meta["BLOCK_D"], fp32, meta["EVEN_D"], varlen=varlen)
+        cfg = (_INTERP[kind] if small_configs()
+               else default_config(kind, meta["BLOCK_D"], fp32, meta["EVEN_D"], varlen=varlen, dropout=dropout, scores=scores))
     elif autotune_enabled():
         tuned[lambda m: grid_fn(m)](*args, **meta)
         return
     else:
-        cfg = default_config(kind, meta["BLOCK_D"], fp32, meta["EVEN_D"], capability(first), varlen)
+        cfg = default_config(kind, meta["BLOCK_D"], fp32, meta["EVEN_D"], capability(first), varlen, dropout, scores)
     if kind in _PRE_HOOKS:
         _PRE_HOOKS[kind](dict(zip("QKVO", args[:4], strict=True), **meta, **cfg))
     raw[grid_fn(cfg)](*args, **meta, **cfg)
@@ -749,6 +874,16 @@ def fwd_meta(D: int, dtype: torch.dtype, causal: bool, window_left: int, window_
     bd = block_d(D)
     meta = dict(HEAD_DIM=D, BLOCK_D=bd, EVEN_D=bd == D, HAS_LEFT=has_left, HAS_RIGHT=has_right, DOT_PREC=dot_precision(dtype, bd))
     return meta, left, right
+
+
+def dkdv_meta(meta: dict, opt_meta: dict) -> dict:
+    """The dK/dV kernel's constexprs: the forward's and the options', except that fp32 with dropout
+    at BLOCK_D 128 runs IEEE FMA dots (exact, slow): every 3xTF32 dK/dV tile spills there (the
+    per-element Philox words beside the hi/lo operand halves), as fp32 does above BLOCK_D 128."""
+    meta = {**meta, **opt_meta}
+    if opt_meta.get("HAS_DROPOUT") and meta["DOT_PREC"] != "ieee" and is_fp32_prec(meta["DOT_PREC"]) and meta["BLOCK_D"] == 128:
+        meta["DOT_PREC"] = "ieee"
+    return meta
 
 
 def _check_unit_d(**tensors):
@@ -802,18 +937,22 @@ def uses_tma(q, k, v, out) -> bool:
     return mode == "1" and capability(q) >= 90
 
 
-def attention_fwd(q, k, v, causal, scale, window_left, window_right, out, lse) -> None:
+def attention_fwd(q, k, v, causal, scale, window_left, window_right, out, lse, *, softcap=0.0, alibi_slopes=None,
+                  dropout_p=0.0, seed=None) -> None:
     """Forward into caller-given out (B, Hq, Sq, D) and lse (B, Hq, Sq) fp32 (unit stride in S).
     q (B, Hq, Sq, D), k/v (B, Hkv, Sk, D) with Hq % Hkv == 0, unit stride in D; window sides -1 =
-    unbounded; scale multiplies q.k. Q, K, V and O go through TMA descriptors when uses_tma()."""
+    unbounded; scale multiplies q.k. Q, K, V and O go through TMA descriptors when uses_tma() and
+    no option is set; the options (softcap, alibi_slopes, dropout_p with seed: _option_args) run the
+    pointer kernel."""
     _check_unit_d(q=q, k=k, v=v, out=out)
     B, Hq, Sq, D = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
     if B == 0 or Hq == 0 or Sq == 0:
         return
     meta, left, right = fwd_meta(D, q.dtype, causal, window_left, window_right)
+    opt_args, opt_meta = _option_args(scale, softcap, alibi_slopes, dropout_p, seed)
     grid = lambda m: grid_1d(triton.cdiv(Sq, m["BLOCK_M"]), Hq, B)  # noqa: E731
-    if uses_tma(q, k, v, out):
+    if not opt_meta and uses_tma(q, k, v, out):
         bd = meta["BLOCK_D"]
         descs = [TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, 16, bd]) for t in (q, k, v, out)]
         args = (*descs, lse, lse.stride(0), lse.stride(1), Hq, Hq // Hkv, Sq, Sk, left, right, scale * LOG2E, seq_bucket(Sq, Sk))
@@ -823,15 +962,17 @@ def attention_fwd(q, k, v, causal, scale, window_left, window_right, out, lse) -
         q, k, v, out, lse,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
-        Hq, Hq // Hkv, Sq, Sk, left, right, scale * LOG2E, seq_bucket(Sq, Sk), None, None,
+        Hq, Hq // Hkv, Sq, Sk, left, right, scale * LOG2E, seq_bucket(Sq, Sk), None, None, *opt_args,
     )
-    _launch("fwd", grid, args, meta)
+    _launch("fwd", grid, args, {**meta, **opt_meta})
 
 
-def attention_bwd(do, dlse, q, k, v, out, lse, causal, scale, window_left, window_right, dq, dk, dv, deterministic=True) -> None:
+def attention_bwd(do, dlse, q, k, v, out, lse, causal, scale, window_left, window_right, dq, dk, dv, deterministic=True, *,
+                  softcap=0.0, alibi_slopes=None, dropout_p=0.0, seed=None) -> None:
     """Backward into caller-given dq (like q), dk, dv (like k, v). lse is the forward's (B, Hq, Sq)
     fp32; dlse (its upstream gradient, or None) enters as delta_i - dlse_i, since dLSE_i/dS_ij =
-    P_ij. Always deterministic (no atomics): ``deterministic`` is accepted for the interface."""
+    P_ij. Always deterministic (no atomics): ``deterministic`` is accepted for the interface. The
+    options are the forward's (the same seed recomputes the same dropout mask)."""
     _check_unit_d(do=do, q=q, k=k, v=v, out=out, dq=dq, dk=dk, dv=dv)
     B, Hq, Sq, D = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
@@ -843,6 +984,7 @@ def attention_bwd(do, dlse, q, k, v, out, lse, causal, scale, window_left, windo
         return
     meta, left, right = fwd_meta(D, q.dtype, causal, window_left, window_right)
     bd = meta["BLOCK_D"]
+    opt_args, opt_meta = _option_args(scale, softcap, alibi_slopes, dropout_p, seed)
     delta = torch.empty((B, Hq, Sq), device=q.device, dtype=torch.float32)
     pre_m = PREPROCESS_BLOCK_M if not small_configs() else 32
     _bwd_preprocess_kernel[grid_1d(triton.cdiv(Sq, pre_m), Hq, B)](
@@ -860,11 +1002,11 @@ def attention_bwd(do, dlse, q, k, v, out, lse, causal, scale, window_left, windo
     if Sk > 0:
         args = (q, k, v, do, lse2, delta, dk, dv, *common,
                 dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
-                Hkv, Hq // Hkv, Sq, Sk, left, right, scale * LOG2E, scale, bucket, None, None, 0)
-        _launch("dkdv", lambda m: grid_1d(triton.cdiv(Sk, m["BLOCK_N"]), Hkv, B), args, meta)
+                Hkv, Hq // Hkv, Sq, Sk, left, right, scale * LOG2E, scale, bucket, None, None, 0, *opt_args)
+        _launch("dkdv", lambda m: grid_1d(triton.cdiv(Sk, m["BLOCK_N"]), Hkv, B), args, dkdv_meta(meta, opt_meta))
     args = (q, k, v, do, lse2, delta, dq, *common, dq.stride(0), dq.stride(1), dq.stride(2),
-            Hq, Hq // Hkv, Sq, Sk, left, right, scale * LOG2E, scale, bucket, None, None, 0)
-    _launch("dq", lambda m: grid_1d(triton.cdiv(Sq, m["BLOCK_M"]), Hq, B), args, meta)
+            Hq, Hq // Hkv, Sq, Sk, left, right, scale * LOG2E, scale, bucket, None, None, 0, *opt_args)
+    _launch("dq", lambda m: grid_1d(triton.cdiv(Sq, m["BLOCK_M"]), Hq, B), args, {**meta, **opt_meta})
 
 
 def _packed(t: torch.Tensor) -> torch.Tensor:
@@ -873,13 +1015,15 @@ def _packed(t: torch.Tensor) -> torch.Tensor:
 
 
 def attention_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale,
-                         window_left, window_right, out, lse) -> None:
+                         window_left, window_right, out, lse, *, softcap=0.0, alibi_slopes=None, dropout_p=0.0, seed=None) -> None:
     """Packed forward into caller-given out (Tq, Hq, D) and lse (Hq, Tq) fp32 (unit stride in Tq).
     q (Tq, Hq, D), k/v (Tk, Hkv, D), unit stride in D; cu_seqlens_q/k (B + 1,) int32 on q's device:
     sequence b owns query rows [cu_seqlens_q[b], cu_seqlens_q[b + 1]) and key rows likewise, and is
     computed exactly as attention_fwd computes it alone. The grid is ceil(max_seqlen_q / BLOCK_M)
     query blocks x Hq x B; a block past its sequence's end exits after reading two offsets, so
-    max_seqlen_* must be at least every length (the caller checks: this launcher never syncs)."""
+    max_seqlen_* must be at least every length (the caller checks: this launcher never syncs).
+    The options as in attention_fwd; (B, Hq) alibi_slopes are per sequence, and dropout's rows are
+    the packed rows themselves."""
     _check_unit_d(q=q, k=k, v=v, out=out)
     Tq, Hq, D = q.shape
     Hkv = k.shape[1]
@@ -887,6 +1031,7 @@ def attention_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_
     if B <= 0 or Hq == 0 or Tq == 0 or max_seqlen_q <= 0:
         return
     meta, left, right = fwd_meta(D, q.dtype, causal, window_left, window_right)
+    opt_args, opt_meta = _option_args(scale, softcap, alibi_slopes, dropout_p, seed)
     q4, k4, v4, o4 = (_packed(t) for t in (q, k, v, out))
     grid = lambda m: grid_1d(triton.cdiv(max_seqlen_q, m["BLOCK_M"]), Hq, B)  # noqa: E731
     args = (
@@ -894,13 +1039,14 @@ def attention_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_
         0, q4.stride(1), q4.stride(2), 0, k4.stride(1), k4.stride(2),
         0, v4.stride(1), v4.stride(2), 0, o4.stride(1), o4.stride(2), 0, lse.stride(0),
         Hq, Hq // Hkv, max_seqlen_q, max_seqlen_k, left, right, scale * LOG2E, seq_bucket(max_seqlen_q, max_seqlen_k),
-        cu_seqlens_q, cu_seqlens_k,
+        cu_seqlens_q, cu_seqlens_k, *opt_args,
     )
-    _launch("fwd", grid, args, {**meta, "IS_VARLEN": True})
+    _launch("fwd", grid, args, {**meta, "IS_VARLEN": True, **opt_meta})
 
 
 def attention_varlen_bwd(do, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale,
-                         window_left, window_right, dq, dk, dv, deterministic=True) -> None:
+                         window_left, window_right, dq, dk, dv, deterministic=True, *, softcap=0.0, alibi_slopes=None,
+                         dropout_p=0.0, seed=None) -> None:
     """Packed backward into caller-given dq (like q), dk, dv (like k, v): per sequence exactly
     attention_bwd (dlse (Hq, Tq) fp32 or None; deterministic, no atomics). Key blocks of sequences
     with no query rows get dK = dV = 0; the grids are as in attention_varlen_fwd (key blocks over
@@ -913,6 +1059,7 @@ def attention_varlen_bwd(do, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k
         return
     meta, left, right = fwd_meta(D, q.dtype, causal, window_left, window_right)
     bd = meta["BLOCK_D"]
+    opt_args, opt_meta = _option_args(scale, softcap, alibi_slopes, dropout_p, seed)
     q4, k4, v4, o4, do4, dq4, dk4, dv4 = (_packed(t) for t in (q, k, v, out, do, dq, dk, dv))
     delta = torch.empty((Hq, Tq), device=q.device, dtype=torch.float32)
     if Tq > 0:
@@ -930,15 +1077,15 @@ def attention_varlen_bwd(do, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k
     )
     bucket = seq_bucket(max_seqlen_q, max_seqlen_k)
     varlen = (cu_seqlens_q, cu_seqlens_k, Tq)
-    meta = {**meta, "IS_VARLEN": True}
+    meta, opt_meta = {**meta, "IS_VARLEN": True}, opt_meta
     if Tk > 0 and max_seqlen_k > 0:
         args = (q4, k4, v4, do4, lse2, delta, dk4, dv4, *common, 0, dk4.stride(1), dk4.stride(2), 0, dv4.stride(1), dv4.stride(2),
-                Hkv, Hq // Hkv, max_seqlen_q, max_seqlen_k, left, right, scale * LOG2E, scale, bucket, *varlen)
-        _launch("dkdv", lambda m: grid_1d(triton.cdiv(max_seqlen_k, m["BLOCK_N"]), Hkv, B), args, meta)
+                Hkv, Hq // Hkv, max_seqlen_q, max_seqlen_k, left, right, scale * LOG2E, scale, bucket, *varlen, *opt_args)
+        _launch("dkdv", lambda m: grid_1d(triton.cdiv(max_seqlen_k, m["BLOCK_N"]), Hkv, B), args, dkdv_meta(meta, opt_meta))
     if Tq > 0 and max_seqlen_q > 0:
         args = (q4, k4, v4, do4, lse2, delta, dq4, *common, 0, dq4.stride(1), dq4.stride(2),
-                Hq, Hq // Hkv, max_seqlen_q, max_seqlen_k, left, right, scale * LOG2E, scale, bucket, *varlen)
-        _launch("dq", lambda m: grid_1d(triton.cdiv(max_seqlen_q, m["BLOCK_M"]), Hq, B), args, meta)
+                Hq, Hq // Hkv, max_seqlen_q, max_seqlen_k, left, right, scale * LOG2E, scale, bucket, *varlen, *opt_args)
+        _launch("dq", lambda m: grid_1d(triton.cdiv(max_seqlen_q, m["BLOCK_M"]), Hq, B), args, {**meta, **opt_meta})
 
 
 PREPROCESS_BLOCK_M = 64

@@ -22,6 +22,11 @@ maps key j of sequence b to row j % PAGE_SIZE of page block_table[b, j // PAGE_S
 caps BLOCK_N at PAGE_SIZE, so every BLOCK_N-aligned key tile lies in one page: one scalar page-id
 load per tile, then the same contiguous tile loads as the unpaged kernel. paged_kv_append writes
 new rows into their pages (one program per (b, kv head, BLOCK_S new rows)).
+
+Options (HAS_SOFTCAP, HAS_ALIBI; fastlm/reference/attention.py): the score of token t and key j is
+c tanh(scale q.k / c) with softcap c, minus slope_h |L_b - Sq + t - j| with ALiBi (slopes (Hq,) or
+(B, Hq), read per row's query head), the same score code as the prefill kernels (_scores). No
+dropout at decode.
 """
 
 from __future__ import annotations
@@ -32,18 +37,21 @@ import triton.language as tl
 
 from fastlm.triton._configs import capability, dot_precision, grid_1d, small_configs
 from fastlm.triton._online_softmax import _online_softmax_step
+from fastlm.triton.attention_options import _option_args, _scores
 
 LOG2E = 1.4426950408889634
 
 
-@triton.jit(do_not_specialize=["B", "Hkv", "GROUP", "Sq", "S_max", "num_splits", "LEFT", "RIGHT", "num_pages"])
+@triton.jit(do_not_specialize=["B", "Hkv", "GROUP", "Sq", "S_max", "num_splits", "LEFT", "RIGHT", "num_pages", "stride_sb"])
 def _decode_split_kernel(
     Q, K, V, Lens, OP, LP,  # q (B, Hq, Sq, D); k/v cache (B, Hkv, S_max, D); lens (B,) int32; partials
     BT,  # PAGED: block table (B, max_pages) int32, caches (num_pages, Hkv, PAGE_SIZE, D); else None
     stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs, stride_bt,
     B, Hkv, GROUP, Sq, S_max, num_splits, LEFT, RIGHT, qk_scale, num_pages,
+    cap_in, cap_out, Slopes, stride_sb,  # the options: softcap (scale / c, c log2 e); ALiBi slopes fp32 and their batch stride
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_LEFT: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAGED: tl.constexpr = False, PAGE_SIZE: tl.constexpr = 1,
+    HAS_SOFTCAP: tl.constexpr = False, HAS_ALIBI: tl.constexpr = False,
 ):
     """Partial attention of rows (g, t) of kv head hk over keys [split * chunk, (split + 1) * chunk),
     chunk = ceil(L / num_splits) rounded up to BLOCK_N. OP[split, b, h, t] = sum_j p_j v_j / sum_j p_j
@@ -79,6 +87,9 @@ def _decode_split_kernel(
         Vb = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
 
     diag = L - Sq + t  # the key aligned with token t
+    slope2 = 0.0
+    if HAS_ALIBI:
+        slope2 = tl.load(Slopes + b.to(tl.int64) * stride_sb + h, mask=r_ok, other=0.0)[:, None] * 1.4426950408889634
     lo = start
     if HAS_LEFT:
         lo = tl.maximum(start, L - Sq - LEFT)
@@ -103,7 +114,11 @@ def _decode_split_kernel(
         n_ok = offs_n < end
         kt = tl.load(Kt + offs_nb[None, :] * stride_ks + offs_d[:, None], mask=d_ok[:, None] & n_ok[None, :], other=0.0)
         v = tl.load(Vt + offs_nb[:, None] * stride_vs + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        s = tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale
+        if HAS_SOFTCAP or HAS_ALIBI:
+            s, _ = _scores(tl.dot(q, kt, input_precision=DOT_PREC), diag[:, None], offs_n[None, :], 0, qk_scale, cap_in, cap_out,
+                           slope2, HAS_SOFTCAP, HAS_ALIBI)
+        else:
+            s = tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale
         ok = n_ok[None, :] & (offs_n[None, :] <= diag[:, None] + RIGHT)
         if HAS_LEFT:
             ok = ok & (offs_n[None, :] >= diag[:, None] - LEFT)
@@ -192,14 +207,15 @@ def num_splits_for(batch: int, kv_heads: int, row_blocks: int, s_max: int, block
 
 
 def decode_attention_fwd(q, k_cache, v_cache, cache_seqlens, scale, window_left, window_right, out, lse, num_splits=None,
-                         block_table=None) -> None:
+                         block_table=None, *, softcap=0.0, alibi_slopes=None) -> None:
     """Decode into caller-given out (B, Hq, Sq, D) and lse (B, Hq, Sq) fp32 (unit stride in S).
     q (B, Hq, Sq, D); caches (B, Hkv, S_max, D), unit stride in D; cache_seqlens (B,) int32: the
     keys of sequence b are cache[b, :, :L_b], its Sq new tokens being the last Sq of them.
     block_table (B, max_pages) int32: paged caches (num_pages, Hkv, page_size, D), S_max =
     max_pages * page_size, key j of sequence b in page block_table[b, j // page_size], row
     j % page_size; key tiles shrink to at most page_size keys so that each lies in one page.
-    window sides -1 = unbounded (the right side is capped at 0: decode is causal)."""
+    window sides -1 = unbounded (the right side is capped at 0: decode is causal). softcap and
+    alibi_slopes (fp32 (Hq,) or (B, Hq), unit stride in the head dim) as in attention_fwd."""
     for name, t in dict(q=q, k_cache=k_cache, v_cache=v_cache, out=out).items():
         if t.numel() and t.stride(-1) != 1:
             raise ValueError(f"fastlm.triton.decode_attention: {name} must have unit stride in the head dim (got strides {t.stride()})")
@@ -224,11 +240,13 @@ def decode_attention_fwd(q, k_cache, v_cache, cache_seqlens, scale, window_left,
     o_part = torch.empty((splits, rows, bd), device=q.device, dtype=torch.float32)
     l_part = torch.empty((splits, rows), device=q.device, dtype=torch.float32)
     lens = cache_seqlens.to(torch.int32).contiguous()
+    (cap_in, cap_out, slopes, stride_sb, *_), opt_meta = _option_args(scale, softcap, alibi_slopes)
     _decode_split_kernel[grid_1d(splits, Hkv * row_blocks, B)](
         q, k_cache, v_cache, lens, o_part, l_part, block_table,
         q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_table.stride(0) if paged else 0,
         B, Hkv, group, Sq, S_max, splits, max(window_left, 0), right, scale * LOG2E, k_cache.shape[0] if paged else 1,
+        cap_in, cap_out, slopes, stride_sb, **opt_meta,
         HEAD_DIM=D, BLOCK_D=bd, HAS_LEFT=window_left >= 0, DOT_PREC=dot_precision(q.dtype, bd),
         BLOCK_M=bm, BLOCK_N=bn, PAGED=paged, PAGE_SIZE=page_size, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
