@@ -1,4 +1,4 @@
-"""The `fastlm` command: info, check, bench, train, generate."""
+"""The `fastlm` command: info, check, bench, audit, train, generate, classify."""
 
 from __future__ import annotations
 
@@ -146,6 +146,14 @@ def _parse_sets(items) -> dict:
     return out
 
 
+def _parse_task_sets(task: str, items) -> dict:
+    """--task-set KEY=VALUE items as the task's options, typed by its Options dataclass."""
+    from fastlm.tasks import get_task
+
+    cls = get_task(task)
+    return dict(cls.parse_option(item) for item in items)
+
+
 def _cmd_audit(args) -> int:
     from fastlm import audit
 
@@ -159,6 +167,7 @@ def _cmd_train(args) -> int:
         return _launch_ranks(args)
     try:
         tc = TrainConfig(
+            task=args.task, task_options=_parse_task_sets(args.task, args.task_set), init_from=args.init_from,
             data=args.data, preset=args.preset, model=_parse_sets(args.set), steps=args.steps, batch_size=args.batch_size,
             seq_len=args.seq_len, grad_accum=args.grad_accum, lr=args.lr, min_lr=args.min_lr, warmup=args.warmup,
             decay_steps=args.decay_steps, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
@@ -234,11 +243,16 @@ def _cmd_generate(args) -> int:
     import fastlm
     from fastlm.models import GPT
     from fastlm.tokenizer import StreamDecoder, Tokenizer
-    from fastlm.training import find_checkpoint, load_tokenizer, resolve_device
+    from fastlm.training import find_checkpoint, load_tokenizer, resolve_device, sft_template
 
     try:
         if args.max_new_tokens < 0:
             raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+        template = None
+        if args.instruction is not None:
+            if args.prompt:
+                raise ValueError("--instruction fills the checkpoint's prompt template, --prompt is raw text: pass one of them")
+            template = sft_template(args.checkpoint)
         device = resolve_device(args.device, args.backend)
         dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
         model = GPT.from_pretrained(args.checkpoint).to(device=device, dtype=dtype)
@@ -250,7 +264,12 @@ def _cmd_generate(args) -> int:
             if tokenizer.vocab_size > model.config.vocab_size:
                 raise ValueError(f"{args.checkpoint}: the tokenizer has ids up to {tokenizer.vocab_size - 1}, beyond the "
                                  f"model's vocabulary of {model.config.vocab_size}")
-        ids = tokenizer.encode(args.prompt) if args.prompt else [tokenizer.eos_id if tokenizer.eos_id is not None else 0]
+        if template is not None:
+            from fastlm.tasks.sft import apply_template
+
+            ids = tokenizer.encode(apply_template(template, args.instruction))
+        else:
+            ids = tokenizer.encode(args.prompt) if args.prompt else [tokenizer.eos_id if tokenizer.eos_id is not None else 0]
         context = model.config.block_size
         if len(ids) > context:
             raise ValueError(f"the prompt is {len(ids)} tokens, longer than the model's context of {context} tokens")
@@ -267,17 +286,46 @@ def _cmd_generate(args) -> int:
             sys.stdout.write(text)
             sys.stdout.flush()
 
+        stop = tokenizer.eos_id if template is not None else None  # an instruction's answer ends at end-of-text
+
         def on_token(step, tok):
-            show(stream.push(int(tok[0])))
+            if stop is None or int(tok[0]) != stop:
+                show(stream.push(int(tok[0])))
 
         backend = fastlm.use_backend(args.backend) if args.backend else _nullcontext()
         with backend:
             model.generate(ids, n, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-                           seed=args.seed, stream=on_token)
+                           seed=args.seed, stream=on_token, eos_token_id=stop)
         show("\n")
     except (OSError, ValueError, TypeError) as exc:
         print(f"fastlm generate: {exc}", file=sys.stderr)
         return 2
+    return 0
+
+
+def _cmd_classify(args) -> int:
+    import json
+
+    from fastlm.tasks import load_task
+    from fastlm.training import resolve_device
+
+    try:
+        device = resolve_device(args.device, args.backend)
+        task, model = load_task(args.checkpoint, device=device, expect="classify")
+        import fastlm
+
+        backend = fastlm.use_backend(args.backend) if args.backend else _nullcontext()
+        with backend:
+            results = task.predict(model, args.text, device)
+    except (OSError, ValueError, TypeError) as exc:
+        print(f"fastlm classify: {exc}", file=sys.stderr)
+        return 2
+    for text, r in zip(args.text, results, strict=True):
+        if args.json:
+            print(json.dumps({"text": text, **r}))
+        else:
+            probs = ", ".join(f"{lab}: {p:.3f}" for lab, p in sorted(r["probabilities"].items(), key=lambda kv: -kv[1]))
+            print(f"{r['label']}\t({probs})")
     return 0
 
 
@@ -317,8 +365,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_arguments(s)
     s.set_defaults(func=_cmd_audit)
-    s = sub.add_parser("train", help="train the GPT (default: the tiny preset on the Python standard library)")
-    s.add_argument("--data", nargs="+", metavar="PATH", help="text files or directories (default: this Python's standard library .py files)")
+    s = sub.add_parser("train", help="train a task: the GPT by default (the tiny preset on the Python standard library), "
+                                     "or --task mlm | classify | sft")
+    s.add_argument("--task", default="lm", help="lm (next-token prediction, the default) | mlm (masked-LM, a bidirectional "
+                                                "encoder) | classify (jsonl text/label) | sft (jsonl prompt/response)")
+    s.add_argument("--task-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a task option, e.g. --task-set pooling=mean (classify), --task-set template=... (sft), "
+                        "--task-set mask_prob=0.15 (mlm)")
+    s.add_argument("--init-from", metavar="DIR", help="start from these weights: a fastlm checkpoint, or a local Hugging Face "
+                                                      "GPT-2 (classify, sft) or BERT (classify) directory")
+    s.add_argument("--data", nargs="+", metavar="PATH", help="text files or directories (lm, mlm), a jsonl file (classify, sft); "
+                                                           "default: a built-in set made from this Python's standard library")
     s.add_argument("--preset", default="tiny", help="tiny | gpt2 | gpt2-medium")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a GPTConfig field, e.g. --set norm=rmsnorm --set positions=rotary")
     s.add_argument("--steps", type=int, default=500)
@@ -357,6 +414,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("generate", help="generate text from a checkpoint, streaming it")
     s.add_argument("--checkpoint", required=True, metavar="DIR", help="a `fastlm train` output or checkpoint directory, or a Hugging Face GPT-2 directory")
     s.add_argument("--prompt", default="", help="text to continue (default: start from the end-of-text token)")
+    s.add_argument("--instruction", help="an instruction for a `fastlm train --task sft` checkpoint: its prompt template "
+                                         "is applied, the answer printed (up to the end-of-text token)")
     s.add_argument("--max-new-tokens", type=int, default=200)
     s.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
     s.add_argument("--top-k", type=int)
@@ -367,6 +426,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="default bfloat16 on CUDA, float32 on CPU")
     s.add_argument("--backend", choices=["torch", "triton", "cuda"])
     s.set_defaults(func=_cmd_generate)
+    s = sub.add_parser("classify", help="label texts with a `fastlm train --task classify` checkpoint")
+    s.add_argument("--checkpoint", required=True, metavar="DIR", help="a `fastlm train --task classify` output or checkpoint directory")
+    s.add_argument("--text", required=True, action="append", help="a text to classify (repeat for several)")
+    s.add_argument("--json", action="store_true", help="one JSON object per text: label and probabilities")
+    s.add_argument("--device")
+    s.add_argument("--backend", choices=["torch", "triton", "cuda"])
+    s.set_defaults(func=_cmd_classify)
     return p
 
 

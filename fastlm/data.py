@@ -8,6 +8,7 @@ a fresh machine has a corpus without downloading or shipping one.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import sysconfig
 import tempfile
@@ -144,3 +145,83 @@ def eval_batches(tokens: torch.Tensor, seq_len: int, batch_size: int, n_batches:
         starts = torch.tensor([((b * batch_size + i) % n_windows) * seq_len for i in range(batch_size)])
         w = tokens[starts[:, None] + torch.arange(seq_len + 1)].long()
         yield w[:, :-1], w[:, 1:]
+
+
+def read_jsonl(path, fields: dict) -> list[dict]:
+    """The records of a JSON-lines file, each an object holding ``fields`` (name -> a type or a
+    tuple of types; other keys are ignored). Blank lines are skipped. ValueError naming the file and
+    line for bad JSON, a line that is not an object, a missing field or one of the wrong type, and
+    for a file with no records."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"data file {str(path)!r} does not exist")
+    if not path.is_file():
+        raise ValueError(f"data file {path} is not a file (expected JSON lines with {', '.join(fields)})")
+    records = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError as exc:
+                raise ValueError(f"{path} line {n}: not valid JSON ({exc})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path} line {n}: expected a JSON object with {', '.join(map(repr, fields))}, "
+                                 f"got a {type(row).__name__}")
+            for name, types in fields.items():
+                if name not in row:
+                    raise ValueError(f"{path} line {n}: missing field {name!r} (each line needs {', '.join(map(repr, fields))})")
+                v = row[name]
+                ok = isinstance(v, types) and not (isinstance(v, bool) and bool not in (types if isinstance(types, tuple) else (types,)))
+                if not ok:
+                    want = " or ".join(t.__name__ for t in (types if isinstance(types, tuple) else (types,)))
+                    raise ValueError(f"{path} line {n}: field {name!r} must be a {want}, got {type(v).__name__} {str(v)[:40]!r}")
+            row["_line"] = n
+            records.append(row)
+    if not records:
+        raise ValueError(f"empty data set: {path} holds no records (expected JSON lines with {', '.join(map(repr, fields))})")
+    return records
+
+
+def split_examples(n: int, val_fraction: float, seed: int, what: str = "examples") -> tuple[list[int], list[int]]:
+    """(train, held-out) indices of n examples: a permutation from ``seed``, its last
+    max(1, val_fraction * n) held out; ValueError if either part would be empty."""
+    if n < 2:
+        raise ValueError(f"too few {what}: {n}; a train and a held-out split need at least 2")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    n_val = min(max(1, int(n * val_fraction)), n - 1)
+    return sorted(perm[: n - n_val]), sorted(perm[n - n_val :])
+
+
+class ExampleOrder:
+    """The training order of n examples: epoch e is a permutation from (seed, e). ``position``
+    counts the examples served so far, so (seed, position) is the whole data state of a run."""
+
+    def __init__(self, n: int, seed: int = 0):
+        if n < 1:
+            raise ValueError("ExampleOrder: no examples")
+        self.n, self.seed = n, seed
+        self._epoch, self._perm = -1, None
+
+    def indices(self, position: int, count: int) -> list[int]:
+        out = []
+        for p in range(position, position + count):
+            epoch = p // self.n
+            if epoch != self._epoch:
+                self._perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)).tolist()
+                self._epoch = epoch
+            out.append(self._perm[p % self.n])
+        return out
+
+
+def pack(seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(idx (1, T) int64, cu_seqlens (B + 1,) int32, max_seqlen): the sequences one after another,
+    the packed form of fastlm.models.GPT.forward / hidden_states."""
+    lens = [len(s) for s in seqs]
+    if not seqs or min(lens) < 1:
+        raise ValueError("pack: every sequence needs at least one token")
+    idx = torch.tensor([t for s in seqs for t in s], dtype=torch.long)[None]
+    cu = torch.zeros(len(seqs) + 1, dtype=torch.int32)
+    cu[1:] = torch.tensor(lens).cumsum(0)
+    return idx, cu, max(lens)

@@ -1,4 +1,6 @@
-"""`fastlm train`: next-token prediction for fastlm.models.GPT, on one device or under torchrun.
+"""`fastlm train`: the loop that trains every task of fastlm.tasks (next-token prediction of
+fastlm.models.GPT by default, masked-LM, classification, instruction fine-tuning, ...), on one device
+or under torchrun.
 
 bf16 autocast on GPU, AdamW (fused on CUDA), linear warm-up then cosine decay, gradient clipping
 and accumulation, a held-out split with eval loss and perplexity, a progress bar (loss, tokens/s,
@@ -6,7 +8,8 @@ MFU on GPU), metrics as JSONL and a loss-curve PNG. A checkpoint is a directory
 (``OUT/checkpoint``) holding model.safetensors, config.json, optimizer.pt, rng.pt,
 trainer_state.json (step, data position, settings) and tokenizer.json; it is written into a temporary
 directory and renamed into place, so a crash never leaves a half-written one. ``resume`` continues
-exactly: the data order is a function of (seed, position). The first Ctrl-C (SIGINT) finishes the
+exactly: the data order is a function of (seed, position). A task other than lm adds task.json
+(its name, options and state: labels, a prompt template) and, with eval_accuracy, accuracy.png. The first Ctrl-C (SIGINT) finishes the
 current step, writes a checkpoint and exits; a second one exits at once.
 """
 
@@ -30,11 +33,12 @@ from pathlib import Path
 import torch
 
 import fastlm
-from fastlm import data as fdata
-from fastlm.models.gpt import GPT, PRESETS, GPTConfig, check_limits
-from fastlm.tokenizer import Tokenizer, train_or_load_cached
+from fastlm.models.gpt import GPT, GPTConfig, check_limits
+from fastlm.tokenizer import Tokenizer
 
 CKPT_FILES = ("model.safetensors", "config.json", "optimizer.pt", "rng.pt", "trainer_state.json", "tokenizer.json")
+TASK_FILE = "task.json"  # {"task", "options", "state"} of a task other than lm (fastlm.tasks)
+_ALL_FILES = (*CKPT_FILES, TASK_FILE)
 
 
 class CheckpointError(ValueError):
@@ -47,7 +51,10 @@ class CheckpointWriteError(OSError):
 
 @dataclasses.dataclass
 class TrainConfig:
-    data: list[str] | None = None  # files or directories; None: the Python standard library
+    task: str = "lm"  # lm | mlm | classify | sft | a task registered in fastlm.tasks
+    task_options: dict = dataclasses.field(default_factory=dict)  # the task's Options fields (--task-set)
+    init_from: str | None = None  # start from these weights: a fastlm checkpoint or a local HF directory (tasks that take it)
+    data: list[str] | None = None  # files or directories; None: the task's built-in default (lm: the Python standard library)
     preset: str = "tiny"
     model: dict = dataclasses.field(default_factory=dict)  # GPTConfig overrides
     steps: int = 500
@@ -161,12 +168,14 @@ def _write_error(out: Path, exc: Exception) -> CheckpointWriteError:
     return CheckpointWriteError(f"could not write the checkpoint in {out} ({text[:300]}); {kept}")
 
 
-def save_checkpoint(out, model: GPT, optimizer, tokenizer: Tokenizer, state: dict) -> Path:
+def save_checkpoint(out, model, optimizer, tokenizer: Tokenizer | None, state: dict, *, config: dict | None = None,
+                    task_info: dict | None = None) -> Path:
     """Write ``OUT/checkpoint``: every file into a fresh temporary directory, with their SHA-256
     digests in SHA256SUMS, fsynced (files, then the directory), then renamed into place; the
     previous checkpoint stays until the new one is in place. Temporary directories left by a crash
     are removed first. A failed write (a full disk) raises CheckpointWriteError naming the
-    directory and leaves the previous checkpoint as it was."""
+    directory and leaves the previous checkpoint as it was. ``config``: config.json (default the
+    GPT's config); ``task_info``: task.json (a task other than lm); no tokenizer: no tokenizer.json."""
     from safetensors.torch import save_model
 
     out = Path(out)
@@ -177,8 +186,11 @@ def save_checkpoint(out, model: GPT, optimizer, tokenizer: Tokenizer, state: dic
     try:
         tmp = Path(tempfile.mkdtemp(dir=out, prefix=_TMP_PREFIX))
         save_model(model, str(tmp / "model.safetensors"))
-        cfg = {"model_type": "fastlm-gpt", "fastlm_version": fastlm.__version__, **model.config.to_dict()}
-        (tmp / "config.json").write_text(json.dumps(cfg, indent=1))
+        if config is None:
+            config = {"model_type": "fastlm-gpt", "fastlm_version": fastlm.__version__, **model.config.to_dict()}
+        (tmp / "config.json").write_text(json.dumps(config, indent=1))
+        if task_info is not None:
+            (tmp / TASK_FILE).write_text(json.dumps(task_info, indent=1))
         if optimizer is not None:
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         rng = {"cpu": torch.get_rng_state()}
@@ -186,8 +198,9 @@ def save_checkpoint(out, model: GPT, optimizer, tokenizer: Tokenizer, state: dic
             rng["cuda"] = torch.cuda.get_rng_state_all()
         torch.save(rng, tmp / "rng.pt")
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1, default=str))
-        tokenizer.save(tmp)
-        (tmp / SUMS).write_text("".join(f"{_sha256(tmp / f)}  {f}\n" for f in CKPT_FILES if (tmp / f).is_file()))
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+        (tmp / SUMS).write_text("".join(f"{_sha256(tmp / f)}  {f}\n" for f in _ALL_FILES if (tmp / f).is_file()))
         for f in tmp.iterdir():
             _fsync(f)
         _fsync(tmp, directory=True)
@@ -228,11 +241,11 @@ def verify_checkpoint(ckpt, names=CKPT_FILES) -> None:
     ckpt = Path(ckpt)
     sums = _regular_file(ckpt, SUMS)
     if sums.stat().st_size > 4096:
-        raise CheckpointError(f"checkpoint {ckpt}: {SUMS} is corrupt (larger than a list of {len(CKPT_FILES)} digests)")
+        raise CheckpointError(f"checkpoint {ckpt}: {SUMS} is corrupt (larger than a list of {len(_ALL_FILES)} digests)")
     recorded = {}
     for line in sums.read_text(errors="replace").splitlines():
         digest, sep, name = line.partition("  ")
-        if not sep or name not in CKPT_FILES or len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+        if not sep or name not in _ALL_FILES or len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
             raise CheckpointError(f"checkpoint {ckpt}: {SUMS} is corrupt (line {line[:80]!r})")
         recorded[name] = digest
     for name in names:
@@ -272,9 +285,10 @@ def _read_config(ckpt: Path) -> GPTConfig:
     return config
 
 
-def _check_shapes(ckpt: Path, config: GPTConfig) -> None:
-    """The tensors in model.safetensors have the names and shapes config.json implies; read from
-    the file's header and a model on the meta device, so nothing is allocated yet."""
+def _check_shapes(ckpt: Path, build) -> None:
+    """The tensors in model.safetensors have the names and shapes of the module ``build()`` makes
+    (config.json's); read from the file's header and a module on the meta device, so nothing is
+    allocated yet."""
     from safetensors import safe_open
 
     try:
@@ -283,7 +297,7 @@ def _check_shapes(ckpt: Path, config: GPTConfig) -> None:
     except Exception as exc:
         raise CheckpointError(f"checkpoint {ckpt}: model.safetensors is corrupt or truncated ({type(exc).__name__}: {exc})") from None
     with torch.device("meta"):
-        expected = GPT(config).state_dict(keep_vars=True)
+        expected = build().state_dict(keep_vars=True)
     names_of = {}
     for k, v in expected.items():
         names_of.setdefault(id(v), []).append(k)
@@ -295,12 +309,12 @@ def _check_shapes(ckpt: Path, config: GPTConfig) -> None:
         raise CheckpointError(f"checkpoint {ckpt}: model.safetensors does not match config.json: {what}")
 
 
-def _load_model(ckpt: Path, device=None) -> GPT:
+def _load_module(ckpt: Path, build, device=None):
+    """``build()`` (a module of the checkpoint's shapes) with model.safetensors' weights, checked for NaN/inf."""
     from safetensors.torch import load_model as st_load
 
-    config = _read_config(ckpt)
-    _check_shapes(ckpt, config)
-    model = GPT(config)
+    _check_shapes(ckpt, build)
+    model = build()
     try:
         st_load(model, str(ckpt / "model.safetensors"), strict=True, device=str(device or "cpu"))
     except Exception as exc:
@@ -311,13 +325,95 @@ def _load_model(ckpt: Path, device=None) -> GPT:
     return model.to(device) if device is not None else model
 
 
+def _load_model(ckpt: Path, device=None) -> GPT:
+    config = _read_config(ckpt)
+    return _load_module(ckpt, lambda: GPT(config), device)
+
+
 def load_model(path, device=None) -> GPT:
     """The GPT stored in a fastlm checkpoint directory (or a training output directory). The files
     are checked against SHA256SUMS, config.json against sane limits and the weights' shapes
-    before anything is allocated, and the weights for NaN/inf."""
+    before anything is allocated, and the weights for NaN/inf. Checkpoints of lm, mlm and sft
+    hold a plain GPT; another task's model loads with fastlm.tasks.load_task."""
     ckpt = _find(path)
     verify_checkpoint(ckpt, ("config.json", "model.safetensors"))
+    info = _task_info(ckpt)
+    if info is not None and info["task"] not in _GPT_TASKS:
+        raise CheckpointError(f"checkpoint {ckpt} holds a {info['task']} model, not a plain GPT: load it with "
+                              f"fastlm.tasks.load_task")
     return _load_model(ckpt, device)
+
+
+_GPT_TASKS = ("lm", "mlm", "sft")  # their checkpoints hold a plain GPT (task.json adds the task's settings)
+
+
+def _task_info(ckpt: Path) -> dict | None:
+    if os.path.lexists(ckpt / TASK_FILE):
+        verify_checkpoint(ckpt, (TASK_FILE,))
+    from fastlm.tasks import read_task_json
+
+    return read_task_json(ckpt)
+
+
+def _make_task(ckpt: Path, info: dict | None):
+    from fastlm.tasks import get_task
+
+    name = "lm" if info is None else info["task"]
+    try:
+        return get_task(name)(info.get("options", {}) if info else {})
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint {ckpt}: task.json: {exc}") from None
+
+
+def _load_task_parts(ckpt: Path, device=None, verify_all: bool = False):
+    """(task, model) of a checkpoint: task.json's task with its options, state and tokenizer, the model of its config.json."""
+    info = _task_info(ckpt)
+    task = _make_task(ckpt, info)
+    names = CKPT_FILES if verify_all else ("config.json", "model.safetensors")
+    if not getattr(task, "has_tokenizer", True):
+        names = tuple(n for n in names if n != "tokenizer.json")
+    verify_checkpoint(ckpt, names)
+    config = _read_json(ckpt / "config.json", "the model config")
+    if not isinstance(config, dict):
+        raise CheckpointError(f"checkpoint {ckpt}: config.json is not a JSON object (it holds a {type(config).__name__})")
+    tstate = info.get("state", {}) if info else {}
+    if getattr(task, "has_tokenizer", True):
+        task.tokenizer = load_tokenizer(ckpt, 1 << 22, verify=not verify_all)
+    if info is None:
+        gpt_config = _read_config(ckpt)
+        build = lambda: GPT(gpt_config)
+    else:
+        def build():
+            try:
+                return task.model_from_checkpoint(config, tstate)
+            except CheckpointError:
+                raise
+            except (TypeError, ValueError, KeyError) as exc:
+                raise CheckpointError(f"checkpoint {ckpt}: config.json or task.json does not describe a {task.name} "
+                                      f"model ({type(exc).__name__}: {exc})") from None
+    model = _load_module(ckpt, build, device)
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    if task.tokenizer is not None and isinstance(vocab, int) and task.tokenizer.vocab_size > vocab:
+        raise CheckpointError(f"checkpoint {ckpt}: tokenizer.json has token ids up to {task.tokenizer.vocab_size - 1}, "
+                              f"beyond the model's vocabulary of {vocab}")
+    task.model = model
+    return task, model
+
+
+def sft_template(path) -> str:
+    """The prompt template an sft checkpoint stores (ValueError for a checkpoint of another task)."""
+    ckpt = _find(path)
+    info = _task_info(ckpt)
+    if info is None or info["task"] != "sft":
+        what = "an lm" if info is None else f"a {info['task']}"
+        raise ValueError(f"--instruction needs a checkpoint of `fastlm train --task sft` (it holds the prompt template); "
+                         f"{path} is {what} checkpoint: use --prompt")
+    return _make_task(ckpt, info).options.template
+
+
+def load_task_model(path, device=None):
+    """(task, model) from the checkpoint of any task, for inference; see fastlm.tasks.load_task."""
+    return _load_task_parts(_find(path), device)
 
 
 def load_tokenizer(ckpt, vocab_size: int, verify: bool = True) -> Tokenizer:
@@ -367,20 +463,22 @@ def _check_trainer_state(ckpt: Path, state) -> None:
         raise CheckpointError(f"checkpoint {ckpt}: trainer_state.json: train_config must be a JSON object")
 
 
-def load_checkpoint(path, device=None) -> tuple[GPT, Tokenizer, dict, dict | None, dict]:
-    """(model, tokenizer, trainer state, optimizer state dict, rng states) from a checkpoint, each
-    file verified against SHA256SUMS and checked for its expected structure."""
+def load_task_checkpoint(path, device=None):
+    """(task, model, trainer state, optimizer state dict, rng states) from a checkpoint of any task,
+    each file verified against SHA256SUMS and checked for its expected structure."""
     ckpt = find_checkpoint(path)
     if ckpt is None:
         raise CheckpointError(f"no checkpoint in {path} (expected {path}/checkpoint with {', '.join(CKPT_FILES)})")
-    missing = [f for f in (*CKPT_FILES, SUMS) if not os.path.lexists(ckpt / f)]
+    info_there = os.path.lexists(ckpt / TASK_FILE)
+    required = [f for f in CKPT_FILES if f != "tokenizer.json"] + [SUMS]
+    missing = [f for f in required if not os.path.lexists(ckpt / f)]
     if missing:
         raise CheckpointError(f"checkpoint {ckpt} is incomplete: missing {', '.join(missing)}")
-    verify_checkpoint(ckpt)
+    if not info_there and not os.path.lexists(ckpt / "tokenizer.json"):
+        raise CheckpointError(f"checkpoint {ckpt} is incomplete: missing tokenizer.json")
+    task, model = _load_task_parts(ckpt, device, verify_all=True)
     state = _read_json(ckpt / "trainer_state.json", "the trainer state")
     _check_trainer_state(ckpt, state)
-    model = _load_model(ckpt, device)
-    tokenizer = load_tokenizer(ckpt, model.config.vocab_size, verify=False)
     try:
         opt_state = torch.load(ckpt / "optimizer.pt", map_location=device or "cpu", weights_only=True)
         rng = torch.load(ckpt / "rng.pt", weights_only=True)
@@ -388,7 +486,14 @@ def load_checkpoint(path, device=None) -> tuple[GPT, Tokenizer, dict, dict | Non
         raise CheckpointError(f"checkpoint {ckpt}: a file is corrupt ({type(exc).__name__}: {exc})") from None
     _check_optimizer_state(ckpt, opt_state)
     _check_rng(ckpt, rng)
-    return model, tokenizer, state, opt_state, rng
+    return task, model, state, opt_state, rng
+
+
+def load_checkpoint(path, device=None) -> tuple[GPT, Tokenizer, dict, dict | None, dict]:
+    """(model, tokenizer, trainer state, optimizer state dict, rng states) from a checkpoint, each
+    file verified against SHA256SUMS and checked for its expected structure."""
+    task, model, state, opt_state, rng = load_task_checkpoint(path, device)
+    return model, task.tokenizer, state, opt_state, rng
 
 
 # ---- the loop ------------------------------------------------------------------------------------
@@ -546,19 +651,6 @@ def make_optimizer(model: GPT, tc: TrainConfig, device: torch.device):
     return torch.optim.AdamW(groups, lr=tc.lr, betas=tuple(tc.betas), **extra)
 
 
-@torch.no_grad()
-def evaluate(model: GPT, val_tokens, seq_len: int, batch_size: int, iters: int, device, autocast) -> float:
-    was = model.training
-    model.eval()
-    losses = []
-    for x, y in fdata.eval_batches(val_tokens, seq_len, batch_size, iters):
-        with autocast:
-            _, loss = model(x.to(device), y.to(device))
-        losses.append(float(loss))
-    model.train(was)
-    return sum(losses) / len(losses)
-
-
 def _peak_tflops(device, dtype) -> float | None:
     """The measured dense matmul rate of the GPU in the autocast dtype (the MFU denominator)."""
     if device.type != "cuda":
@@ -669,16 +761,29 @@ def plot_losses(metrics_path: Path, png_path: Path) -> None:
     plt.close(fig)
 
 
-def _check_model_settings(tc: TrainConfig) -> None:
-    """The model a new run would build is valid and within limits (before any data is read)."""
-    try:
-        cfg = GPTConfig.from_preset(tc.preset, **{"vocab_size": tc.vocab_size or PRESETS[tc.preset]["vocab_size"], **tc.model})
-        check_limits(cfg)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"--set: {exc}") from None
-    if tc.seq_len and tc.seq_len > cfg.block_size:
-        raise ValueError(f"--seq-len {tc.seq_len} is longer than the model's context (block_size {cfg.block_size}); "
-                         f"a longer context is --set block_size={tc.seq_len}")
+def plot_accuracy(metrics_path: Path, png_path: Path) -> bool:
+    """The held-out accuracy curve (eval_accuracy rows) as a PNG; False (nothing written) without such rows."""
+    rows = read_metrics(metrics_path)[0]
+    points = [(r["step"], r["eval_accuracy"]) for r in rows
+              if isinstance(r.get("eval_accuracy"), (int, float)) and not isinstance(r.get("eval_accuracy"), bool)]
+    if not points:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(*zip(*points, strict=True), marker="o", label="held-out accuracy")
+    ax.set_xlabel("step")
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(0, 1)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    replace_file(png_path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+    plt.close(fig)
+    return True
 
 
 def _load_optimizer_state(optimizer, opt_state: dict, out: Path) -> None:
@@ -705,61 +810,51 @@ def _load_optimizer_state(optimizer, opt_state: dict, out: Path) -> None:
 
 
 def train(tc: TrainConfig, on_step=None, log=print) -> dict:
-    """Train; returns a summary (``interrupted`` is True after a Ctrl-C, once the checkpoint is
-    written; ``signal`` says which: SIGINT or SIGTERM). ``on_step(step, model)`` is called after each
-    optimizer step. Every setting is checked before any work; ``out`` holding a checkpoint needs
-    ``resume`` (continue it, with the settings it records: see resume_config) or ``overwrite``."""
+    """Train ``tc.task`` (fastlm.tasks); returns a summary (``interrupted`` is True after a Ctrl-C,
+    once the checkpoint is written; ``signal`` says which: SIGINT or SIGTERM; ``eval``: the last
+    held-out metrics). ``on_step(step, model)`` is called after each optimizer step. Every setting
+    is checked before any work; ``out`` holding a checkpoint needs ``resume`` (continue it, with the
+    settings it records: see resume_config) or ``overwrite``."""
+    from fastlm.tasks import get_task
+
     check_config(tc)
     out = Path(tc.out)
-    if tc.preset not in PRESETS:
-        raise ValueError(f"unknown GPT preset {tc.preset!r}; presets: {', '.join(PRESETS)}")
+    task_cls = get_task(tc.task)
     if not tc.resume and not tc.overwrite and holds_checkpoint(out):
         raise ValueError(f"--out {out} already holds a checkpoint: pass --resume to continue it, --overwrite to "
                          f"replace it, or another --out")
     state, opt_state, rng, notes = {}, None, None, []
     if tc.resume:
-        model, tokenizer, state, opt_state, rng = load_checkpoint(out)
+        task, model, state, opt_state, rng = load_task_checkpoint(out)
         tc, notes = resume_config(tc, state.get("train_config", {}))
+        if task.name != tc.task:
+            raise CheckpointError(f"checkpoint in {out}: task.json holds task {task.name!r}, trainer_state.json {tc.task!r}")
+    else:
+        task = task_cls(tc.task_options)
+        if hasattr(task, "check"):
+            task.check(tc)
     rank, world, local = _setup_distributed(tc.device)
     main = rank == 0
     device = resolve_device(tc.device, tc.backend, local)
     dtype = getattr(torch, tc.dtype) if tc.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    if not tc.resume:
-        _check_model_settings(tc)
     for note in notes if main else ():
         log(note)
 
-    files = fdata.find_files(tc.data)
-    if tc.resume:
-        cfg = model.config
-    else:
-        if tc.tokenizer:
-            tokenizer = Tokenizer.load(tc.tokenizer)
-        else:
-            vocab = tc.vocab_size or PRESETS[tc.preset]["vocab_size"]
-            if not main:
-                _barrier(world)  # rank 0 trains and caches the tokenizer first
-            tokenizer = train_or_load_cached(files, vocab, fdata.read_text)
-            if main:
-                _barrier(world)
-        cfg = GPTConfig.from_preset(tc.preset, **{"vocab_size": tokenizer.vocab_size, **tc.model})
-        if cfg.vocab_size < tokenizer.vocab_size:
-            raise ValueError(f"--set vocab_size={cfg.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size} tokens")
+    if not tc.resume:
+        if not main:
+            _barrier(world)  # rank 0 trains and caches the tokenizer first
         torch.manual_seed(tc.seed)
-        model = GPT(cfg)
-    if not cfg.causal:
-        raise ValueError("fastlm train is next-token prediction and needs a causal model (causal=True)")
-    T = tc.seq_len or cfg.block_size
-    if T > cfg.block_size:
-        raise ValueError(f"--seq-len {T} is longer than the model's context (block_size {cfg.block_size}); "
-                         f"a longer context is --set block_size={T} (for a new run)")
+        model = task.new_model(tc, log)
+        task.model = model
+        if main:
+            _barrier(world)
+    tokenizer = task.tokenizer
     if not main:
         _barrier(world)
-    tokens = fdata.tokenize(files, tokenizer)
+    described = task.load_data(tc, log)
     if main:
         _barrier(world)
-    train_tokens, val_tokens = fdata.split(tokens, T, tc.val_fraction)
-    batches = fdata.Batches(train_tokens, T, tc.seed)
+    seq_len = getattr(task, "seq_len", None) or tc.seq_len
 
     model.to(device)
     optimizer = make_optimizer(model, tc, device)
@@ -779,26 +874,32 @@ def train(tc: TrainConfig, on_step=None, log=print) -> dict:
         model = DDP(model, device_ids=[local] if device.type == "cuda" else None)
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     backend_ctx = fastlm.use_backend(tc.backend) if tc.backend else contextlib.nullcontext()
+    task_info = None if task.name == "lm" else {"task": task.name, "options": task.options_dict(), "state": task.state()}
 
     metrics = out / "metrics.jsonl"
     if main:
         out.mkdir(parents=True, exist_ok=True)
-        replace_file(out / "tokenizer.json", lambda tmp: tokenizer.tk.save(str(tmp)))
+        if tokenizer is not None:
+            replace_file(out / "tokenizer.json", lambda tmp: tokenizer.tk.save(str(tmp)))
         kept, bad = read_metrics(metrics) if tc.resume else ([], 0)
         if bad:
             log(f"{metrics}: skipped {bad} malformed line(s)")
         replace_file(metrics, lambda tmp: tmp.write_text("".join(json.dumps(r) + "\n" for r in kept if r["step"] <= step)))
     B, accum = tc.batch_size, tc.grad_accum
-    tokens_per_step = B * T * accum * world
-    peak = _peak_tflops(device, dtype) if main else None
-    flops_per_token = raw.flops_per_token(T)
+    examples_per_step = B * accum * world
+    flops_per_token = task.flops_per_token(raw) if hasattr(task, "flops_per_token") else None
+    peak = _peak_tflops(device, dtype) if main and flops_per_token else None
     if main:
         ran = fastlm.backend.resolve(tc.backend, device)
         why = {"torch": "the plain-PyTorch reference", "triton": "Triton kernels" + (" through the interpreter" * (device.type == "cpu")),
                "cuda": "fastlm._C CUDA kernels"}[ran]
-        log(f"model: {raw.num_params() / 1e6:.2f}M parameters ({cfg.n_layer} layers, d={cfg.n_embd}, vocab {cfg.vocab_size}), "
-            f"context {T}; data: {len(files)} files, {train_tokens.numel():,} train / {val_tokens.numel():,} held-out tokens; "
-            f"{tokens_per_step:,} tokens/step on {world} x {device.type}, {str(dtype).replace('torch.', '')}; "
+        cfg = getattr(raw, "config", None)
+        vocab = f", vocab {cfg.vocab_size}" if hasattr(cfg, "vocab_size") else ""
+        shape = f" ({cfg.n_layer} layers, d={cfg.n_embd}{vocab})" if hasattr(cfg, "n_layer") else ""
+        n_params = raw.num_params() if hasattr(raw, "num_params") else sum(p.numel() for p in raw.parameters())
+        per_step = (f"{B * seq_len * accum * world:,} tokens/step" if task.name == "lm" else f"{examples_per_step:,} examples/step")
+        log(f"task {task.name}; model: {n_params / 1e6:.2f}M parameters{shape}, context {seq_len}; data: {described}; "
+            f"{per_step} on {world} x {device.type}, {str(dtype).replace('torch.', '')}; "
             f"ops on backend {ran} ({why})")
 
     def write(row):
@@ -812,22 +913,28 @@ def train(tc: TrainConfig, on_step=None, log=print) -> dict:
             kept = tc
             if tc.fit_time_limit and time_up:  # the schedule ran on the time: it ended at this step
                 kept = dataclasses.replace(tc, steps=step, decay_steps=step, warmup=min(schedule(tc)[0], step))
-            st = {"step": step, "position": position, "tokens_seen": step * tokens_per_step,
-                  "train_config": _stored_config(kept, T), "world_size": world}
-            save_checkpoint(out, raw, optimizer, tokenizer, st)
+            st = {"step": step, "position": position, "train_config": _stored_config(kept, seq_len), "world_size": world}
+            if task.name == "lm":
+                st["tokens_seen"] = step * B * seq_len * accum * world
+            else:
+                st["examples_seen"] = step * examples_per_step
+            save_checkpoint(out, raw, optimizer, tokenizer, st, config=task.model_config(raw), task_info=task_info)
             plot_losses(metrics, out / "loss.png")
+            plot_accuracy(metrics, out / "accuracy.png")
         _barrier(world)
 
     bar = None
     if main and tc.progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=tc.steps, initial=step, desc="train", dynamic_ncols=True, disable=None)  # no bar when not a terminal
+        bar = tqdm(total=tc.steps, initial=step, desc=f"train {task.name}" if task.name != "lm" else "train",
+                   dynamic_ncols=True, disable=None)  # no bar when not a terminal
         log = bar.write
     summary = {"start_step": step}
     interrupted = False
     last_loss = eval_loss = None
-    t_last, steps_since = time.perf_counter(), 0
+    last_eval = {}
+    t_last, steps_since, tokens_since = time.perf_counter(), 0, 0
     t_start = t_last
     interval_loss, loss_steps = torch.zeros((), device=device), 0
     stop = torch.zeros(2, device=device)
@@ -845,12 +952,14 @@ def train(tc: TrainConfig, on_step=None, log=print) -> dict:
                 g["lr"] = lr
             loss_sum = torch.zeros((), device=device)
             for micro in range(accum):
-                x, y = batches.get(position + rank * B, B)
+                batch = task.batch(position + rank * B, B)
                 position += B * world
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                n_tokens = task.tokens(batch)
+                tokens_since = None if n_tokens is None or tokens_since is None else tokens_since + n_tokens * world
+                batch = task.to_device(batch, device)
                 sync = model.no_sync() if world > 1 and micro < accum - 1 else contextlib.nullcontext()
                 with sync, autocast:
-                    _, loss = model(x, y)
+                    loss = task.loss(model, batch)
                 (loss / accum).backward()
                 loss_sum += loss.detach()
             if tc.grad_clip:
@@ -883,24 +992,34 @@ def train(tc: TrainConfig, on_step=None, log=print) -> dict:
                 interval_loss.zero_()
                 loss_steps = 0
                 dt = time.perf_counter() - t_last
-                tps = tokens_per_step * steps_since / dt
-                row = {"step": step, "loss": last_loss, "lr": lr, "tokens_per_s": tps}
-                if peak:
-                    row["mfu"] = flops_per_token * tps / world / (peak * 1e12)
+                row = {"step": step, "loss": last_loss, "lr": lr}
+                if tokens_since is not None:
+                    tps = tokens_since / dt
+                    row["tokens_per_s"] = tps
+                    if peak:
+                        row["mfu"] = flops_per_token * tps / world / (peak * 1e12)
+                else:
+                    row["examples_per_s"] = examples_per_step * steps_since / dt
                 write(row)
                 if bar is not None:
-                    post = {"loss": f"{last_loss:.3f}", "tok/s": f"{tps:,.0f}"}
+                    post = {"loss": f"{last_loss:.3f}"}
+                    if "tokens_per_s" in row:
+                        post["tok/s"] = f"{row['tokens_per_s']:,.0f}"
+                    else:
+                        post["ex/s"] = f"{row['examples_per_s']:,.1f}"
                     if "mfu" in row:
                         post["mfu"] = f"{100 * row['mfu']:.1f}%"
                     bar.set_postfix(post)
-                t_last, steps_since = time.perf_counter(), 0
+                t_last, steps_since, tokens_since = time.perf_counter(), 0, 0
             if tc.eval_interval and (step % tc.eval_interval == 0 or final):
-                eval_loss = evaluate(raw, val_tokens, T, B, tc.eval_iters, device, autocast)
-                write({"step": step, "eval_loss": eval_loss, "eval_ppl": math.exp(min(eval_loss, 50))})
+                last_eval = task.evaluate(raw, B, tc.eval_iters, device, autocast)
+                eval_loss = last_eval.get("eval_loss")
+                write({"step": step, **last_eval})
                 if main:
-                    log(f"step {step}: train loss {last_loss if last_loss is not None else float('nan'):.3f}, "
-                        f"held-out loss {eval_loss:.3f}, perplexity {math.exp(min(eval_loss, 50)):.1f}")
-                t_last, steps_since = time.perf_counter(), 0
+                    what = task.describe_eval(last_eval) if hasattr(task, "describe_eval") else \
+                        ", ".join(f"{k.removeprefix('eval_').replace('_', ' ')} {v:.3f}" for k, v in last_eval.items())
+                    log(f"step {step}: train loss {last_loss if last_loss is not None else float('nan'):.3f}, {what}")
+                t_last, steps_since, tokens_since = time.perf_counter(), 0, 0
             if tc.ckpt_interval and step % tc.ckpt_interval == 0 and step < tc.steps:
                 checkpoint()
             if stopping:
@@ -913,11 +1032,12 @@ def train(tc: TrainConfig, on_step=None, log=print) -> dict:
         if bar is not None:
             bar.close()
         checkpoint()
-    summary.update(step=step, loss=last_loss, eval_loss=eval_loss, interrupted=interrupted, out=str(out),
+    summary.update(step=step, loss=last_loss, eval_loss=eval_loss, eval=last_eval, interrupted=interrupted, out=str(out),
                    signal=signum if interrupted else None)
     if main:
         if interrupted:
             log(f"checkpoint written at step {step} to {out / 'checkpoint'}; continue with --resume")
         else:
-            log(f"done: {step} steps; checkpoint in {out / 'checkpoint'}, metrics in {metrics}, loss curve in {out / 'loss.png'}")
+            curves = f"loss curve in {out / 'loss.png'}" + (f", accuracy in {out / 'accuracy.png'}" if (out / "accuracy.png").exists() else "")
+            log(f"done: {step} steps; checkpoint in {out / 'checkpoint'}, metrics in {metrics}, {curves}")
     return summary

@@ -150,6 +150,12 @@ def _no_work(monkeypatch):
     (["--device", "tpu"], "--device .tpu. is not a device"),
     (["--device", "meta"], "--device meta: fastlm runs on cpu or cuda"),
     (["--fit-time-limit"], "--fit-time-limit needs --time-limit"),
+    (["--task", "nope"], "--task .nope. is not a task; tasks: classify, (.* )?lm, mlm, sft"),
+    (["--task", "classify", "--task-set", "pool=mean"], "--task-set 'pool=mean': expected KEY=VALUE with KEY one of pooling, eval_data"),
+    (["--task", "mlm", "--task-set", "mask_prob=lots"], "--task-set 'mask_prob=lots': could not convert"),
+    (["--task", "mlm", "--task-set", "mask_prob=2"], r"mask_prob must lie in \(0, 1\], got 2.0"),
+    (["--task", "classify", "--task-set", "pooling=max"], "pooling must be one of auto, cls, mean, last"),
+    (["--task", "sft", "--task-set", "template=no slot"], "template must hold {instruction} exactly once"),
 ])
 def test_train_rejects_bad_settings_before_any_work(monkeypatch, capsys, tmp_path, args, message):
     import re
