@@ -146,6 +146,14 @@ def _parse_sets(items) -> dict:
     return out
 
 
+def _parse_model_sets(task: str, items) -> dict:
+    """--set KEY=VALUE items as model-config overrides: the task's own parse_sets (vit, clip) or GPTConfig's."""
+    from fastlm.tasks import get_task
+
+    parse = getattr(get_task(task), "parse_sets", None) if items else None
+    return parse(items) if parse is not None else _parse_sets(items)
+
+
 def _parse_task_sets(task: str, items) -> dict:
     """--task-set KEY=VALUE items as the task's options, typed by its Options dataclass."""
     from fastlm.tasks import get_task
@@ -168,7 +176,7 @@ def _cmd_train(args) -> int:
     try:
         tc = TrainConfig(
             task=args.task, task_options=_parse_task_sets(args.task, args.task_set), init_from=args.init_from,
-            data=args.data, preset=args.preset, model=_parse_sets(args.set), steps=args.steps, batch_size=args.batch_size,
+            data=args.data, preset=args.preset, model=_parse_model_sets(args.task, args.set), steps=args.steps, batch_size=args.batch_size,
             seq_len=args.seq_len, grad_accum=args.grad_accum, lr=args.lr, min_lr=args.min_lr, warmup=args.warmup,
             decay_steps=args.decay_steps, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
             eval_interval=args.eval_interval, eval_iters=args.eval_iters, log_interval=args.log_interval,
@@ -366,18 +374,19 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(s)
     s.set_defaults(func=_cmd_audit)
     s = sub.add_parser("train", help="train a task: the GPT by default (the tiny preset on the Python standard library), "
-                                     "or --task mlm | classify | sft")
+                                     "or --task mlm | classify | sft | vit | clip")
     s.add_argument("--task", default="lm", help="lm (next-token prediction, the default) | mlm (masked-LM, a bidirectional "
-                                                "encoder) | classify (jsonl text/label) | sft (jsonl prompt/response)")
+                                                "encoder) | classify (jsonl text/label) | sft (jsonl prompt/response) | "
+                                                "vit (an ImageFolder directory) | clip (jsonl image/text)")
     s.add_argument("--task-set", action="append", default=[], metavar="KEY=VALUE",
                    help="a task option, e.g. --task-set pooling=mean (classify), --task-set template=... (sft), "
                         "--task-set mask_prob=0.15 (mlm)")
     s.add_argument("--init-from", metavar="DIR", help="start from these weights: a fastlm checkpoint, or a local Hugging Face "
-                                                      "GPT-2 (classify, sft) or BERT (classify) directory")
+                                                      "GPT-2 directory (classify, sft)")
     s.add_argument("--data", nargs="+", metavar="PATH", help="text files or directories (lm, mlm), a jsonl file (classify, sft); "
                                                            "default: a built-in set made from this Python's standard library")
     s.add_argument("--preset", default="tiny", help="tiny | gpt2 | gpt2-medium")
-    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a GPTConfig field, e.g. --set norm=rmsnorm --set positions=rotary")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a model-config field (GPTConfig; ViTConfig for vit, CLIPConfig for clip), e.g. --set norm=rmsnorm --set positions=rotary")
     s.add_argument("--steps", type=int, default=500)
     s.add_argument("--batch-size", type=int, default=16, help="sequences per process and micro-step")
     s.add_argument("--seq-len", type=int, help="default: the preset's context")

@@ -762,11 +762,15 @@ def plot_losses(metrics_path: Path, png_path: Path) -> None:
 
 
 def plot_accuracy(metrics_path: Path, png_path: Path) -> bool:
-    """The held-out accuracy curve (eval_accuracy rows) as a PNG; False (nothing written) without such rows."""
+    """The held-out accuracy curves (eval_accuracy, and eval_top1 for retrieval) as a PNG; False
+    (nothing written) without such rows."""
     rows = read_metrics(metrics_path)[0]
-    points = [(r["step"], r["eval_accuracy"]) for r in rows
-              if isinstance(r.get("eval_accuracy"), (int, float)) and not isinstance(r.get("eval_accuracy"), bool)]
-    if not points:
+    curves = {}
+    for key, label in (("eval_accuracy", "held-out accuracy"), ("eval_top1", "held-out top-1 retrieval")):
+        points = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float)) and not isinstance(r.get(key), bool)]
+        if points:
+            curves[label] = points
+    if not curves:
         return False
     import matplotlib
 
@@ -774,7 +778,8 @@ def plot_accuracy(metrics_path: Path, png_path: Path) -> bool:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(*zip(*points, strict=True), marker="o", label="held-out accuracy")
+    for label, points in curves.items():
+        ax.plot(*zip(*points, strict=True), marker="o", label=label)
     ax.set_xlabel("step")
     ax.set_ylabel("accuracy")
     ax.set_ylim(0, 1)

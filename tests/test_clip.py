@@ -247,7 +247,7 @@ def test_clip_task_trains_checkpoints_and_plots(tmp_path):
     summary = train(tc, log=lambda *a: None)
     assert set(summary["eval"]) == {"eval_loss", "eval_top1"} and 0 <= summary["eval"]["eval_top1"] <= 1
     assert [r["step"] for r in read_metrics(tmp_path / "out" / "metrics.jsonl")[0] if "eval_top1" in r] == [2, 4]
-    assert (tmp_path / "out" / "similarity.png").is_file()
+    assert (tmp_path / "out" / "similarity.png").is_file() and (tmp_path / "out" / "accuracy.png").is_file()
     _, loaded = load_task(tmp_path / "out", expect="clip")
     assert loaded.config.text.block_size == 16 and loaded.config.embed_dim == 16
 

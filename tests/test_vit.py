@@ -273,3 +273,20 @@ def test_task_set_parsing_is_typed_by_the_configs():
         CLIPTask.parse_sets(["text.bias=maybe"])
     with pytest.raises(ValueError, match="KEY vision.FIELD, text.FIELD"):
         CLIPTask.parse_sets(["depth=3"])
+
+
+def test_cli_train_vit_takes_vit_config_sets(tmp_path, capsys):
+    """`fastlm train --task vit --set image_size=16 ...`: --set is typed by ViTConfig for the vision
+    tasks (GPTConfig for the others); an unknown field is a clear exit-2 error."""
+    from fastlm.cli import main
+    from fastlm.tasks import load_task
+
+    vision.save_image_folder(vision.glyph_images(24, 16, classes="xo", seed=2), tmp_path / "data")
+    common = ["train", "--task", "vit", "--data", str(tmp_path / "data"), "--steps", "2", "--batch-size", "4",
+              "--eval-interval", "2", "--eval-iters", "1", "--device", "cpu", "--backend", "torch", "--no-progress"]
+    sets = ["--set", "image_size=16", "--set", "n_layer=1", "--set", "n_embd=32", "--set", "n_head=2"]
+    assert main(common + sets + ["--out", str(tmp_path / "out")]) == 0
+    _, model = load_task(tmp_path / "out", expect="vit")
+    assert (model.config.image_size, model.config.n_layer, model.config.n_embd) == (16, 1, 32)
+    assert main(common + ["--set", "colour=red", "--out", str(tmp_path / "bad")]) == 2
+    assert "'colour' is not a ViTConfig field" in capsys.readouterr().err
