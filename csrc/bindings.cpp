@@ -132,7 +132,16 @@ PYBIND11_MODULE(FASTLM_MODULE_NAME, m) {
   m.def("attention_fwd", &fastlm::attention_fwd, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"),
         py::arg("lse"), py::arg("o_part"), py::arg("lse_part"), py::arg("B"), py::arg("Hq"), py::arg("Hkv"),
         py::arg("Sq"), py::arg("Sk"), py::arg("D"), py::arg("strides"), py::arg("scale"), py::arg("causal"),
-        py::arg("window_left"), py::arg("window_right"), py::arg("num_splits"), py::arg("dtype"), py::arg("stream"));
+        py::arg("window_left"), py::arg("window_right"), py::arg("num_splits"), py::arg("dtype"), py::arg("stream"),
+        py::arg("softcap") = 0.0, py::arg("alibi_slopes") = 0, py::arg("alibi_stride_b") = 0, py::arg("dropout_p") = 0.0,
+        py::arg("seed") = 0);
+  m.def("attention_varlen_fwd", &fastlm::attention_varlen_fwd, py::arg("q"), py::arg("k"), py::arg("v"),
+        py::arg("cu_seqlens_q"), py::arg("cu_seqlens_k"), py::arg("out"), py::arg("lse"), py::arg("o_part"),
+        py::arg("lse_part"), py::arg("B"), py::arg("Hq"), py::arg("Hkv"), py::arg("total_q"), py::arg("total_k"),
+        py::arg("max_seqlen_q"), py::arg("max_seqlen_k"), py::arg("D"), py::arg("strides"), py::arg("scale"),
+        py::arg("causal"), py::arg("window_left"), py::arg("window_right"), py::arg("num_splits"), py::arg("dtype"),
+        py::arg("stream"), py::arg("softcap") = 0.0, py::arg("alibi_slopes") = 0, py::arg("alibi_stride_b") = 0,
+        py::arg("dropout_p") = 0.0, py::arg("seed") = 0);
   m.def("attention_fwd_grids", &fastlm::attention_fwd_grids, py::arg("B"), py::arg("Hq"), py::arg("Sq"),
         py::arg("num_splits"), "the launch grids (forward[, combine]) attention_fwd uses; [] when they exceed the limits");
   m.def("attention_fwd_block", &fastlm::attention_fwd_block, py::arg("index"), py::arg("Hq"), py::arg("Sq"),
@@ -148,7 +157,8 @@ PYBIND11_MODULE(FASTLM_MODULE_NAME, m) {
         py::arg("lse_part"), py::arg("B"), py::arg("Hq"), py::arg("Hkv"), py::arg("Sq"), py::arg("S_max"),
         py::arg("D"), py::arg("strides"), py::arg("num_splits"), py::arg("scale"), py::arg("window_left"),
         py::arg("window_right"), py::arg("dtype"), py::arg("stream"), py::arg("block_table") = 0,
-        py::arg("block_table_stride") = 0, py::arg("page_size") = 0, py::arg("num_pages") = 0);
+        py::arg("block_table_stride") = 0, py::arg("page_size") = 0, py::arg("num_pages") = 0, py::arg("softcap") = 0.0,
+        py::arg("alibi_slopes") = 0, py::arg("alibi_stride_b") = 0);
   m.def("paged_kv_append", &fastlm::paged_kv_append, py::arg("k_cache"), py::arg("v_cache"), py::arg("block_table"),
         py::arg("cache_seqlens"), py::arg("k_new"), py::arg("v_new"), py::arg("B"), py::arg("Hkv"), py::arg("S_new"),
         py::arg("D"), py::arg("page_size"), py::arg("max_pages"), py::arg("num_pages"), py::arg("strides"),
@@ -164,7 +174,15 @@ PYBIND11_MODULE(FASTLM_MODULE_NAME, m) {
         py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("dq"), py::arg("dk"), py::arg("dv"), py::arg("workspace"),
         py::arg("B"), py::arg("Hq"), py::arg("Hkv"), py::arg("Sq"), py::arg("Sk"), py::arg("D"), py::arg("strides"),
         py::arg("scale"), py::arg("causal"), py::arg("window_left"), py::arg("window_right"), py::arg("dtype"),
-        py::arg("stream"));
+        py::arg("stream"), py::arg("softcap") = 0.0, py::arg("alibi_slopes") = 0, py::arg("alibi_stride_b") = 0,
+        py::arg("dropout_p") = 0.0, py::arg("seed") = 0);
+  m.def("attention_varlen_bwd", &fastlm::attention_varlen_bwd, py::arg("dout"), py::arg("dlse"), py::arg("q"),
+        py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("dq"), py::arg("dk"), py::arg("dv"),
+        py::arg("workspace"), py::arg("cu_seqlens_q"), py::arg("cu_seqlens_k"), py::arg("B"), py::arg("Hq"),
+        py::arg("Hkv"), py::arg("max_seqlen_q"), py::arg("max_seqlen_k"), py::arg("D"), py::arg("strides"),
+        py::arg("scale"), py::arg("causal"), py::arg("window_left"), py::arg("window_right"), py::arg("dtype"),
+        py::arg("stream"), py::arg("softcap") = 0.0, py::arg("alibi_slopes") = 0, py::arg("alibi_stride_b") = 0,
+        py::arg("dropout_p") = 0.0, py::arg("seed") = 0);
 
   // ---- sampling (csrc/sampling.cu) ----
   m.def("sampling", &fastlm::sampling, py::arg("logits"), py::arg("B"), py::arg("V"), py::arg("stride_x"),

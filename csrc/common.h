@@ -344,6 +344,45 @@ __device__ __forceinline__ void cp_async_wait() {
 #endif
 }
 
+// ---- random numbers (csrc/sampling.cu, attention dropout) ----
+
+// Philox4x32-10 (Salmon et al. 2011), the Random123 round and key schedule: c becomes the 4 words
+// of counter c under key (k0, k1).
+__device__ __forceinline__ void philox4x32(uint32_t c[4], uint32_t k0, uint32_t k1) {
+#pragma unroll
+  for (int r = 0; r < 10; ++r) {
+    const uint32_t hi0 = __umulhi(0xD2511F53u, c[0]), lo0 = 0xD2511F53u * c[0];
+    const uint32_t hi1 = __umulhi(0xCD9E8D57u, c[2]), lo1 = 0xCD9E8D57u * c[2];
+    const uint32_t n0 = hi1 ^ c[1] ^ k0, n2 = hi0 ^ c[3] ^ k1;
+    c[0] = n0;
+    c[1] = lo1;
+    c[2] = n2;
+    c[3] = lo0;
+    k0 += 0x9E3779B9u;
+    k1 += 0xBB67AE85u;
+  }
+}
+
+// Attention dropout (fastlm/reference/attention.py, "Options"): whether entry (packed query row ig,
+// packed key row jg, query head h) is kept, and the same for key jg + 1 in *keep_next:
+//     keep = word_{jg & 3} of Philox4x32-10(counter (jg >> 2, ig, h, offset), key (seed_lo, seed_hi)) >= threshold
+// (threshold = floor(p 2^32)). One Philox call serves both keys unless jg & 3 == 3.
+__device__ __forceinline__ bool dropout_keep_pair(uint32_t ig, uint32_t jg, uint32_t h, uint32_t offset, uint32_t seed_lo,
+                                                  uint32_t seed_hi, uint32_t threshold, bool* keep_next) {
+  uint32_t w[4] = {jg >> 2, ig, h, offset};
+  philox4x32(w, seed_lo, seed_hi);
+  const uint32_t sel = jg & 3;
+  const uint32_t first = sel == 0 ? w[0] : sel == 1 ? w[1] : sel == 2 ? w[2] : w[3];
+  uint32_t second = sel == 0 ? w[1] : sel == 1 ? w[2] : w[3];
+  if (sel == 3) {
+    uint32_t n[4] = {(jg >> 2) + 1, ig, h, offset};
+    philox4x32(n, seed_lo, seed_hi);
+    second = n[0];
+  }
+  *keep_next = second >= threshold;
+  return first >= threshold;
+}
+
 // ---- attention (csrc/attention.cu, csrc/decode_attention.cu) ----
 
 template <typename T>

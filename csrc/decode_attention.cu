@@ -24,6 +24,10 @@
 // each 16-byte cp.async row copy looks up its page id (clamped to [0, num_pages)), nothing else
 // changes, so the paged and contiguous kernels give the same bits on the same keys.
 // paged_kv_append_kernel writes new rows into their pages (16-byte copies on aligned rows).
+//
+// Options (decode_split_options_kernel, paged_decode_split_options_kernel: the body with OPTIONS):
+// softcap and ALiBi on the scaled score before the mask, x = c tanh(scale s / c) - slope_h |L - Sq + t - j|
+// (slope of the row's query head h; each term behind a runtime test), then the same softmax.
 
 #include <array>
 #include <cmath>
@@ -38,6 +42,7 @@ namespace {
 constexpr int kDecThreads = 128;
 constexpr int kDecWarps = kDecThreads / 32;
 constexpr int kDecMaxRows = 64;
+constexpr float kLog2e = 1.4426950408889634f;
 
 struct DecodeParams {
   const void* q;
@@ -57,6 +62,11 @@ struct DecodeParams {
   const int* block_table;
   int64_t sbt;
   int page_shift, num_pages;
+  // OPTIONS (fastlm/reference/attention.py, "Options"): softcap c > 0 (0: off) and ALiBi slopes
+  // alibi[b * alibi_sb + query head] (null: off) on the scaled score (scale: the plain one).
+  float softcap, scale;
+  const float* alibi;
+  int64_t alibi_sb;
 };
 
 // Split blocks: grid x = b * Hkv + hk (2^31 - 1 blocks), grid y = the split (at most 65535).
@@ -137,9 +147,11 @@ constexpr int decode_min_blocks() {
   return D == 64 ? 3 : 1;
 }
 
-// The split kernel's body; PAGED: paged caches (decode_load_tile_paged), else contiguous ones. wm, wl:
-// the kernel's [kDecWarps][16] shared arrays of per-warp row maxima and sums.
-template <typename T, int D, int MT, bool PAGED>
+// The split kernel's body; PAGED: paged caches (decode_load_tile_paged), else contiguous ones;
+// OPTIONS: the path with softcap and ALiBi (each behind a runtime test; x = scale q.k,
+// x <- c tanh(x / c), x <- x - slope |L - Sq + t - j|, then log2 units). wm, wl: the kernel's
+// [kDecWarps][16] shared arrays of per-warp row maxima and sums.
+template <typename T, int D, int MT, bool PAGED, bool OPTIONS>
 __device__ __forceinline__ void decode_split(const DecodeParams& p, float (*wm)[16], float (*wl)[16]) {
   using Tile = DecodeTile<D, MT>;
   constexpr int N = Tile::kKeys;
@@ -214,12 +226,17 @@ __device__ __forceinline__ void decode_split(const DecodeParams& p, float (*wm)[
   }
 
   // This lane's rows mw * 16 + g + 8 h (h = 0, 1) see keys [klo[h], khi[h]] of the block's chunk.
-  int klo[2], khi[2];
+  int klo[2], khi[2], diag[2];
+  float slope[2] = {0.f, 0.f};
+  const bool softcap = OPTIONS && p.softcap > 0.f;
+  const float inv_softcap = softcap ? 1.f / p.softcap : 0.f;
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
-    const int diag = L - Sq + (mw * 16 + g + 8 * h) % Sq;
-    klo[h] = p.has_left ? max_of(lo, diag - p.left) : lo;
-    khi[h] = min_of(end - 1, diag + p.right);
+    const int r = mw * 16 + g + 8 * h;
+    diag[h] = L - Sq + r % Sq;
+    klo[h] = p.has_left ? max_of(lo, diag[h] - p.left) : lo;
+    khi[h] = min_of(end - 1, diag[h] + p.right);
+    if (OPTIONS && p.alibi != nullptr && r < rows) slope[h] = p.alibi[b * p.alibi_sb + hk * p.group + r / Sq];
   }
 
   float acc[D / 8][4];
@@ -270,7 +287,15 @@ __device__ __forceinline__ void decode_split(const DecodeParams& p, float (*wm)[
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
           const int key = kbase + j * 8 + e;
-          const float x = key >= klo[h] && key <= khi[h] ? s[j][2 * h + e] * p.scale_log2 : kNegInf;
+          float x;
+          if constexpr (OPTIONS) {
+            float y = s[j][2 * h + e] * p.scale;
+            if (softcap) y = p.softcap * tanhf(y * inv_softcap);
+            y = fmaf(-slope[h], fabsf(static_cast<float>(diag[h] - key)), y);
+            x = key >= klo[h] && key <= khi[h] ? y * kLog2e : kNegInf;
+          } else {
+            x = key >= klo[h] && key <= khi[h] ? s[j][2 * h + e] * p.scale_log2 : kNegInf;
+          }
           s[j][2 * h + e] = x;
           mx = fmaxf(mx, x);
         }
@@ -382,14 +407,29 @@ template <typename T, int D, int MT>
 __global__ void __launch_bounds__(kDecThreads, decode_min_blocks<D>()) decode_split_kernel(DecodeParams p) {
   __shared__ float wm[kDecWarps][16];
   __shared__ float wl[kDecWarps][16];
-  decode_split<T, D, MT, false>(p, wm, wl);
+  decode_split<T, D, MT, false, false>(p, wm, wl);
 }
 
 template <typename T, int D, int MT>
 __global__ void __launch_bounds__(kDecThreads, decode_min_blocks<D>()) paged_decode_split_kernel(DecodeParams p) {
   __shared__ float wm[kDecWarps][16];
   __shared__ float wl[kDecWarps][16];
-  decode_split<T, D, MT, true>(p, wm, wl);
+  decode_split<T, D, MT, true, false>(p, wm, wl);
+}
+
+// The OPTIONS forms (softcap, ALiBi) of the two split kernels.
+template <typename T, int D, int MT>
+__global__ void __launch_bounds__(kDecThreads, decode_min_blocks<D>()) decode_split_options_kernel(DecodeParams p) {
+  __shared__ float wm[kDecWarps][16];
+  __shared__ float wl[kDecWarps][16];
+  decode_split<T, D, MT, false, true>(p, wm, wl);
+}
+
+template <typename T, int D, int MT>
+__global__ void __launch_bounds__(kDecThreads, decode_min_blocks<D>()) paged_decode_split_options_kernel(DecodeParams p) {
+  __shared__ float wm[kDecWarps][16];
+  __shared__ float wl[kDecWarps][16];
+  decode_split<T, D, MT, true, true>(p, wm, wl);
 }
 
 // One warp per row, grid-stride over the rows (B * Hq * Sq may exceed kDecWarps * (2^31 - 1)).
@@ -475,9 +515,10 @@ int decode_attention_fwd(uintptr_t q, uintptr_t k_cache, uintptr_t v_cache, uint
                          uintptr_t lse, uintptr_t o_part, uintptr_t lse_part, int64_t B, int64_t Hq, int64_t Hkv,
                          int64_t Sq, int64_t S_max, int64_t D, const std::vector<int64_t>& strides, int64_t num_splits,
                          double scale, int64_t window_left, int64_t window_right, int dtype, uintptr_t stream,
-                         uintptr_t block_table, int64_t block_table_stride, int64_t page_size, int64_t num_pages) {
+                         uintptr_t block_table, int64_t block_table_stride, int64_t page_size, int64_t num_pages,
+                         double softcap, uintptr_t alibi_slopes, int64_t alibi_stride_b) {
   if (strides.size() != 14 || Hkv <= 0 || Hq % Hkv != 0 || Sq < 1 || num_splits < 1 || num_splits > kMaxGridYZ ||
-      !decode_attention_supported(D, dtype))
+      !decode_attention_supported(D, dtype) || !(softcap >= 0.0) || !std::isfinite(softcap) || alibi_stride_b < 0)
     return cudaErrorInvalidValue;
   const bool paged = block_table != 0;
   if (paged && (page_size < 16 || page_size > 256 || (page_size & (page_size - 1)) != 0 || num_pages < 1 ||
@@ -520,6 +561,11 @@ int decode_attention_fwd(uintptr_t q, uintptr_t k_cache, uintptr_t v_cache, uint
   p.num_pages = static_cast<int>(num_pages);
   p.page_shift = 0;
   while (paged && (int64_t{1} << p.page_shift) < page_size) ++p.page_shift;
+  p.softcap = static_cast<float>(softcap);
+  p.scale = static_cast<float>(scale);
+  p.alibi = reinterpret_cast<const float*>(alibi_slopes);
+  p.alibi_sb = alibi_stride_b;
+  const bool options = softcap > 0.0 || alibi_slopes != 0;
   const CombineParams cp = combine_params(p, B * Hq * Sq);
   const auto st = reinterpret_cast<cudaStream_t>(stream);
   const dim3 grid = to_dim3(grids[0]);
@@ -531,12 +577,13 @@ int decode_attention_fwd(uintptr_t q, uintptr_t k_cache, uintptr_t v_cache, uint
       constexpr int kD = decltype(dd)::value;
       auto split = [&](auto mtc) -> int {
         constexpr int kMT = decltype(mtc)::value;
-        if (paged) {
-          return launch_smem(paged_decode_split_kernel<T, kD, kMT>, grid, dim3(kDecThreads), DecodeTile<kD, kMT>::kSmem,
-                             st, p);
+        constexpr size_t kSmem = DecodeTile<kD, kMT>::kSmem;
+        if (options) {
+          return launch_smem(paged ? paged_decode_split_options_kernel<T, kD, kMT> : decode_split_options_kernel<T, kD, kMT>,
+                             grid, dim3(kDecThreads), kSmem, st, p);
         }
-        return launch_smem(decode_split_kernel<T, kD, kMT>, grid, dim3(kDecThreads), DecodeTile<kD, kMT>::kSmem, st,
-                           p);
+        return launch_smem(paged ? paged_decode_split_kernel<T, kD, kMT> : decode_split_kernel<T, kD, kMT>, grid,
+                           dim3(kDecThreads), kSmem, st, p);
       };
       int code;
       if (rows <= 16) {

@@ -112,10 +112,29 @@ int64_t attention_fwd_block_rows();  // query rows per block (128)
 std::vector<std::array<int64_t, 3>> attention_fwd_grids(int64_t B, int64_t Hq, int64_t Sq, int64_t num_splits);
 // (b, h, query block, split); reverse: the order of a causal forward with no left window
 std::array<int64_t, 4> attention_fwd_block(int64_t index, int64_t Hq, int64_t Sq, bool reverse, int64_t num_splits);
+// Options (fastlm/reference/attention.py, "Options"; any of them set runs the OPTIONS kernels):
+// softcap >= 0 (0: off); alibi_slopes: fp32 slopes at alibi_slopes[b * alibi_stride_b + h] (0: off;
+// stride 0 for (Hq,) slopes); dropout_p in [0, 1) with seed an int64 [seed, offset] on the device.
 int attention_fwd(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, uintptr_t lse, uintptr_t o_part,
                   uintptr_t lse_part, int64_t B, int64_t Hq, int64_t Hkv, int64_t Sq, int64_t Sk, int64_t D,
                   const std::vector<int64_t>& strides, double scale, bool causal, int64_t window_left,
-                  int64_t window_right, int64_t num_splits, int dtype, uintptr_t stream);
+                  int64_t window_right, int64_t num_splits, int dtype, uintptr_t stream, double softcap = 0.0,
+                  uintptr_t alibi_slopes = 0, int64_t alibi_stride_b = 0, double dropout_p = 0.0, uintptr_t seed = 0);
+// Packed forward (the VARLEN kernels): q (total_q, Hq, D), k/v (total_k, Hkv, D), out like q, lse
+// (Hq, total_q) fp32; cu_seqlens_q/k (B + 1,) int32 on the device, sequence b owning query rows
+// [cu_q[b], cu_q[b + 1]) and key rows likewise, each computed as attention_fwd computes it alone
+// (dropout rows: the packed rows). The grid is B * Hq * ceil(max_seqlen_q / 128) * num_splits blocks;
+// a block past its sequence's end exits, so max_seqlen_* must be at least every length (not checked:
+// no host sync). Partials o_part (num_splits, Hq * total_q, D), lse_part (num_splits, Hq * total_q).
+// strides: 9 element strides: q, k, v, out as (row, head) (multiples of 8; d unit-stride), lse's head
+// stride (row unit-stride). total_q + total_k <= 2^30 - 1, Hq * total_q <= 2^31 - 1.
+int attention_varlen_fwd(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t cu_seqlens_q, uintptr_t cu_seqlens_k,
+                         uintptr_t out, uintptr_t lse, uintptr_t o_part, uintptr_t lse_part, int64_t B, int64_t Hq,
+                         int64_t Hkv, int64_t total_q, int64_t total_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
+                         int64_t D, const std::vector<int64_t>& strides, double scale, bool causal, int64_t window_left,
+                         int64_t window_right, int64_t num_splits, int dtype, uintptr_t stream, double softcap = 0.0,
+                         uintptr_t alibi_slopes = 0, int64_t alibi_stride_b = 0, double dropout_p = 0.0,
+                         uintptr_t seed = 0);
 
 // ---- decode_attention (csrc/decode_attention.cu) ----
 // Decode (split-KV + combine): q (B, Hq, Sq, D) over caches (B, Hkv, S_max, D) with lengths
@@ -135,7 +154,10 @@ int decode_attention_fwd(uintptr_t q, uintptr_t k_cache, uintptr_t v_cache, uint
                          int64_t Sq, int64_t S_max, int64_t D, const std::vector<int64_t>& strides, int64_t num_splits,
                          double scale, int64_t window_left, int64_t window_right, int dtype, uintptr_t stream,
                          uintptr_t block_table = 0, int64_t block_table_stride = 0, int64_t page_size = 0,
-                         int64_t num_pages = 0);
+                         int64_t num_pages = 0, double softcap = 0.0, uintptr_t alibi_slopes = 0,
+                         int64_t alibi_stride_b = 0);
+// Options (the OPTIONS kernels when one is set): softcap >= 0 (0: off) and ALiBi fp32 slopes at
+// alibi_slopes[b * alibi_stride_b + query head] (0: off), as for attention_fwd.
 // Paged caches (block_table != 0): k_cache / v_cache (num_pages, Hkv, page_size, D) with strides
 // (page, head, row), page_size a power of two in [16, 256], S_max = max_pages * page_size, block_table
 // (B, max_pages) int32 with row stride block_table_stride; key j of sequence b is row j % page_size of
@@ -159,12 +181,28 @@ int paged_kv_append(uintptr_t k_cache, uintptr_t v_cache, uintptr_t block_table,
 // dK/dV (only when Sk > 0), dQ). strides: 28 element strides: q, k, v, out, dout, dq, dk, dv as
 // (b, h, s) (multiples of 8; d unit-stride), lse (b, h), dlse (b, h) (s unit-stride). Sq == 0 does
 // nothing (the caller zeroes dk, dv); Sk == 0 writes dq = 0. Deterministic (no atomics).
+// Options (fastlm/reference/attention.py, "Options"): softcap >= 0 (0: off); alibi_slopes fp32 at
+// slopes[b * alibi_stride_b + h] (0: off); dropout_p in [0, 1) with seed an int64 [seed, offset] on the
+// device (read there: no host sync), dropout recomputed from it as in the forward.
 bool attention_bwd_supported(int64_t D, int dtype);
 int64_t attention_bwd_workspace_size(int64_t B, int64_t Hq, int64_t Sq);  // -1 beyond the limits
 std::vector<std::array<int64_t, 3>> attention_bwd_grids(int64_t B, int64_t Hq, int64_t Hkv, int64_t Sq, int64_t Sk);
 int attention_bwd(uintptr_t dout, uintptr_t dlse, uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, uintptr_t lse,
                   uintptr_t dq, uintptr_t dk, uintptr_t dv, uintptr_t workspace, int64_t B, int64_t Hq, int64_t Hkv,
                   int64_t Sq, int64_t Sk, int64_t D, const std::vector<int64_t>& strides, double scale, bool causal,
-                  int64_t window_left, int64_t window_right, int dtype, uintptr_t stream);
+                  int64_t window_left, int64_t window_right, int dtype, uintptr_t stream, double softcap = 0.0,
+                  uintptr_t alibi_slopes = 0, int64_t alibi_stride_b = 0, double dropout_p = 0.0, uintptr_t seed = 0);
+// Packed sequences: q, out, dout, dq (Tq, Hq, D), k, v, dk, dv (Tk, Hkv, D), lse and dlse (Hq, Tq); sequence
+// b owns query rows [cu_seqlens_q[b], cu_seqlens_q[b + 1]) and key rows likewise (int32 (B + 1,) on the
+// device, read there: no host sync) and gets exactly attention_bwd of that sequence alone; key rows of a
+// sequence with no queries get dk = dv = 0. strides as for attention_bwd with the packed tensors seen as
+// (1, H, T, D) (the b strides are ignored); workspace attention_bwd_workspace_size(B, Hq, max_seqlen_q),
+// grids attention_bwd_grids(B, Hq, Hkv, max_seqlen_q, max_seqlen_k); max_seqlen_* at least every length.
+int attention_varlen_bwd(uintptr_t dout, uintptr_t dlse, uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, uintptr_t lse,
+                         uintptr_t dq, uintptr_t dk, uintptr_t dv, uintptr_t workspace, uintptr_t cu_seqlens_q,
+                         uintptr_t cu_seqlens_k, int64_t B, int64_t Hq, int64_t Hkv, int64_t max_seqlen_q, int64_t max_seqlen_k,
+                         int64_t D, const std::vector<int64_t>& strides, double scale, bool causal, int64_t window_left,
+                         int64_t window_right, int dtype, uintptr_t stream, double softcap = 0.0, uintptr_t alibi_slopes = 0,
+                         int64_t alibi_stride_b = 0, double dropout_p = 0.0, uintptr_t seed = 0);
 
 }  // namespace fastlm

@@ -117,7 +117,8 @@ def test_reference_is_attention_per_sequence(causal, window):
 
 def test_production_tiles_and_cuda_backend():
     """The GPU default tiles (128-row query blocks, several sequences inside one block's span) give
-    the same result; backend "cuda" (no varlen kernel yet) runs the Triton kernels: identical bits."""
+    the same result; backend "cuda" on a case its kernels do not cover (fp32, head dim 16) runs the
+    Triton kernels: identical bits."""
     from fastlm.triton._configs import gpu_configs
 
     lq, lk = [130, 0, 1, 67], [129, 5, 70, 0]
@@ -133,10 +134,14 @@ def test_production_tiles_and_cuda_backend():
             assert torch.equal(a[name], b[name]), name
 
 
-def test_bf16_runs_on_fp32_copies_in_the_interpreter():
+@pytest.mark.parametrize("backend,D", [(b, d) for b in BACKENDS for d in (32, 64)])
+def test_bf16_in_the_interpreter(backend, D):
+    """bf16 on CPU tensors: the Triton kernels run on fp32 copies (the interpreter's bf16 is wrong);
+    backend "cuda" runs its own bf16 kernels where they apply (D = 64) and the Triton ones on fp32
+    copies elsewhere (D = 32)."""
     lq, lk = [7, 0, 12], [9, 4, 12]
-    q, k, v, do, dlse = _packed(lq, lk, 32, torch.bfloat16, 13)
-    got = _varlen(q, k, v, do, dlse, lq, lk, "triton", causal=True)
+    q, k, v, do, dlse = _packed(lq, lk, D, torch.bfloat16, 13)
+    got = _varlen(q, k, v, do, dlse, lq, lk, backend, causal=True)
     assert got["out"].dtype == torch.bfloat16 and got["dq"].dtype == torch.bfloat16
     _check(got, q, k, v, do, dlse, lq, lk, causal=True)
 

@@ -189,6 +189,7 @@ def _exercise_every_instantiation():
     """One small call per template instantiation the launchers can pick (dtype, weight dtype,
     vector width, flags, head dim, query-block size)."""
     import fastlm
+    from fastlm.cuda import attention as cattn
 
     f32, f16, bf16 = torch.float32, torch.float16, torch.bfloat16
     for dt in (f32, f16, bf16):
@@ -240,6 +241,24 @@ def _exercise_every_instantiation():
                 pages = torch.randn(3, 1, 16, D).to(dt)  # the paged split kernel
                 fastlm.ops.decode_attention(q, pages, pages, torch.tensor([40], dtype=torch.int32),
                                             block_table=torch.tensor([[2, 0, 1]], dtype=torch.int32), backend="cuda")
+                out, lse = torch.empty_like(q), torch.empty(q.shape[:3])  # the OPTIONS split kernels (launcher keywords)
+                cattn.decode_attention_fwd(q, kv, kv, torch.tensor([150], dtype=torch.int32), 0.1, -1, -1, out, lse, softcap=3.0)
+                cattn.decode_attention_fwd(q, pages, pages, torch.tensor([40], dtype=torch.int32), 0.1, -1, -1, out, lse,
+                                           block_table=torch.tensor([[2, 0, 1]], dtype=torch.int32), alibi_slopes=torch.ones(4))
+        for D in (64, 96, 128):  # the forward's VARLEN and OPTIONS kernels
+            q, kv, cu = torch.randn(9, 2, D).to(dt), torch.randn(9, 1, D).to(dt), torch.tensor([0, 4, 9], dtype=torch.int32)
+            for opts in ({}, {"softcap": 5.0}):
+                cattn.attention_varlen_fwd(q, kv, kv, cu, cu, 5, 5, True, 0.1, -1, -1, torch.empty_like(q), torch.empty(2, 9), **opts)
+            q, kv = torch.randn(1, 2, 9, D).to(dt), torch.randn(1, 1, 9, D).to(dt)
+            cattn.attention_fwd(q, kv, kv, True, 0.1, -1, -1, torch.empty_like(q), torch.empty(1, 2, 9), softcap=5.0)
+        for D in (64, 128):  # the backward's VARLEN and OPTIONS kernels
+            q, kv, cu = torch.randn(9, 2, D).to(dt), torch.randn(9, 1, D).to(dt), torch.tensor([0, 4, 9], dtype=torch.int32)
+            grads = (torch.empty_like(q), torch.empty_like(kv), torch.empty_like(kv))
+            for opts in ({}, {"softcap": 5.0}):
+                cattn.attention_varlen_bwd(q, None, q, kv, kv, q, torch.zeros(2, 9), cu, cu, 5, 5, True, 0.1, -1, -1, *grads, **opts)
+            q, kv = torch.randn(1, 2, 9, D).to(dt), torch.randn(1, 1, 9, D).to(dt)
+            grads = (torch.empty_like(q), torch.empty_like(kv), torch.empty_like(kv))
+            cattn.attention_bwd(q, None, q, kv, kv, q, torch.zeros(1, 2, 9), True, 0.1, -1, -1, *grads, softcap=5.0)
     for dt in (f32, f16, bf16):
         for D in (16, 10):  # paged_kv_append's 16-byte copies (on 16-byte rows), then its element copies
             pages = torch.randn(2, 1, 16, D).to(dt)

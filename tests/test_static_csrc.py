@@ -94,13 +94,14 @@ def test_allowed_entries_are_live(rows):
 
 def test_rows_carry_launch_facts(rows):
     fwd = [r for r in rows if r.kernel == "attention_fwd_kernel"]
-    assert len(fwd) == 2 * 3 * len(ARCHS)  # fp16/bf16 x D 64/96/128
+    assert len(fwd) == 2 * 3 * 4 * len(ARCHS)  # fp16/bf16 x D 64/96/128 x VARLEN x OPTIONS
     for r in fwd:
-        d = int(dict(kv.split("=") for kv in r.config.split())["D"])
+        cfg = dict(kv.split("=") for kv in r.config.split())
+        d = int(cfg["D"])
         assert r.kind == "matrix" and r.threads == 256
         assert r.shared >= (128 + 4 * 64) * (d + 8) * 2  # the dynamic Q tile and two K/V stages
         assert r.occupancy >= 1
-        assert r.require == ("LDSM", "LDGSTS") and r.max_per_mma == (5.0 if d == 128 else 0.0)
+        assert r.require == ("LDSM", "LDGSTS") and r.max_per_mma == (5.0 if d == 128 and cfg["OPTIONS"] == "0" else 0.0)
         assert r.per_mma is not None and r.sass["loop_mma"] == d  # QK^T and PV: 2 x (16 rows x 64 keys x D) / (16 x 8 x 16)
     split = {r.config for r in rows if r.kernel == "decode_split_kernel" and r.arch == "sm_90a"}
     assert split == {f"T={t} D={d} MT={m}" for t in ("fp16", "bf16") for d in (64, 128, 256) for m in (1, 2, 4)}

@@ -82,25 +82,29 @@ KERNELS: dict[str, tuple[str, tuple[str, ...], int, str]] = {
     "embed_bwd_crossing_vec_kernel": ("sinusoidal", ("T",), 128, "memory"),
     "sampling_kernel": ("sampling", ("T", "PASS", "LOADS"), 256, "memory"),
     "sampling_draw_kernel": ("sampling", ("T", "LOADS"), 256, "memory"),
-    "attention_fwd_kernel": ("attention", ("T", "D"), 256, "matrix"),
+    "attention_fwd_kernel": ("attention", ("T", "D", "VARLEN", "OPTIONS"), 256, "matrix"),
     "attention_fwd_combine_kernel": ("attention", ("T", "D"), 128, "other"),
     "decode_split_kernel": ("decode_attention", ("T", "D", "MT"), 128, "memory"),
+    "decode_split_options_kernel": ("decode_attention", ("T", "D", "MT"), 128, "memory"),
     "decode_combine_kernel": ("decode_attention", ("T", "D"), 128, "other"),
     "paged_decode_split_kernel": ("decode_attention", ("T", "D", "MT"), 128, "memory"),
+    "paged_decode_split_options_kernel": ("decode_attention", ("T", "D", "MT"), 128, "memory"),
     "paged_kv_append_kernel": ("decode_attention", ("T", "VEC"), 128, "memory"),
-    "attention_bwd_preprocess_kernel": ("attention", ("T", "D"), 128, "other"),
-    "attention_bwd_dkdv_kernel": ("attention", ("T", "D", "BQ", "KSMEM"), 128, "matrix"),
-    "attention_bwd_dq_kernel": ("attention", ("T", "D", "BN"), 128, "matrix"),
+    "attention_bwd_preprocess_kernel": ("attention", ("T", "D", "VARLEN"), 128, "other"),
+    "attention_bwd_dkdv_kernel": ("attention", ("T", "D", "BQ", "KSMEM", "VARLEN", "OPTIONS"), 128, "matrix"),
+    "attention_bwd_dq_kernel": ("attention", ("T", "D", "BN", "VARLEN", "OPTIONS"), 128, "matrix"),
 }
 DYNAMIC_SMEM = {"attention_fwd_kernel": _attention_fwd_smem, "decode_split_kernel": _decode_split_smem,
-                "paged_decode_split_kernel": _decode_split_smem,
+                "paged_decode_split_kernel": _decode_split_smem, "decode_split_options_kernel": _decode_split_smem,
+                "paged_decode_split_options_kernel": _decode_split_smem,
                 "attention_bwd_dkdv_kernel": _attention_bwd_dkdv_smem, "attention_bwd_dq_kernel": _attention_bwd_dq_smem}
 
 # Pattern (re.search on "kernel config") -> (SASS instructions the design must show, the most
 # main-loop instructions per MMA, 0: not bounded). The forward's per-tile softmax work does not
-# depend on D while its MMAs grow with D, so only D = 128 is held to 5.
+# depend on D while its MMAs grow with D, so only D = 128 is held to 5, and only without OPTIONS
+# (that path adds per-score work by design: tanh, the ALiBi term, a Philox call per key pair).
 EVIDENCE: dict[str, tuple[tuple[str, ...], float]] = {
-    r"^attention_fwd_kernel .*D=128": (("LDSM", "LDGSTS"), 5.0),
+    r"^attention_fwd_kernel .*D=128 VARLEN=\d OPTIONS=0": (("LDSM", "LDGSTS"), 5.0),
     r"^attention_fwd_kernel ": (("LDSM", "LDGSTS"), 0.0),
     r"^sampling_kernel .*PASS=4": (("LDG.128", "STG.128"), 0.0),  # the filter's write
     r"^sampling_(draw_)?kernel ": (("LDG.128",), 0.0),

@@ -17,9 +17,17 @@ its kernels do not cover to the Triton launcher, which computes the same thing):
   larger groups) runs the Triton decode. Paged caches (block_table) run the same kernel with a
   per-row page lookup in the 16-byte cp.async copies (paged_decode_split_kernel), same coverage.
 - paged_kv_append: CUDA for every dtype and shape (16-byte copies on aligned rows).
-- attention_varlen (packed sequences): no CUDA kernel yet; forward and backward run the Triton ones.
-- the options softcap, alibi_slopes and dropout (forward, backward, decode): no CUDA kernel yet; a call
-  with any of them runs the Triton kernels.
+- attention_varlen forward (packed sequences): the forward kernel's VARLEN path (per-sequence
+  bounds from cu_seqlens, no host sync: ceil(max_seqlen_q / 128) query blocks per sequence, blocks
+  past a sequence's end exit; split-KV as the dense forward) with the dense forward's coverage
+  (``varlen_fwd_runs_cuda``), else Triton; the varlen backward likewise: the backward kernels'
+  VARLEN path (per-sequence bounds from cu_seqlens on the device, blocks over the longest lengths,
+  delta and lse in a workspace padded per sequence to max_seqlen_q) with the dense backward's
+  coverage (``varlen_bwd_runs_cuda``), else Triton.
+- the options softcap, alibi_slopes and dropout: the forward (dense and varlen) runs them in its
+  OPTIONS kernels, decode (softcap, ALiBi) in its OPTIONS split kernels, the backward (dense and
+  varlen) in its OPTIONS dK/dV and dQ kernels (dropout recomputed from the seed), each with the same
+  coverage as without options.
 ``CUDA_COVERAGE`` says this in one line for ``fastlm info``.
 On CPU tensors the kernels run through fastlm._C_host and the Triton cases through the interpreter
 (TRITON_INTERPRET=1), bf16 ones on fp32 copies rounded once (the interpreter's bf16 is wrong).
@@ -39,7 +47,9 @@ CUDA_COVERAGE = (
     "windows, GQA; fp32, other head dims and scale <= 0 run the Triton kernels. backward: CUDA (mma.sync, deterministic) for fp16/bf16 at head dim 64/128, "
     "causal, windows, GQA; fp32 and other head dims run Triton. decode: CUDA split-KV (mma.sync, one block per "
     "KV head) for fp16/bf16 at head dim 64/128/256, GQA groups x new tokens <= 64; fp32, other head dims "
-    "and larger groups run Triton; paged caches too (same coverage); paged_kv_append: CUDA. varlen: Triton (no CUDA kernel yet)"
+    "and larger groups run Triton; paged caches too (same coverage); paged_kv_append: CUDA. varlen: the CUDA VARLEN "
+    "paths of the forward and backward (same coverage). options (softcap, ALiBi, dropout): CUDA forward, backward and "
+    "decode (same coverage)"
 )
 
 
@@ -62,8 +72,7 @@ def _triton(device: torch.device):
 
 def _options(softcap=0.0, alibi_slopes=None, dropout_p=0.0, seed=None) -> dict:
     """The attention options that are set (softcap, ALiBi, dropout), as keyword arguments for the
-    Triton launchers; {} when none is. The CUDA kernels do not take them yet: a call with any of
-    them runs the Triton kernels (see CUDA_COVERAGE)."""
+    Triton launchers; {} when none is."""
     opts = {}
     if softcap:
         opts["softcap"] = softcap
@@ -72,6 +81,25 @@ def _options(softcap=0.0, alibi_slopes=None, dropout_p=0.0, seed=None) -> dict:
     if dropout_p:
         opts.update(dropout_p=dropout_p, seed=seed)
     return opts
+
+
+def _cuda_options(softcap=0.0, alibi_slopes=None, dropout_p=0.0, seed=None) -> tuple[dict, list]:
+    """The options as the CUDA launchers' keyword arguments (softcap, alibi_slopes pointer and batch
+    stride, dropout_p, seed pointer), and the tensors those pointers keep alive."""
+    kw, keep = {}, []
+    if softcap:
+        kw["softcap"] = float(softcap)
+    if alibi_slopes is not None:
+        slopes = alibi_slopes if alibi_slopes.stride(-1) == 1 else alibi_slopes.contiguous()
+        kw.update(alibi_slopes=ptr(slopes), alibi_stride_b=slopes.stride(0) if slopes.dim() == 2 else 0)
+        keep.append(slopes)
+    if dropout_p:
+        if seed is None:
+            raise ValueError("fastlm.cuda.attention: dropout_p > 0 needs seed = an int64 tensor [seed, offset]")
+        seed = seed.contiguous()
+        kw.update(dropout_p=float(dropout_p), seed=ptr(seed))
+        keep.append(seed)
+    return kw, keep
 
 
 def _rows_aligned(*tensors, elems: int) -> bool:
@@ -119,7 +147,7 @@ def attention_fwd(q, k, v, causal, scale, window_left, window_right, out, lse, n
     """See fastlm.triton.attention.attention_fwd. num_splits: key splits per query block (None:
     ``fwd_splits_for``); CUDA only."""
     opts = _options(softcap, alibi_slopes, dropout_p, seed)
-    if opts or not fwd_runs_cuda(q, k, v, causal, window_left, window_right, out, scale):
+    if not fwd_runs_cuda(q, k, v, causal, window_left, window_right, out, scale):
         T = _triton(q.device)
         if not interpreted_bf16(q):
             return T.attention_fwd(q, k, v, causal, scale, window_left, window_right, out, lse, **opts)
@@ -136,15 +164,17 @@ def attention_fwd(q, k, v, causal, scale, window_left, window_right, out, lse, n
     if splits > 1:
         o_part = torch.empty((splits, B * Hq * Sq, D), device=q.device, dtype=torch.float32)
         l_part = torch.empty((splits, B * Hq * Sq), device=q.device, dtype=torch.float32)
+    kw, _alive = _cuda_options(softcap, alibi_slopes, dropout_p, seed)
     code = lib(q.device).attention_fwd(
         ptr(q), ptr(k), ptr(v), ptr(out), ptr(lse), ptr(o_part), ptr(l_part), B, Hq, Hkv, Sq, Sk, D, _strides(q, k, v, out, lse), float(scale),
-        bool(causal), int(window_left), int(window_right), splits, dtype_code(q), stream_handle(q),
+        bool(causal), int(window_left), int(window_right), splits, dtype_code(q), stream_handle(q), **kw,
     )
     check(code, "attention_fwd")
 
 
 def bwd_runs_cuda(do, q, k, v, out, dq, dk, dv) -> bool:
-    """True when attention_bwd runs the CUDA kernels for these arguments (else Triton)."""
+    """True when attention_bwd runs the CUDA kernels for these arguments (else Triton); the options
+    (softcap, ALiBi, dropout) do not change it."""
     B, Hq, Sq, D = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
     tensors = (do, q, k, v, out, dq, dk, dv)
@@ -159,10 +189,11 @@ def bwd_runs_cuda(do, q, k, v, out, dq, dk, dv) -> bool:
 def attention_bwd(do, dlse, q, k, v, out, lse, causal, scale, window_left, window_right, dq, dk, dv, deterministic=True, *,
                   softcap=0.0, alibi_slopes=None, dropout_p=0.0, seed=None) -> None:
     """See fastlm.triton.attention.attention_bwd (always deterministic; so are the CUDA kernels:
-    every output element is summed by one block in a fixed order)."""
+    every output element is summed by one block in a fixed order). The options run in the CUDA
+    kernels too (dropout recomputed from seed)."""
     opts = _options(softcap, alibi_slopes, dropout_p, seed)
-    if not opts and bwd_runs_cuda(do, q, k, v, out, dq, dk, dv):
-        return _attention_bwd_cuda(do, dlse, q, k, v, out, lse, causal, scale, window_left, window_right, dq, dk, dv)
+    if bwd_runs_cuda(do, q, k, v, out, dq, dk, dv):
+        return _attention_bwd_cuda(do, dlse, q, k, v, out, lse, causal, scale, window_left, window_right, dq, dk, dv, **opts)
     T = _triton(q.device)
     if not interpreted_bf16(q):
         return T.attention_bwd(do, dlse, q, k, v, out, lse, causal, scale, window_left, window_right, dq, dk, dv, deterministic,
@@ -174,7 +205,11 @@ def attention_bwd(do, dlse, q, k, v, out, lse, causal, scale, window_left, windo
         g.copy_(g32)
 
 
-def _attention_bwd_cuda(do, dlse, q, k, v, out, lse, causal, scale, window_left, window_right, dq, dk, dv) -> None:
+def _unit_last(t):
+    return t if t is None or t.stride(-1) == 1 else t.contiguous()
+
+
+def _attention_bwd_cuda(do, dlse, q, k, v, out, lse, causal, scale, window_left, window_right, dq, dk, dv, **opts) -> None:
     B, Hq, Sq, D = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
     if B == 0 or Hkv == 0:
@@ -186,17 +221,17 @@ def _attention_bwd_cuda(do, dlse, q, k, v, out, lse, causal, scale, window_left,
     if lse.shape != (B, Hq, Sq) or (dlse is not None and dlse.shape != (B, Hq, Sq)):
         raise ValueError(f"fastlm.cuda.attention: lse and dlse must have shape {(B, Hq, Sq)} (got {tuple(lse.shape)} and "
                          f"{None if dlse is None else tuple(dlse.shape)})")
-    lse = lse.float() if lse.stride(2) == 1 else lse.float().contiguous()
-    if dlse is not None:
-        dlse = dlse.float() if dlse.stride(2) == 1 else dlse.float().contiguous()
+    lse = _unit_last(lse.float())
+    dlse = _unit_last(dlse.float()) if dlse is not None else None
     C = lib(q.device)
     workspace = torch.empty(C.attention_bwd_workspace_size(B, Hq, Sq), device=q.device, dtype=torch.float32)
+    option_args, _alive = _cuda_options(**opts)  # after the last other _C call: ptr() extents go to the next one
     strides = [*(s for t in (q, k, v, out, do, dq, dk, dv) for s in t.stride()[:3]), lse.stride(0), lse.stride(1)]
     strides += [dlse.stride(0), dlse.stride(1)] if dlse is not None else [0, 0]
     code = C.attention_bwd(
         ptr(do), ptr(dlse), ptr(q), ptr(k), ptr(v), ptr(out), ptr(lse), ptr(dq), ptr(dk),
         ptr(dv), ptr(workspace), B, Hq, Hkv, Sq, Sk, D, strides, float(scale), bool(causal), int(window_left),
-        int(window_right), dtype_code(q), stream_handle(q),
+        int(window_right), dtype_code(q), stream_handle(q), **option_args,
     )
     check(code, "attention_bwd")
 
@@ -224,7 +259,7 @@ def decode_attention_fwd(q, k_cache, v_cache, cache_seqlens, scale, window_left,
                          block_table=None, *, softcap=0.0, alibi_slopes=None) -> None:
     """See fastlm.triton.attention.decode_attention_fwd (block_table: paged caches)."""
     opts = _options(softcap, alibi_slopes)
-    if opts or not decode_runs_cuda(q, k_cache, v_cache, block_table):
+    if not decode_runs_cuda(q, k_cache, v_cache, block_table):
         T = _triton(q.device)
         if not interpreted_bf16(q):
             return T.decode_attention_fwd(q, k_cache, v_cache, cache_seqlens, scale, window_left, window_right, out, lse, num_splits,
@@ -249,12 +284,13 @@ def decode_attention_fwd(q, k_cache, v_cache, cache_seqlens, scale, window_left,
         l_part = torch.empty((splits, B * Hq * Sq), device=q.device, dtype=torch.float32)
     lens = cache_seqlens if cache_seqlens.dtype == torch.int32 else cache_seqlens.to(torch.int32)
     lens = lens.contiguous()
+    kw, _alive = _cuda_options(softcap, alibi_slopes)
     code = lib(q.device).decode_attention_fwd(
         ptr(q), ptr(k_cache), ptr(v_cache), ptr(lens), ptr(out), ptr(lse), ptr(o_part), ptr(l_part),
         B, Hq, Hkv, Sq, S_max, D, _strides(q, k_cache, v_cache, out, lse), splits, float(scale),
         int(window_left), int(window_right), dtype_code(q), stream_handle(q),
         ptr(block_table), block_table.stride(0) if block_table is not None else 0, page_size,
-        k_cache.shape[0] if block_table is not None else 0,
+        k_cache.shape[0] if block_table is not None else 0, **kw,
     )
     check(code, "decode_attention_fwd")
 
@@ -280,17 +316,125 @@ def paged_kv_append(k_cache, v_cache, block_table, cache_seqlens, k_new, v_new) 
     check(code, "paged_kv_append")
 
 
+def varlen_fwd_runs_cuda(q, k, v, out, lse, max_seqlen_q, max_seqlen_k, scale=1.0) -> bool:
+    """True when attention_varlen_fwd runs the CUDA kernel (the forward's VARLEN path) for these
+    arguments (else Triton): the dense forward's coverage, packed rows within 2^30 - 1, lse with
+    unit stride in its rows."""
+    Tq, Hq, D = q.shape
+    return (
+        scale > 0
+        and math.isfinite(scale)
+        and q.shape[0] + k.shape[0] <= 2**30 - 1
+        and max_seqlen_q + max_seqlen_k <= 2**30 - 1
+        and Hq * Tq <= 2**31 - 1
+        and bool(lib(q.device).attention_fwd_supported(D, dtype_code(q)))
+        and bool(lib(q.device).attention_fwd_grids(1, max(Hq, 1), max(max_seqlen_q, 1), 1))
+        and _rows_aligned(q, k, v, out, elems=8)
+        and (lse.numel() == 0 or lse.stride(-1) == 1)
+    )
+
+
 def attention_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale,
-                         window_left, window_right, out, lse, *, softcap=0.0, alibi_slopes=None, dropout_p=0.0, seed=None) -> None:
-    """See fastlm.triton.attention.attention_varlen_fwd: no CUDA kernel yet, always the Triton one."""
-    _triton(q.device).attention_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale,
-                                           window_left, window_right, out, lse, **_options(softcap, alibi_slopes, dropout_p, seed))
+                         window_left, window_right, out, lse, num_splits=None, *, softcap=0.0, alibi_slopes=None, dropout_p=0.0,
+                         seed=None) -> None:
+    """See fastlm.triton.attention.attention_varlen_fwd. The CUDA VARLEN kernels where
+    ``varlen_fwd_runs_cuda`` (grid B * Hq * ceil(max_seqlen_q / 128) * splits; no host sync), else
+    Triton. num_splits: key splits per query block (None: ``fwd_splits_for`` on the longest lengths)."""
+    if not varlen_fwd_runs_cuda(q, k, v, out, lse, max_seqlen_q, max_seqlen_k, scale):
+        T, opts = _triton(q.device), _options(softcap, alibi_slopes, dropout_p, seed)
+        if not interpreted_bf16(q):
+            return T.attention_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale,
+                                          window_left, window_right, out, lse, **opts)
+        out32 = torch.empty_like(out, dtype=torch.float32)
+        T.attention_varlen_fwd(q.float(), k.float(), v.float(), cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
+                               scale, window_left, window_right, out32, lse, **opts)
+        out.copy_(out32)
+        return
+    Tq, Hq, D = q.shape
+    Tk, Hkv = k.shape[0], k.shape[1]
+    B = cu_seqlens_q.shape[0] - 1
+    if B <= 0 or Hq == 0 or Tq == 0 or max_seqlen_q <= 0:
+        return
+    splits = num_splits or fwd_splits_for(B, Hq, max_seqlen_q, max_seqlen_k, q.device)
+    o_part = l_part = None
+    if splits > 1:
+        o_part = torch.empty((splits, Hq * Tq, D), device=q.device, dtype=torch.float32)
+        l_part = torch.empty((splits, Hq * Tq), device=q.device, dtype=torch.float32)
+    cq, ck = (c if c.dtype == torch.int32 else c.to(torch.int32) for c in (cu_seqlens_q, cu_seqlens_k))
+    cq, ck = cq.contiguous(), ck.contiguous()
+    strides = [*q.stride()[:2], *k.stride()[:2], *v.stride()[:2], *out.stride()[:2], lse.stride(0)]
+    kw, _alive = _cuda_options(softcap, alibi_slopes, dropout_p, seed)
+    code = lib(q.device).attention_varlen_fwd(
+        ptr(q), ptr(k), ptr(v), ptr(cq), ptr(ck), ptr(out), ptr(lse), ptr(o_part), ptr(l_part), B, Hq, Hkv, Tq, Tk,
+        int(max_seqlen_q), int(max_seqlen_k), D, strides, float(scale), bool(causal), int(window_left), int(window_right),
+        splits, dtype_code(q), stream_handle(q), **kw,
+    )
+    check(code, "attention_varlen_fwd")
+
+
+def varlen_bwd_runs_cuda(do, q, k, v, out, dq, dk, dv, cu_seqlens_q, max_seqlen_q, max_seqlen_k) -> bool:
+    """True when attention_varlen_bwd runs the CUDA kernels for these arguments (else Triton): the
+    dense backward's coverage (fp16/bf16, head dim 64 or 128, 16-byte aligned rows) with the grids
+    of B = len(cu_seqlens_q) - 1 sequences of max_seqlen_q queries and max_seqlen_k keys."""
+    Hq, D = q.shape[1], q.shape[2]
+    tensors = (do, q, k, v, out, dq, dk, dv)
+    C = lib(q.device)
+    return (
+        all(t.dtype == q.dtype for t in tensors)
+        and bool(C.attention_bwd_supported(D, dtype_code(q)))
+        and bool(C.attention_bwd_grids(max(cu_seqlens_q.shape[0] - 1, 1), max(Hq, 1), max(k.shape[1], 1), max(max_seqlen_q, 1),
+                                       max(max_seqlen_k, 0)))
+        and _rows_aligned(*tensors, elems=8)
+    )
 
 
 def attention_varlen_bwd(do, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale,
                          window_left, window_right, dq, dk, dv, deterministic=True, *, softcap=0.0, alibi_slopes=None,
                          dropout_p=0.0, seed=None) -> None:
-    """See fastlm.triton.attention.attention_varlen_bwd: no CUDA kernel yet, always the Triton one."""
-    _triton(q.device).attention_varlen_bwd(do, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                           causal, scale, window_left, window_right, dq, dk, dv, deterministic,
-                                           **_options(softcap, alibi_slopes, dropout_p, seed))
+    """See fastlm.triton.attention.attention_varlen_bwd: the CUDA kernels of attention_bwd with
+    per-sequence bounds read from cu_seqlens on the device (no host sync) where
+    ``varlen_bwd_runs_cuda``, options included; else the Triton one."""
+    opts = _options(softcap, alibi_slopes, dropout_p, seed)
+    if varlen_bwd_runs_cuda(do, q, k, v, out, dq, dk, dv, cu_seqlens_q, max_seqlen_q, max_seqlen_k):
+        return _attention_varlen_bwd_cuda(do, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                          causal, scale, window_left, window_right, dq, dk, dv, **opts)
+    T = _triton(q.device)
+    if not interpreted_bf16(q):
+        return T.attention_varlen_bwd(do, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                      causal, scale, window_left, window_right, dq, dk, dv, deterministic, **opts)
+    grads = [torch.empty_like(g, dtype=torch.float32) for g in (dq, dk, dv)]
+    T.attention_varlen_bwd(do.float(), dlse, q.float(), k.float(), v.float(), out.float(), lse, cu_seqlens_q, cu_seqlens_k,
+                           max_seqlen_q, max_seqlen_k, causal, scale, window_left, window_right, *grads, deterministic, **opts)
+    for g, g32 in zip((dq, dk, dv), grads, strict=True):
+        g.copy_(g32)
+
+
+def _attention_varlen_bwd_cuda(do, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale,
+                               window_left, window_right, dq, dk, dv, **opts) -> None:
+    Tq, Hq, D = q.shape
+    Hkv = k.shape[1]
+    B = cu_seqlens_q.shape[0] - 1
+    if B <= 0 or Hkv == 0:
+        return
+    if Tq == 0 or max_seqlen_q <= 0:
+        dk.zero_()
+        dv.zero_()
+        return
+    if lse.shape != (Hq, Tq) or (dlse is not None and dlse.shape != (Hq, Tq)):
+        raise ValueError(f"fastlm.cuda.attention: lse and dlse must have shape {(Hq, Tq)} (got {tuple(lse.shape)} and "
+                         f"{None if dlse is None else tuple(dlse.shape)})")
+    lse = _unit_last(lse.float())
+    dlse = _unit_last(dlse.float()) if dlse is not None else None
+    cu_q = cu_seqlens_q.to(torch.int32).contiguous()
+    cu_k = cu_seqlens_k.to(torch.int32).contiguous()
+    C = lib(q.device)
+    workspace = torch.empty(C.attention_bwd_workspace_size(B, Hq, max_seqlen_q), device=q.device, dtype=torch.float32)
+    option_args, _alive = _cuda_options(**opts)  # after the last other _C call: ptr() extents go to the next one
+    strides = [*(s for t in (q, k, v, out, do, dq, dk, dv) for s in (0, t.stride(1), t.stride(0))), 0, lse.stride(0)]
+    strides += [0, dlse.stride(0)] if dlse is not None else [0, 0]
+    code = C.attention_varlen_bwd(
+        ptr(do), ptr(dlse), ptr(q), ptr(k), ptr(v), ptr(out), ptr(lse), ptr(dq), ptr(dk), ptr(dv), ptr(workspace),
+        ptr(cu_q), ptr(cu_k), B, Hq, Hkv, int(max_seqlen_q), int(max_seqlen_k), D, strides, float(scale), bool(causal),
+        int(window_left), int(window_right), dtype_code(q), stream_handle(q), **option_args,
+    )
+    check(code, "attention_varlen_bwd")

@@ -631,8 +631,9 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     The cu_seqlens values and max_seqlen bounds are checked on CPU tensors; on CUDA tensors they are
     not (that would cost a device sync per call): there a bad cu_seqlens or a max_seqlen below a
     sequence's length gives unspecified rows, as in FlashAttention's varlen functions.
-    Backends: "triton" and "torch" (a loop over sequences); "cuda" has no varlen kernel yet and
-    hands the call to the Triton kernels (fastlm.cuda.attention.CUDA_COVERAGE).
+    Backends: "triton", "cuda" (its own varlen forward and backward kernels where the dense ones
+    would run, the Triton kernels otherwise: fastlm.cuda.attention.CUDA_COVERAGE) and "torch" (a
+    loop over sequences).
 
     Options as in fastlm.ops.attention: ``alibi_slopes`` (Hq,) or (B, Hq) (one row per sequence),
     the ALiBi offset Sk - Sq per sequence; dropout's mask is indexed by the packed rows, so the
@@ -655,7 +656,7 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     check_kernel_dtype(op, name, q=q)
     mq, mk = int(max_seqlen_q), int(max_seqlen_k)
     opts = (softcap, alibi_slopes, dropout_p, seed)
-    if emulate_bf16("triton", q):  # the cuda backend runs the Triton kernels here too
+    if emulate_bf16(name, q):
         out, lse = _attention_varlen_fwd(q.float(), k.float(), v.float(), cu_seqlens_q, cu_seqlens_k, mq, mk, causal, scale,
                                          left, right, bool(deterministic), name, *opts)
         out = out.to(q.dtype)
