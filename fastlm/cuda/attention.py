@@ -41,6 +41,7 @@ import torch
 
 from fastlm.backend import BackendUnavailableError, interpreted_bf16, interpreter_on
 from fastlm.cuda import check, dtype_code, lib, ptr, stream_handle
+from fastlm.ops._common import attention_options
 
 CUDA_COVERAGE = (
     "forward: CUDA (mma.sync, ldmatrix, cp.async, split-KV) for fp16/bf16 at head dim 64/96/128, causal, "
@@ -68,19 +69,6 @@ def _triton(device: torch.device):
             f"fastlm.cuda.attention: this case is served by the Triton kernels (see CUDA_COVERAGE), and triton is not importable: {exc}"
         ) from exc
     return triton_attention
-
-
-def _options(softcap=0.0, alibi_slopes=None, dropout_p=0.0, seed=None) -> dict:
-    """The attention options that are set (softcap, ALiBi, dropout), as keyword arguments for the
-    Triton launchers; {} when none is."""
-    opts = {}
-    if softcap:
-        opts["softcap"] = softcap
-    if alibi_slopes is not None:
-        opts["alibi_slopes"] = alibi_slopes
-    if dropout_p:
-        opts.update(dropout_p=dropout_p, seed=seed)
-    return opts
 
 
 def _cuda_options(softcap=0.0, alibi_slopes=None, dropout_p=0.0, seed=None) -> tuple[dict, list]:
@@ -146,7 +134,7 @@ def attention_fwd(q, k, v, causal, scale, window_left, window_right, out, lse, n
                   alibi_slopes=None, dropout_p=0.0, seed=None) -> None:
     """See fastlm.triton.attention.attention_fwd. num_splits: key splits per query block (None:
     ``fwd_splits_for``); CUDA only."""
-    opts = _options(softcap, alibi_slopes, dropout_p, seed)
+    opts = attention_options(softcap, alibi_slopes, dropout_p, seed)
     if not fwd_runs_cuda(q, k, v, causal, window_left, window_right, out, scale):
         T = _triton(q.device)
         if not interpreted_bf16(q):
@@ -191,7 +179,7 @@ def attention_bwd(do, dlse, q, k, v, out, lse, causal, scale, window_left, windo
     """See fastlm.triton.attention.attention_bwd (always deterministic; so are the CUDA kernels:
     every output element is summed by one block in a fixed order). The options run in the CUDA
     kernels too (dropout recomputed from seed)."""
-    opts = _options(softcap, alibi_slopes, dropout_p, seed)
+    opts = attention_options(softcap, alibi_slopes, dropout_p, seed)
     if bwd_runs_cuda(do, q, k, v, out, dq, dk, dv):
         return _attention_bwd_cuda(do, dlse, q, k, v, out, lse, causal, scale, window_left, window_right, dq, dk, dv, **opts)
     T = _triton(q.device)
@@ -258,7 +246,7 @@ def num_splits_for(batch: int, kv_heads: int, s_max: int, device: torch.device) 
 def decode_attention_fwd(q, k_cache, v_cache, cache_seqlens, scale, window_left, window_right, out, lse, num_splits=None,
                          block_table=None, *, softcap=0.0, alibi_slopes=None) -> None:
     """See fastlm.triton.attention.decode_attention_fwd (block_table: paged caches)."""
-    opts = _options(softcap, alibi_slopes)
+    opts = attention_options(softcap, alibi_slopes)
     if not decode_runs_cuda(q, k_cache, v_cache, block_table):
         T = _triton(q.device)
         if not interpreted_bf16(q):
@@ -341,7 +329,7 @@ def attention_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_
     ``varlen_fwd_runs_cuda`` (grid B * Hq * ceil(max_seqlen_q / 128) * splits; no host sync), else
     Triton. num_splits: key splits per query block (None: ``fwd_splits_for`` on the longest lengths)."""
     if not varlen_fwd_runs_cuda(q, k, v, out, lse, max_seqlen_q, max_seqlen_k, scale):
-        T, opts = _triton(q.device), _options(softcap, alibi_slopes, dropout_p, seed)
+        T, opts = _triton(q.device), attention_options(softcap, alibi_slopes, dropout_p, seed)
         if not interpreted_bf16(q):
             return T.attention_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale,
                                           window_left, window_right, out, lse, **opts)
@@ -394,7 +382,7 @@ def attention_varlen_bwd(do, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k
     """See fastlm.triton.attention.attention_varlen_bwd: the CUDA kernels of attention_bwd with
     per-sequence bounds read from cu_seqlens on the device (no host sync) where
     ``varlen_bwd_runs_cuda``, options included; else the Triton one."""
-    opts = _options(softcap, alibi_slopes, dropout_p, seed)
+    opts = attention_options(softcap, alibi_slopes, dropout_p, seed)
     if varlen_bwd_runs_cuda(do, q, k, v, out, dq, dk, dv, cu_seqlens_q, max_seqlen_q, max_seqlen_k):
         return _attention_varlen_bwd_cuda(do, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                           causal, scale, window_left, window_right, dq, dk, dv, **opts)

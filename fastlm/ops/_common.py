@@ -193,3 +193,16 @@ def launcher(backend: str, module: str):
     if view is None:
         view = _LAUNCHERS[key] = _LauncherModule(importlib.import_module(f"fastlm.{backend}.{module}"))
     return view
+
+
+def attention_options(softcap=0.0, alibi_slopes=None, dropout_p=0.0, seed=None) -> dict:
+    """The attention options that are set (softcap, ALiBi, dropout) as launcher keywords; an unset
+    one is not passed, so a launcher called without options sees the plain call."""
+    opts = {}
+    if softcap:
+        opts["softcap"] = softcap
+    if alibi_slopes is not None:
+        opts["alibi_slopes"] = alibi_slopes
+    if dropout_p:
+        opts.update(dropout_p=dropout_p, seed=seed)
+    return opts

@@ -44,6 +44,7 @@ from torch import Tensor
 from fastlm import backend as _backend
 from fastlm.ops._common import (
     KERNEL_DTYPES,
+    attention_options,
     check_int64,
     check_kernel_dtype,
     check_same_device,
@@ -66,18 +67,6 @@ def _unit_d(t: Tensor) -> Tensor:
 # ---- custom ops ----------------------------------------------------------------------------------
 
 
-def _set_options(softcap=0.0, alibi_slopes=None, dropout_p=0.0, seed=None) -> dict:
-    """The options that are set, as launcher keywords (an unset one is not passed)."""
-    opts = {}
-    if softcap:
-        opts["softcap"] = softcap
-    if alibi_slopes is not None:
-        opts["alibi_slopes"] = alibi_slopes
-    if dropout_p:
-        opts.update(dropout_p=dropout_p, seed=seed)
-    return opts
-
-
 @torch.library.custom_op("fastlm::attention_fwd", mutates_args=())
 def _attention_fwd(
     q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, window_left: int, window_right: int,
@@ -87,7 +76,7 @@ def _attention_fwd(
     out = q.new_empty(q.shape)
     lse = q.new_empty(q.shape[:-1], dtype=torch.float32)
     launcher(backend, "attention").attention_fwd(q, k, v, causal, scale, window_left, window_right, out, lse,
-                                                 **_set_options(softcap, alibi_slopes, dropout_p, seed))
+                                                 **attention_options(softcap, alibi_slopes, dropout_p, seed))
     return out, lse
 
 
@@ -106,7 +95,7 @@ def _attention_bwd(
     dq, dk, dv = q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
     launcher(backend, "attention").attention_bwd(
         dout, dlse, q, k, v, out, lse, causal, scale, window_left, window_right, dq, dk, dv, deterministic,
-        **_set_options(softcap, alibi_slopes, dropout_p, seed),
+        **attention_options(softcap, alibi_slopes, dropout_p, seed),
     )
     return dq, dk, dv
 
@@ -148,7 +137,7 @@ def _decode_attention(
     lse = q.new_empty(q.shape[:-1], dtype=torch.float32)
     launcher(backend, "attention").decode_attention_fwd(
         q, k_cache, v_cache, cache_seqlens, scale, window_left, window_right, out, lse, block_table=block_table,
-        **_set_options(softcap, alibi_slopes),
+        **attention_options(softcap, alibi_slopes),
     )
     return out, lse
 
@@ -169,7 +158,7 @@ def _attention_varlen_fwd(
     lse = q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
     launcher(backend, "attention").attention_varlen_fwd(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, window_left, window_right, out, lse,
-        **_set_options(softcap, alibi_slopes, dropout_p, seed),
+        **attention_options(softcap, alibi_slopes, dropout_p, seed),
     )
     return out, lse
 
@@ -190,7 +179,7 @@ def _attention_varlen_bwd(
     dq, dk, dv = q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
     launcher(backend, "attention").attention_varlen_bwd(
         dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale,
-        window_left, window_right, dq, dk, dv, deterministic, **_set_options(softcap, alibi_slopes, dropout_p, seed),
+        window_left, window_right, dq, dk, dv, deterministic, **attention_options(softcap, alibi_slopes, dropout_p, seed),
     )
     return dq, dk, dv
 
