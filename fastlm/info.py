@@ -61,7 +61,7 @@ def collect() -> dict:
 # What a user should know before choosing a dtype or a head dim (the README says the same).
 NOTES = (
     "triton attention in float32: 3xTF32 tensor-core dots (fp32-level accuracy) for head dims up to 128 and "
-    "IEEE FMA dots above, on small tiles (no larger fp32 tile fits the registers without spilling): several "
+    "IEEE FMA dots above (and for the dK/dV gradient with dropout at 128), on small tiles (no larger fp32 tile fits the registers without spilling): several "
     "times slower than bfloat16/float16, which use full-size tiles",
 )
 

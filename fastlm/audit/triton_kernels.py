@@ -139,6 +139,8 @@ def _grid(axes, exhaustive):
 _MASKS = {"full": (False, -1, -1), "causal": (True, -1, -1), "window": (False, 128, 32)}
 FP32_FMA = ("tensor-cores: fp32 at head dims over 128 runs IEEE FMA dots on small tiles (slow, documented in the "
             "README): no 3xTF32 tile fits the register file without spilling")
+FP32_FMA_DROPOUT = ("tensor-cores: fp32 dK/dV with dropout at head dim 128 runs IEEE FMA dots (slow, documented in the "
+                    "README): every 3xTF32 tile spills with the Philox words beside the hi/lo operand halves")
 
 
 # the attention options' constexprs (fastlm/triton/attention_options.py) and their runtime arguments
@@ -193,7 +195,7 @@ def _attention_pointer_plans(A, D: int, dt: str, mask: str, exhaustive: bool, cc
             label = f"{base} BM={c['BLOCK_M']} BN={c['BLOCK_N']} w{c['num_warps']} s{c['num_stages']}"
             plans.append(Plan("attention", kernel, label, vals, {**kmeta, **c, **({"IS_VARLEN": True} if varlen else {})},
                               role="default" if i == 0 else "candidate", kind="matrix",
-                              allowed=FP32_FMA if kmeta["DOT_PREC"] == "ieee" else None))
+                              allowed=(FP32_FMA if D > 128 else FP32_FMA_DROPOUT) if kmeta["DOT_PREC"] == "ieee" else None))
     return plans
 
 
