@@ -97,7 +97,9 @@ def _train_prepare(backend=None, compile=False):
     return prepare
 
 
-def _train_impls(mode, device, backends):
+def train_impls(mode, device, backends):
+    """One training step (autocast forward returning (out, loss), backward, clipping, AdamW) of the case's
+    model on its (x, y): eager and compiled on the reference backend, and on each kernel backend."""
     d = {"torch-eager": _train_prepare(), "torch-compile": _train_prepare(compile=True)}
     d.update({f"fastlm-{b}": _train_prepare(b) for b in backends if b != "torch"})
     return d
@@ -177,7 +179,7 @@ def _decode_truth(inp, mode):
         return model(inp["x"])[:, -1]
 
 
-register(Entry("gpt_train", "flops", ("full",), _train_cases, _train_impls, _train_truth, dtypes=("bfloat16", "float32"),
+register(Entry("gpt_train", "flops", ("full",), _train_cases, train_impls, _train_truth, dtypes=("bfloat16", "float32"),
                description="GPT-2 124M training step (fwd, bwd, AdamW) at B*T=16k under bf16 autocast; tokens/s, MFU"))
 register(Entry("gpt_decode", "bandwidth", ("fwd",), _decode_cases, _decode_impls, _decode_truth, dtypes=("bfloat16", "float32"),
                description="GPT-2 124M greedy generate (static KV cache, CUDA graph) at batch 1 and 16 vs HF generate; tokens/s"))

@@ -6,7 +6,7 @@
 = T (6 N + 12 L H D T) with T the tokens per image (nanoGPT's estimate, full attention; the patch
 convolution is inside N). Implementations: the fastlm kernel backends, the reference backend in
 eager mode ("torch-eager") and under torch.compile ("torch-compile"); the run returns the step's
-loss (before its update), validated against the float64 reference on the same weights and images.
+loss (before its update; the step is gpt_train's, fastlm.bench.gpt.train_impls), validated against the float64 reference on the same weights and images.
 --quick (any device): a 1-layer 16 x 16 model, a harness check only.
 """
 
@@ -17,7 +17,8 @@ import copy
 import torch
 
 import fastlm
-from fastlm.bench.registry import Case, Entry, fastlm_impls, register
+from fastlm.bench.gpt import train_impls
+from fastlm.bench.registry import Case, Entry, register
 from fastlm.models.vit import ViT, ViTConfig
 
 QUICK_MODEL = dict(image_size=16, patch_size=4, n_layer=1, n_head=2, n_embd=32, num_classes=10)
@@ -56,41 +57,11 @@ def _cases(dtype, mode, sizes, device, quick):
     return out
 
 
-def _prepare(backend=None, compile=False):
-    def prepare(inp):
-        device, dt = torch.device(inp["device"]), inp["dtype"]
-        model = copy.deepcopy(inp["model"]).to(device)
-        fused = {"fused": True} if device.type == "cuda" else {}
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05, **fused)
-        fwd = torch.compile(model) if compile else model
-        x, y = inp["x"], inp["y"]
-
-        def run():
-            with fastlm.use_backend(backend or "torch"):
-                with torch.autocast(device.type, dtype=dt, enabled=dt != torch.float32):
-                    _, loss = fwd(x, y)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                return loss.detach().float()
-
-        return run
-
-    return prepare
-
-
-def _impls(mode, device, backends):
-    d = {"torch-eager": _prepare(), "torch-compile": _prepare(compile=True)}
-    d.update(fastlm_impls(backends, _prepare))
-    return d
-
-
 def _truth(inp, mode):
     model = copy.deepcopy(inp["model"]).to(device=inp["device"], dtype=torch.float64)
     with torch.no_grad(), fastlm.use_backend("torch"):
         return model(inp["x"].double(), inp["y"])[1]
 
 
-register(Entry("vit_train", "flops", ("full",), _cases, _impls, _truth, dtypes=("bfloat16", "float32"),
+register(Entry("vit_train", "flops", ("full",), _cases, train_impls, _truth, dtypes=("bfloat16", "float32"),
                description="ViT-B/16 training step (fwd, bwd, AdamW) at B=64 (224x224, 197 tokens) under bf16 autocast; TFLOP/s, MFU"))

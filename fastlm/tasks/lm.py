@@ -61,8 +61,22 @@ def gpt_from_config(config: dict):
     return GPT(cfg)
 
 
+class WindowTask(Task):
+    """What the corpus-window tasks (lm, mlm) share: batches (x, y) of seq_len tokens, the GPT's own loss."""
+
+    def loss(self, model, batch):
+        x, y = batch
+        return model(x, y)[1]
+
+    def tokens(self, batch) -> int:
+        return batch[0].numel()
+
+    def flops_per_token(self, model) -> float:
+        return model.flops_per_token(self.seq_len)
+
+
 @register
-class LMTask(Task):
+class LMTask(WindowTask):
     name = "lm"
 
     def check(self, tc) -> None:
@@ -92,16 +106,6 @@ class LMTask(Task):
 
     def batch(self, position, n):
         return self.batches.get(position, n)
-
-    def loss(self, model, batch):
-        x, y = batch
-        return model(x, y)[1]
-
-    def tokens(self, batch) -> int:
-        return batch[0].numel()
-
-    def flops_per_token(self, model) -> float:
-        return model.flops_per_token(self.seq_len)
 
     @torch.no_grad()
     def evaluate(self, model, batch_size, iters, device, autocast) -> dict:

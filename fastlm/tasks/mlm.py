@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from fastlm import data as fdata
-from fastlm.tasks import Task, register
-from fastlm.tasks.lm import check_gpt_settings, corpus_tokenizer, gpt_from_config, new_gpt
+from fastlm.tasks import register
+from fastlm.tasks.lm import WindowTask, check_gpt_settings, corpus_tokenizer, gpt_from_config, new_gpt
 
 MASK = "<|mask|>"
 
@@ -52,7 +52,7 @@ def with_mask_token(tokenizer):
 
 
 @register
-class MLMTask(Task):
+class MLMTask(WindowTask):
     name = "mlm"
 
     @dataclasses.dataclass
@@ -116,16 +116,6 @@ class MLMTask(Task):
     def batch(self, position, n):
         x, _ = self.batches.get(position, n)
         return self._mask(x, torch.Generator().manual_seed(self.seed * 1_000_003 + position))
-
-    def loss(self, model, batch):
-        x, y = batch
-        return model(x, y)[1]
-
-    def tokens(self, batch) -> int:
-        return batch[0].numel()
-
-    def flops_per_token(self, model) -> float:
-        return model.flops_per_token(self.seq_len)
 
     @torch.no_grad()
     def evaluate(self, model, batch_size, iters, device, autocast) -> dict:
