@@ -382,7 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a task option, e.g. --task-set pooling=mean (classify), --task-set template=... (sft), "
                         "--task-set mask_prob=0.15 (mlm)")
     s.add_argument("--init-from", metavar="DIR", help="start from these weights: a fastlm checkpoint, or a local Hugging Face "
-                                                      "GPT-2 directory (classify, sft)")
+                                                      "GPT-2 or BERT directory (classify, sft)")
     s.add_argument("--data", nargs="+", metavar="PATH", help="text files or directories (lm, mlm), a jsonl file (classify, sft); "
                                                            "default: a built-in set made from this Python's standard library")
     s.add_argument("--preset", default="tiny", help="tiny | gpt2 | gpt2-medium")

@@ -223,7 +223,7 @@ def prefill_packed(model, cache: PagedKVCache, prompts: list[list[int]], pages: 
         h = model._hidden(idx, positions, cache, True, (cu, max(lengths)))
     finally:
         cache.slots = None
-    return model.lm_head(h[0, cu[1:].long() - 1])
+    return model.logits(h[0, cu[1:].long() - 1])
 
 
 def _as_prompts(prompts) -> list[list[int]]:

@@ -1,7 +1,11 @@
-"""Byte-level BPE tokenizer (Hugging Face `tokenizers`): trained on a corpus, or loaded from files.
+"""Tokenizers (Hugging Face `tokenizers`): byte-level BPE trained on a corpus, or loaded from files.
 
 Byte-level means every byte has a token, so any text round-trips and nothing is ever unknown.
-``Tokenizer.load`` reads a ``tokenizer.json`` or GPT-2-style ``vocab.json`` + ``merges.txt``;
+``Tokenizer.load`` reads a ``tokenizer.json`` (any model: GPT-2's BPE, BERT's WordPiece, ...),
+GPT-2-style ``vocab.json`` + ``merges.txt``, or BERT-style ``vocab.txt`` (WordPiece, lowercased per
+``tokenizer_config.json``'s ``do_lower_case``, default true). ``encode`` never adds special tokens
+(a tokenizer.json post-processor's [CLS]/[SEP] included), so every tokenizer gives the text's ids
+alone and a task frames them itself (``cls_id``, ``sep_id``, ``eos_id``).
 ``train_or_load_cached`` trains on files once and caches the result under a fingerprint of the
 files and the vocabulary size.
 """
@@ -9,11 +13,14 @@ files and the vocabulary size.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import tempfile
 from pathlib import Path
 
 EOS = "<|endoftext|>"
+CLS, SEP = "[CLS]", "[SEP]"
+BERT_SPECIALS = ("[PAD]", "[UNK]", CLS, SEP, "[MASK]")
 
 
 def cache_dir() -> Path:
@@ -25,11 +32,14 @@ def cache_dir() -> Path:
 
 
 class Tokenizer:
-    """A thin wrapper over ``tokenizers.Tokenizer`` with an end-of-text token."""
+    """A thin wrapper over ``tokenizers.Tokenizer`` with an end-of-text token: ``eos_token``, else
+    [SEP] (a BERT vocabulary); ``cls_id`` / ``sep_id`` are [CLS] / [SEP]'s ids, None where absent."""
 
     def __init__(self, tk, eos_token: str = EOS):
         self.tk = tk
-        self.eos_id = tk.token_to_id(eos_token)
+        self.cls_id, self.sep_id = tk.token_to_id(CLS), tk.token_to_id(SEP)
+        eos = tk.token_to_id(eos_token)
+        self.eos_id = self.sep_id if eos is None else eos
 
     @property
     def vocab_size(self) -> int:
@@ -37,10 +47,11 @@ class Tokenizer:
         return 1 + max(self.tk.get_vocab(with_added_tokens=True).values(), default=-1)
 
     def encode(self, text: str) -> list[int]:
-        return self.tk.encode(text).ids
+        """The ids of ``text`` without special tokens (no [CLS]/[SEP] from a post-processor)."""
+        return self.tk.encode(text, add_special_tokens=False).ids
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return [e.ids for e in self.tk.encode_batch(texts)]
+        return [e.ids for e in self.tk.encode_batch(texts, add_special_tokens=False)]
 
     def decode(self, ids) -> str:
         return self.tk.decode(list(ids), skip_special_tokens=False)
@@ -55,7 +66,8 @@ class Tokenizer:
 
     @classmethod
     def load(cls, path) -> Tokenizer:
-        """From a tokenizer.json file, or a directory holding tokenizer.json or vocab.json + merges.txt."""
+        """From a tokenizer.json file, or a directory holding tokenizer.json, vocab.json + merges.txt, or
+        a BERT vocab.txt."""
         from tokenizers import Tokenizer as HFTokenizer
         from tokenizers import decoders, models, pre_tokenizers
 
@@ -73,7 +85,9 @@ class Tokenizer:
             tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
             tk.decoder = decoders.ByteLevel()
             return cls(tk)
-        raise FileNotFoundError(f"no tokenizer at {path}: expected tokenizer.json, or vocab.json and merges.txt")
+        if p.is_dir() and (p / "vocab.txt").is_file():
+            return cls(_wordpiece(p))
+        raise FileNotFoundError(f"no tokenizer at {path}: expected tokenizer.json, vocab.json and merges.txt, or vocab.txt")
 
     @classmethod
     def train(cls, texts, vocab_size: int) -> Tokenizer:
@@ -92,6 +106,37 @@ class Tokenizer:
         )
         tk.train_from_iterator(texts, trainer)
         return cls(tk)
+
+
+def _wordpiece(directory: Path):
+    """BERT's WordPiece tokenizer of ``directory/vocab.txt``, configured as Hugging Face's
+    BertTokenizerFast is by tokenizer_config.json (do_lower_case default true, strip_accents default
+    = do_lower_case, tokenize_chinese_chars default true, unk_token default [UNK])."""
+    from tokenizers import AddedToken, decoders, models, normalizers, pre_tokenizers
+    from tokenizers import Tokenizer as HFTokenizer
+
+    conf_path = directory / "tokenizer_config.json"
+    try:
+        conf = json.loads(conf_path.read_text()) if conf_path.is_file() else {}
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{conf_path}: unreadable or not JSON ({exc})") from None
+    if not isinstance(conf, dict):
+        raise ValueError(f"{conf_path}: expected a JSON object, got {type(conf).__name__}")
+    lower = conf.get("do_lower_case", True)
+    unk = conf.get("unk_token", "[UNK]")
+    unk = unk.get("content") if isinstance(unk, dict) else unk
+    if not isinstance(lower, bool) or not isinstance(unk, str):
+        raise ValueError(f"{conf_path}: do_lower_case must be true or false and unk_token a string, got {lower!r}, {unk!r}")
+    try:
+        tk = HFTokenizer(models.WordPiece.from_file(str(directory / "vocab.txt"), unk_token=unk))
+    except Exception as exc:
+        raise ValueError(f"{directory / 'vocab.txt'}: not a WordPiece vocabulary ({exc})") from None
+    tk.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=conf.get("tokenize_chinese_chars", True),
+                                               strip_accents=conf.get("strip_accents"), lowercase=lower)
+    tk.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tk.decoder = decoders.WordPiece(prefix="##")
+    tk.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in BERT_SPECIALS if tk.token_to_id(t) is not None])
+    return tk
 
 
 def files_fingerprint(files) -> str:

@@ -1,7 +1,7 @@
 """--task classify: packed batches (a text's logits never depend on its batch companions, for every
 pooling), every norm/attention call through fastlm.ops (attention_varlen), the label set stored with
 the checkpoint (string and int labels), clear errors for bad data and unknown labels, --init-from a
-fastlm checkpoint and a local Hugging Face GPT-2 directory, exact resume, `fastlm classify`, and
+fastlm checkpoint and local Hugging Face GPT-2 and BERT directories, exact resume, `fastlm classify`, and
 the built-in docstring-vs-code set learned far above chance."""
 
 import json
@@ -160,7 +160,7 @@ def test_bad_settings_are_clear_errors_before_any_work(data, tmp_path, kw, messa
     assert not (tmp_path / "o").exists()
 
 
-def test_init_from_a_fastlm_checkpoint_and_a_hugging_face_gpt2_directory(data, tmp_path):
+def test_init_from_a_fastlm_checkpoint_and_hugging_face_gpt2_and_bert_directories(data, tmp_path):
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     (tmp_path / "a.py").write_text((stdlib / "textwrap.py").read_text())
     train(TrainConfig(data=[str(tmp_path / "a.py")], model=dict(MODEL), steps=1, batch_size=2, seq_len=32, vocab_size=300,
@@ -183,10 +183,19 @@ def test_init_from_a_fastlm_checkpoint_and_a_hugging_face_gpt2_directory(data, t
     assert all(torch.equal(v, task.model.backbone.state_dict()[k]) for k, v in ref.state_dict().items())
     s = train(_tc(data, tmp_path / "o3", init_from=str(tmp_path / "hf"), model={}, steps=2), **QUIET)
     assert "eval_accuracy" in s["eval"]
-    (tmp_path / "bert").mkdir()
-    (tmp_path / "bert" / "config.json").write_text(json.dumps({"model_type": "roberta"}))
-    with pytest.raises(ValueError, match="a Hugging Face 'roberta' model"):
-        _task(_tc(data, tmp_path / "o4", init_from=str(tmp_path / "bert"), model={}))
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *" ".join(WORDS.values()).split()]
+    bert = transformers.BertForMaskedLM(transformers.BertConfig(vocab_size=len(words), hidden_size=32, num_hidden_layers=2,
+                                                               num_attention_heads=2, intermediate_size=128, max_position_embeddings=48))
+    bert.save_pretrained(tmp_path / "bert")
+    (tmp_path / "bert" / "vocab.txt").write_text("\n".join(words) + "\n")
+    task = _task(_tc(data, tmp_path / "o4", init_from=str(tmp_path / "bert"), model={}))
+    ref = GPT.from_pretrained(tmp_path / "bert")
+    assert all(torch.equal(v, task.model.backbone.state_dict()[k]) for k, v in ref.state_dict().items())
+    assert task.pooling == "cls" and all(x[0] == 2 and x[-1] == 3 and 1 not in x for x in task.train_x)  # [CLS] text [SEP]
+    (tmp_path / "roberta").mkdir()
+    (tmp_path / "roberta" / "config.json").write_text(json.dumps({"model_type": "roberta"}))
+    with pytest.raises(ValueError, match=r"a Hugging Face 'roberta' model; fastlm reads GPT-2 and BERT directories \(model_type gpt2 or bert\)"):
+        _task(_tc(data, tmp_path / "o5", init_from=str(tmp_path / "roberta"), model={}))
 
 
 def test_builtin_docstring_vs_code_is_learned_far_above_chance(tmp_path):

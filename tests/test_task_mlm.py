@@ -109,6 +109,7 @@ def test_loss_is_on_the_chosen_tokens_only_and_the_encoder_is_bidirectional(corp
     L = MODEL["n_layer"]
     assert counter.count("layer_norm") == 1 and counter.count("add_layer_norm") == 2 * L
     assert counter.count("attention") == L and counter.causal == [False] * L
+    assert model.config.positions == "rotary" and counter.count("rotary") == L
     logits = model(inputs)
     chosen = targets != -100
     want = F.cross_entropy(logits[chosen], targets[chosen])
@@ -122,6 +123,13 @@ def test_loss_is_on_the_chosen_tokens_only_and_the_encoder_is_bidirectional(corp
     later = inputs.clone()
     later[0, -1] = (later[0, -1] + 1) % 300
     assert not torch.allclose(model(later)[0, 0], logits[0, 0])  # bidirectional: the first position sees the last token
+
+
+def test_rotary_positions_by_default_and_set_positions_wins(corpus, tmp_path):
+    for model, want in ((dict(MODEL), "rotary"), (dict(MODEL, positions="learned"), "learned"), (dict(MODEL, positions="sinusoidal"), "sinusoidal")):
+        tc = _tc(corpus, tmp_path, model=model)
+        task = get_task("mlm")(tc.task_options)
+        assert task.new_model(tc, print).config.positions == want
 
 
 def test_resume_is_exact_and_the_checkpoint_holds_the_task(corpus, tmp_path):
@@ -157,16 +165,18 @@ def test_bad_settings_are_clear_errors_before_any_work(corpus, tmp_path, kw, mes
 
 
 def test_beats_chance_on_held_out_text(corpus, tmp_path):
-    """Past the unigram plateau: held-out masked-token accuracy above 1.5 x the most frequent
-    token's share and the loss below the best context-free predictor's (the train unigram's
-    cross-entropy), on the standard library's Python (two modules of the default corpus: the whole
-    library's tokenizer and token stream take minutes here, not seconds)."""
-    tc = _tc(corpus, tmp_path, model=dict(MODEL, n_embd=128), steps=300, decay_steps=600, batch_size=32, lr=2e-3, warmup=30, seed=0,
-             weight_decay=0.0, eval_interval=300, eval_iters=4, log_interval=50)
+    """Well past the unigram plateau: held-out masked-token accuracy above 2 x the most frequent
+    token's share and the loss half a nat below the best context-free predictor's (the train
+    unigram's cross-entropy), on the standard library's Python (two modules of the default corpus:
+    the whole library's tokenizer and token stream take minutes here, not seconds), with the task's
+    default rotary positions and the default weight decay (seeds 0, 1, 2 reach 0.21-0.25 accuracy
+    against a 0.076 share, loss 3.2-3.4 against 4.17)."""
+    tc = _tc(corpus, tmp_path, steps=300, batch_size=32, lr=2e-3, warmup=30, seed=0, eval_interval=300, eval_iters=4,
+             log_interval=50)
     s = train(tc, **QUIET)
     task, _, _, _, _ = load_task_checkpoint(tmp_path)
     task.load_data(tc, print)
     counts = torch.bincount(task.train_tokens.long(), minlength=task.tokenizer.vocab_size).double() + 1
     unigram = float(-(counts / counts.sum()).log()[task.val_tokens.long()].mean())
     top = torch.bincount(task.val_tokens.long()).max().item() / task.val_tokens.numel()
-    assert s["eval"]["eval_accuracy"] > 1.5 * top and s["eval"]["eval_loss"] < unigram, (s["eval"], top, unigram)
+    assert s["eval"]["eval_accuracy"] > 2 * top and s["eval"]["eval_loss"] < unigram - 0.5, (s["eval"], top, unigram)

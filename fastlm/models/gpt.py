@@ -4,10 +4,16 @@
            -> n_layer x [ pre-norm -> attention -> residual, pre-norm -> GELU MLP -> residual ]
            -> final norm -> logits for every next token
 
+``norm_placement="post"`` is the original Transformer's and BERT's order instead: a norm ``ln_e``
+on the summed embeddings, then every block h = ln_1(h + attn(h)); h = ln_2(h + mlp(h)) (the normed
+value is the residual stream), and no final norm. ``mlm_head`` puts BERT's prediction head
+(dense -> GELU -> norm) before a biased ``lm_head``.
+
 Every norm (``fastlm.ops.add_layer_norm`` / ``add_rms_norm``: the residual add fused with the next
-block's norm), attention, positional encoding and sampling call goes through ``fastlm.ops``, so the
-model follows ``fastlm.use_backend``. With ``causal=False`` it is a bidirectional encoder (BERT's
-shape). ``n_kv_head < n_head`` gives grouped-query attention.
+norm), attention, positional encoding and sampling call goes through ``fastlm.ops``, so the model
+follows ``fastlm.use_backend``. With ``causal=False`` it is a bidirectional encoder (BERT's
+shape). ``n_kv_head < n_head`` gives grouped-query attention. ``GPT.from_pretrained`` reads local
+Hugging Face GPT-2 and BERT directories and fastlm checkpoints.
 """
 
 from __future__ import annotations
@@ -49,6 +55,8 @@ class GPTConfig:
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     gelu: str = "tanh"  # "tanh" (GPT-2's gelu_new) | "none" (exact erf)
+    norm_placement: str = "pre"  # "pre" (GPT-2) | "post" (BERT: norm after each residual add, ln_e, no ln_f)
+    mlm_head: bool = False  # BERT's prediction head (dense -> GELU -> norm) before a biased lm_head
 
     def __post_init__(self):
         if self.n_kv_head is None:
@@ -70,6 +78,9 @@ class GPTConfig:
             (self.norm in ("layernorm", "rmsnorm"), f"norm must be 'layernorm' or 'rmsnorm', got {self.norm!r}"),
             (self.positions in ("learned", "sinusoidal", "rotary"), f"positions must be 'learned', 'sinusoidal' or 'rotary', got {self.positions!r}"),
             (self.gelu in ("tanh", "none"), f"gelu must be 'tanh' or 'none', got {self.gelu!r}"),
+            (self.norm_placement in ("pre", "post"), f"norm_placement must be 'pre' or 'post', got {self.norm_placement!r}"),
+            (not (self.mlm_head and self.causal), "mlm_head (BERT's masked-LM head) is for a bidirectional model: "
+                                                  "it needs causal=False, got causal=True"),
             (self.n_embd % self.n_head == 0, f"n_embd {self.n_embd} must be a multiple of n_head {self.n_head}"),
             (self.n_head % self.n_kv_head == 0, f"n_head {self.n_head} must be a multiple of n_kv_head {self.n_kv_head}"),
         ]
@@ -223,13 +234,30 @@ def _make_norm(cfg: GPTConfig) -> nn.Module:
     return LayerNorm(cfg.n_embd, eps=cfg.norm_eps, bias=cfg.bias)
 
 
+class Head(nn.Module):
+    """BERT's masked-LM prediction transform: norm(GELU(c_fc(h)))."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.c_fc, self.ln, self.approximate = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias), _make_norm(cfg), cfg.gelu
+
+    def forward(self, h):
+        return self.ln(F.gelu(self.c_fc(h), approximate=self.approximate))
+
+
 class Block(nn.Module):
     def __init__(self, cfg: GPTConfig, layer: int):
         super().__init__()
         self.ln_1, self.attn, self.ln_2, self.mlp = _make_norm(cfg), Attention(cfg, layer), _make_norm(cfg), MLP(cfg)
+        self.post = cfg.norm_placement == "post"
 
     def forward(self, h, delta, positions, cache=None, prefill=False, packed=None):
-        """h: the residual stream; delta: the previous block's MLP output, not yet added to it."""
+        """h: the residual stream; delta: the previous block's MLP output, not yet added to it (pre-norm;
+        post-norm blocks take and return None: their output h is already normed)."""
+        if self.post:
+            h, _ = _add_norm(self.ln_1, h, self.attn(h, positions, cache, prefill, packed))
+            h, _ = _add_norm(self.ln_2, h, self.mlp(h))
+            return h, None
         y, h = _add_norm(self.ln_1, h, delta)
         a = self.attn(y, positions, cache, prefill, packed)
         y, h = _add_norm(self.ln_2, h, a)
@@ -244,11 +272,13 @@ class GPT(nn.Module):
             wte=nn.Embedding(cfg.vocab_size, cfg.n_embd),
             drop=nn.Dropout(cfg.dropout),
             h=nn.ModuleList([Block(cfg, i) for i in range(cfg.n_layer)]),
-            ln_f=_make_norm(cfg),
         ))
+        self.transformer["ln_e" if cfg.norm_placement == "post" else "ln_f"] = _make_norm(cfg)
         if cfg.positions == "learned":
             self.transformer["wpe"] = nn.Embedding(cfg.block_size, cfg.n_embd)
-        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        if cfg.mlm_head:
+            self.transformer["head"] = Head(cfg)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=cfg.mlm_head)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.transformer.wte.weight
         self.apply(self._init_weights)
@@ -284,6 +314,8 @@ class GPT(nn.Module):
             x = wte(idx) + self.transformer.wpe(positions)
         else:
             x = wte(idx)
+        if cfg.norm_placement == "post":
+            x = self.transformer.ln_e(x)
         return self.transformer.drop(x)
 
     def forward(self, idx, targets=None, *, cache=None, prefill=False, positions=None, cu_seqlens=None, max_seqlen=None):
@@ -305,7 +337,7 @@ class GPT(nn.Module):
                              "(fastlm.generation prefills a ragged batch into its paged cache itself)")
         if cu_seqlens is not None:
             h = self.hidden_states(idx, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, positions=positions)
-            logits = self.lm_head(h)
+            logits = self.logits(h)
             return logits if targets is None else (logits, self._loss(logits, targets))
         B, S = idx.shape
         if cache is None and not torch.compiler.is_compiling():
@@ -317,12 +349,16 @@ class GPT(nn.Module):
                 positions = cache.seqlens.long()[:, None] + torch.arange(S, device=idx.device)
             else:
                 positions = torch.arange(S, device=idx.device)
-        logits = self.lm_head(self._hidden(idx, positions, cache, prefill))
+        logits = self.logits(self._hidden(idx, positions, cache, prefill))
         if cache is not None:
             cache.advance(S)
         if targets is None:
             return logits
         return logits, self._loss(logits, targets)
+
+    def logits(self, h):
+        """lm_head (after the mlm head when config.mlm_head) on hidden states h (..., n_embd)."""
+        return self.lm_head(self.transformer.head(h) if self.config.mlm_head else h)
 
     @staticmethod
     def _loss(logits, targets):
@@ -332,11 +368,14 @@ class GPT(nn.Module):
         h, delta = self.embed(idx, positions, cache is not None), None
         for block in self.transformer.h:
             h, delta = block(h, delta, positions, cache, prefill, packed)
+        if self.config.norm_placement == "post":
+            return h
         y, _ = _add_norm(self.transformer.ln_f, h, delta)
         return y
 
     def hidden_states(self, idx, *, cu_seqlens=None, max_seqlen=None, positions=None):
-        """The final normed hidden states (B, S, n_embd) for idx (B, S): what lm_head (or a task head) reads.
+        """The final hidden states (B, S, n_embd) for idx (B, S): what the mlm head or lm_head (or a task
+        head) reads: ln_f's output (pre-norm), the last block's output (post-norm, already normed).
 
         With ``cu_seqlens`` the packed form of ``forward``: idx (1, T), hidden states (1, T, n_embd).
         """
@@ -372,12 +411,15 @@ class GPT(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, **overrides) -> GPT:
-        """A local Hugging Face GPT-2 checkpoint directory, or a fastlm checkpoint directory."""
+        """A local Hugging Face GPT-2 or BERT checkpoint directory (config.json model_type gpt2 or
+        bert; see ``_from_bert``), or a fastlm checkpoint directory."""
         path = Path(path)
         try:
             hf = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
         except (OSError, ValueError) as exc:
             raise ValueError(f"{path}: config.json is unreadable or not JSON ({exc})") from None
+        if isinstance(hf, dict) and hf.get("model_type") == "bert":
+            return cls._from_bert(path, hf, **overrides)
         if not isinstance(hf, dict) or hf.get("model_type") != "gpt2":
             from fastlm.training import load_model
 
@@ -415,6 +457,95 @@ class GPT(nn.Module):
         missing = [m for m in missing if not (cfg.tie_embeddings and m == "lm_head.weight")]
         if missing or unexpected:
             raise ValueError(f"{path}: weights do not match GPT-2: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        return model
+
+    @classmethod
+    def _from_bert(cls, path: Path, hf: dict, **overrides) -> GPT:
+        """A Hugging Face BERT directory (BertModel, BertForMaskedLM, BertForPreTraining,
+        BertForSequenceClassification; weights with or without the ``bert.`` prefix) as a post-norm,
+        bidirectional GPT. Single-segment input: token_type_embeddings[0] is folded into wpe (exact
+        for token_type_ids all 0, what HF uses for one text). ``cls.predictions`` becomes the mlm head
+        and lm_head's bias; without it ``mlm_head=False`` and the logits are the tied word embedding's
+        (lm_head = wte). The pooler, the NSP head (``cls.seq_relationship``) and a classifier are not
+        part of the GPT and are ignored."""
+        act, pos = hf.get("hidden_act", "gelu"), hf.get("position_embedding_type", "absolute")
+        refusals = [
+            (act in ("gelu", "gelu_new", "gelu_pytorch_tanh"), f"hidden_act {act!r} is not supported (gelu, gelu_new or gelu_pytorch_tanh)"),
+            (pos == "absolute", f"position_embedding_type {pos!r} is not supported (absolute)"),
+            (not hf.get("is_decoder", False), "is_decoder is true: fastlm reads BERT encoders (is_decoder false)"),
+        ]
+        for ok, msg in refusals:
+            if not ok:
+                raise ValueError(f"{path}: {msg}")
+        try:
+            cfg = GPTConfig(**{
+                "vocab_size": hf["vocab_size"], "block_size": hf["max_position_embeddings"], "n_layer": hf["num_hidden_layers"],
+                "n_head": hf["num_attention_heads"], "n_embd": hf["hidden_size"], "norm_eps": hf.get("layer_norm_eps", 1e-12),
+                "gelu": "none" if act == "gelu" else "tanh", "causal": False, "norm_placement": "post", **overrides})
+            check_limits(cfg)
+            inter = hf["intermediate_size"]
+        except KeyError as exc:
+            raise ValueError(f"{path}: config.json has no {exc.args[0]!r}") from None
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{path}: config.json: {exc}") from None
+        if inter != 4 * cfg.n_embd:
+            raise ValueError(f"{path}: intermediate_size {inter!r} must be 4 x hidden_size ({4 * cfg.n_embd}): fastlm's MLP is 4x")
+        sd = {}
+        for k, v in _read_hf_weights(path).items():
+            k = k.removeprefix("bert.")
+            if k.startswith(("pooler.", "cls.seq_relationship.", "classifier.")) or k == "embeddings.position_ids":
+                continue
+            sd[k.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")] = v
+        mlm = any(k.startswith("cls.predictions.") for k in sd)
+        tie = bool(hf.get("tie_word_embeddings", True)) if mlm else True
+        try:
+            cfg = dataclasses.replace(cfg, mlm_head=mlm, tie_embeddings=tie)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{path}: config.json: {exc}") from None
+        ours = {}
+        try:
+            tt = sd.pop("embeddings.token_type_embeddings.weight")[0]
+            ours["transformer.wpe.weight"] = sd.pop("embeddings.position_embeddings.weight") + tt
+        except KeyError as exc:
+            raise ValueError(f"{path}: weights do not match BERT: missing {exc.args[0]!r}") from None
+        except (IndexError, RuntimeError) as exc:
+            raise ValueError(f"{path}: weights do not match config.json: {exc}") from None
+        if cfg.tie_embeddings:
+            sd.pop("cls.predictions.decoder.weight", None)
+        sd.pop("cls.predictions.decoder.bias", None)  # the same parameter as cls.predictions.bias
+        names = {"embeddings.word_embeddings.": "transformer.wte.", "embeddings.LayerNorm.": "transformer.ln_e.",
+                 "cls.predictions.transform.dense.": "transformer.head.c_fc.",
+                 "cls.predictions.transform.LayerNorm.": "transformer.head.ln.",
+                 "cls.predictions.decoder.": "lm_head.", "cls.predictions.bias": "lm_head.bias"}
+        layer = {"attention.output.dense.": "attn.c_proj.", "attention.output.LayerNorm.": "ln_1.",
+                 "intermediate.dense.": "mlp.c_fc.", "output.dense.": "mlp.c_proj.", "output.LayerNorm.": "ln_2."}
+        unexpected = []
+        for k, v in sd.items():
+            new = next((n + k[len(o):] for o, n in names.items() if k.startswith(o)), None)
+            if new is None and k.startswith("encoder.layer."):
+                i, _, rest = k.removeprefix("encoder.layer.").partition(".")
+                if rest.startswith("attention.self."):
+                    new = f"transformer.h.{i}.attn.c_attn.{rest.removeprefix('attention.self.')}"  # query/key/value: joined below
+                else:
+                    new = next((f"transformer.h.{i}.{n}{rest[len(o):]}" for o, n in layer.items() if rest.startswith(o)), None)
+            if new is None:
+                unexpected.append(k)
+            else:
+                ours[new] = v
+        for key in [k for k in ours if ".attn.c_attn.query." in k]:
+            parts = [ours.pop(key.replace("query", n), None) for n in ("query", "key", "value")]
+            if any(p is None for p in parts):
+                raise ValueError(f"{path}: weights do not match BERT: {key} without its key and value")
+            ours[key.replace("query.", "")] = torch.cat(parts)
+        unexpected += [k for k in ours if ".attn.c_attn.key." in k or ".attn.c_attn.value." in k]
+        model = cls(cfg)
+        try:
+            missing, extra = model.load_state_dict({k: v for k, v in ours.items() if k not in unexpected}, strict=False)
+        except RuntimeError as exc:
+            raise ValueError(f"{path}: weights do not match config.json: {str(exc)[:300]}") from None
+        missing = [m for m in missing if not (cfg.tie_embeddings and m == "lm_head.weight")]
+        if missing or unexpected or extra:
+            raise ValueError(f"{path}: weights do not match BERT: missing {missing[:5]}, unexpected {(unexpected + extra)[:5]}")
         return model
 
 

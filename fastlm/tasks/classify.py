@@ -9,11 +9,14 @@ functions and classes (label "docstring") against their code with the docstring 
 "code"), written once to fastlm's cache directory.
 
 Model: ``Classifier`` = a GPT backbone (new, or --init-from a fastlm checkpoint or a local Hugging
-Face GPT-2 directory) + ``head`` (Linear n_embd -> number of labels) on the pooled final hidden
-states: ``cls`` (an end-of-text token put before the text, read at position 0; bidirectional
-models only), ``mean`` (over the text's tokens) or ``last`` (the end-of-text token appended after
-the text; for causal models). A batch is packed (cu_seqlens: every text attends only to itself,
-no padding), so the result for a text never depends on the others in its batch.
+Face GPT-2 or BERT directory: BERT is read as a post-norm GPT, ``GPT.from_pretrained``) + ``head``
+(Linear n_embd -> number of labels) on the pooled final hidden states: ``cls`` (an end-of-text
+token put before the text, read at position 0; bidirectional models only), ``mean`` (over the
+text's tokens) or ``last`` (the end-of-text token appended after the text; for causal models).
+A tokenizer with [CLS] and [SEP] (BERT's) frames every text as Hugging Face's does for one text,
+``[CLS] text [SEP]`` (what a BERT backbone was trained on), and the pooling reads [CLS], the mean
+of all, or [SEP]. A batch is packed (cu_seqlens: every text attends only to itself, no padding),
+so the result for a text never depends on the others in its batch.
 eval_loss and eval_accuracy on up to eval_iters x batch_size held-out texts (the same ones every time).
 """
 
@@ -144,7 +147,8 @@ def _one_file(tc, what: str) -> Path | None:
 
 def init_backbone(path, tc):
     """(GPT, tokenizer) from --init-from: a fastlm checkpoint (lm, mlm, sft: the GPT; classify: its
-    backbone) or a local Hugging Face GPT-2 directory (config.json with model_type gpt2)."""
+    backbone) or a local Hugging Face GPT-2 or BERT directory (config.json with model_type gpt2 or
+    bert, and its tokenizer files)."""
     from fastlm.models.gpt import GPT
     from fastlm.tokenizer import Tokenizer
     from fastlm.training import find_checkpoint, load_task_model
@@ -168,10 +172,10 @@ def init_backbone(path, tc):
     except (OSError, ValueError) as exc:
         raise ValueError(f"--init-from {path}: neither a fastlm checkpoint nor a Hugging Face directory with a "
                          f"readable config.json ({exc})") from None
-    if not isinstance(hf, dict) or hf.get("model_type") != "gpt2":
+    if not isinstance(hf, dict) or hf.get("model_type") not in ("gpt2", "bert"):
         kind = hf.get("model_type") if isinstance(hf, dict) else None
-        raise ValueError(f"--init-from {path}: a Hugging Face {kind!r} model; fastlm reads GPT-2 directories "
-                         f"(model_type gpt2) and fastlm checkpoints")
+        raise ValueError(f"--init-from {path}: a Hugging Face {kind!r} model; fastlm reads GPT-2 and BERT directories "
+                         f"(model_type gpt2 or bert) and fastlm checkpoints")
     return GPT.from_pretrained(path), Tokenizer.load(path)
 
 
@@ -228,7 +232,7 @@ class ClassifyTask(Task):
                 [path], tc.vocab_size or min(2048, PRESETS[tc.preset]["vocab_size"]), _texts_of)
             backbone = new_gpt(tc, self.tokenizer)
         if self.tokenizer.eos_id is None:
-            raise ValueError("the tokenizer has no end-of-text token (<|endoftext|>), which marks the pooled position")
+            raise ValueError("the tokenizer has no end-of-text token (<|endoftext|>, or [SEP]), which marks the pooled position")
         self.pooling = self._pooling(backbone.config.causal)
         return Classifier(backbone, len(self.labels), self.pooling)
 
@@ -253,13 +257,16 @@ class ClassifyTask(Task):
         return Classifier(gpt_from_config(config["backbone"]), len(labels), self.pooling)
 
     def encode(self, texts: list[str]) -> list[list[int]]:
-        """Token ids of each text as the model reads it: the end-of-text token first (cls) or last
-        (last), truncated to the context."""
+        """Token ids of each text as the model reads it, truncated to the context: ``[CLS] text [SEP]``
+        with a tokenizer that has both (BERT's, every pooling); else the end-of-text token first (cls)
+        or last (last)."""
         T = self.model.config.block_size
-        eos = self.tokenizer.eos_id
+        eos, cls, sep = self.tokenizer.eos_id, self.tokenizer.cls_id, self.tokenizer.sep_id
         out = []
         for ids in self.tokenizer.encode_batch(list(texts)):
-            if self.pooling == "cls":
+            if cls is not None and sep is not None:
+                ids = [cls, *ids[: T - 2], sep] if T >= 2 else [cls]
+            elif self.pooling == "cls":
                 ids = [eos, *ids[: T - 1]]
             elif self.pooling == "last":
                 ids = [*ids[: T - 1], eos]
