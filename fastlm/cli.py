@@ -168,17 +168,21 @@ def _cmd_audit(args) -> int:
     return audit.run(args)
 
 
+_TASK_DEFAULTED = ("steps", "batch_size", "lr", "weight_decay")  # unset: the task's train_defaults, else TrainConfig's
+
+
 def _cmd_train(args) -> int:
     from fastlm.training import TrainConfig, train
 
     if args.nproc_per_node is not None:
         return _launch_ranks(args)
     try:
-        tc = TrainConfig(
-            task=args.task, task_options=_parse_task_sets(args.task, args.task_set), init_from=args.init_from,
-            data=args.data, preset=args.preset, model=_parse_model_sets(args.task, args.set), steps=args.steps, batch_size=args.batch_size,
-            seq_len=args.seq_len, grad_accum=args.grad_accum, lr=args.lr, min_lr=args.min_lr, warmup=args.warmup,
-            decay_steps=args.decay_steps, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
+        own = {k: getattr(args, k) for k in _TASK_DEFAULTED if getattr(args, k) is not None}
+        tc = TrainConfig.for_task(
+            args.task, task_options=_parse_task_sets(args.task, args.task_set), init_from=args.init_from,
+            data=args.data, preset=args.preset, model=_parse_model_sets(args.task, args.set), **own,
+            seq_len=args.seq_len, grad_accum=args.grad_accum, min_lr=args.min_lr, warmup=args.warmup,
+            decay_steps=args.decay_steps, grad_clip=args.grad_clip,
             eval_interval=args.eval_interval, eval_iters=args.eval_iters, log_interval=args.log_interval,
             ckpt_interval=args.ckpt_interval, out=args.out, resume=args.resume, overwrite=args.overwrite, seed=args.seed,
             vocab_size=args.vocab_size, tokenizer=args.tokenizer, device=args.device, dtype=args.dtype,
@@ -387,15 +391,16 @@ def build_parser() -> argparse.ArgumentParser:
                                                            "default: a built-in set made from this Python's standard library")
     s.add_argument("--preset", default="tiny", help="tiny | gpt2 | gpt2-medium")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a model-config field (GPTConfig; ViTConfig for vit, CLIPConfig for clip), e.g. --set norm=rmsnorm --set positions=rotary")
-    s.add_argument("--steps", type=int, default=500)
-    s.add_argument("--batch-size", type=int, default=16, help="sequences per process and micro-step")
+    s.add_argument("--steps", type=int, help="default: the task's (vit 300), else 500")
+    s.add_argument("--batch-size", type=int, help="sequences (images, pairs) per process and micro-step; default: the task's "
+                   "(vit 64), else 16")
     s.add_argument("--seq-len", type=int, help="default: the preset's context")
     s.add_argument("--grad-accum", type=int, default=1)
-    s.add_argument("--lr", type=float, default=1e-3)
+    s.add_argument("--lr", type=float, help="default: the task's, else 1e-3")
     s.add_argument("--min-lr", type=float)
     s.add_argument("--warmup", type=int)
     s.add_argument("--decay-steps", type=int, help="length of the cosine decay (default: --steps)")
-    s.add_argument("--weight-decay", type=float, default=0.1)
+    s.add_argument("--weight-decay", type=float, help="default: the task's, else 0.1")
     s.add_argument("--grad-clip", type=float, default=1.0)
     s.add_argument("--eval-interval", type=int, default=100)
     s.add_argument("--eval-iters", type=int, default=8)

@@ -87,6 +87,16 @@ class TrainConfig:
     time_limit: float | None = None  # seconds of training; then a checkpoint and a clean stop
     fit_time_limit: bool = False  # the schedule also follows elapsed / time_limit: warm-up and decay end in time
 
+    @classmethod
+    def for_task(cls, task: str = "lm", **given) -> TrainConfig:
+        """The settings ``given``, the rest at the task's own defaults (its ``train_defaults``, e.g.
+        vit's larger batch), then at TrainConfig's (which are the language model's). With
+        resume=True the task's defaults are left out: a resumed run takes the checkpoint's settings."""
+        from fastlm.tasks import get_task
+
+        own = {} if given.get("resume") else dict(getattr(get_task(task), "train_defaults", {}))
+        return cls(task=task, **{**own, **given})
+
 
 # ---- checkpoints ---------------------------------------------------------------------------------
 

@@ -290,3 +290,27 @@ def test_cli_train_vit_takes_vit_config_sets(tmp_path, capsys):
     assert (model.config.image_size, model.config.n_layer, model.config.n_embd) == (16, 1, 32)
     assert main(common + ["--set", "colour=red", "--out", str(tmp_path / "bad")]) == 2
     assert "'colour' is not a ViTConfig field" in capsys.readouterr().err
+
+
+def test_the_vit_task_trains_with_its_own_batch_and_steps_unless_told(tmp_path, monkeypatch):
+    """TrainConfig.for_task and `fastlm train --task vit`: settings left out take the task's
+    train_defaults (vit: batch 64, 300 steps; at the language model's 16 the tiny ViT sat at
+    chance), then TrainConfig's; given ones win; --resume takes the checkpoint's, not the task's."""
+    import fastlm.training
+    from fastlm.cli import main
+    from fastlm.training import TrainConfig
+
+    vit = TrainConfig.for_task("vit")
+    assert (vit.batch_size, vit.steps, vit.lr, vit.weight_decay) == (64, 300, TrainConfig.lr, TrainConfig.weight_decay)
+    assert (TrainConfig.for_task("vit", batch_size=8, steps=5).batch_size, TrainConfig.for_task("vit", steps=5).steps) == (8, 5)
+    assert TrainConfig.for_task("lm") == TrainConfig() and TrainConfig.for_task("clip").batch_size == TrainConfig.batch_size
+    assert TrainConfig.for_task("vit", resume=True).batch_size == TrainConfig.batch_size
+    with pytest.raises(ValueError, match="is not a task"):
+        TrainConfig.for_task("nope")
+
+    seen = []
+    monkeypatch.setattr(fastlm.training, "train", lambda tc: seen.append(tc) or {"interrupted": False})
+    for argv, want in ((["--task", "vit"], (64, 300, 1e-3, 0.1)), (["--task", "vit", "--batch-size", "4", "--lr", "3e-4"], (4, 300, 3e-4, 0.1)),
+                       (["--task", "mlm", "--weight-decay", "0"], (16, 500, 1e-3, 0.0)), (["--task", "vit", "--resume"], (16, 500, 1e-3, 0.1))):
+        assert main(["train", *argv, "--out", str(tmp_path / "o")]) == 0
+        assert (seen[-1].task, seen[-1].batch_size, seen[-1].steps, seen[-1].lr, seen[-1].weight_decay) == (argv[1], *want)

@@ -48,7 +48,9 @@ The contract (``tc`` is the run's fastlm.training.TrainConfig; every method runs
     tokens(batch) -> int | None   tokens in a batch (tokens/s, MFU), or None: examples/s is logged
     The trainer sets ``task.model`` (the unwrapped model) after new_model / model_from_checkpoint.
     Optional: check(tc) (settings, before any work), flops_per_token(model) (MFU),
-    describe_eval(metrics) -> str (the log line), has_tokenizer = False (no tokenizer.json).
+    describe_eval(metrics) -> str (the log line), has_tokenizer = False (no tokenizer.json),
+    train_defaults = {TrainConfig field: value} (what `fastlm train --task NAME` and
+    TrainConfig.for_task use where the run does not say: vit's batch of 64, ...).
 
 Checkpoint layout (fastlm.training.save_checkpoint): model.safetensors (the whole task model:
 backbone and heads), config.json (model_config), task.json ({"task", "options", "state"}; absent
@@ -106,6 +108,7 @@ class Task:
         pass
 
     tokenizer = None
+    train_defaults: dict = {}  # TrainConfig settings this task trains best with (TrainConfig.for_task, the CLI)
 
     def __init__(self, options: dict | None = None):
         self.options = self.make_options(options or {})

@@ -70,6 +70,9 @@ def model_type_config(config: dict, model_type: str) -> dict:
 @register
 class ViTTask(Task):
     name = "vit"
+    # at TrainConfig's batch of 16 the tiny preset sat at chance (loss ln 10) for 500 steps at lr 1e-3
+    # and 2e-3; a batch of 64 passes 38% held-out accuracy by step 200 (measured on the glyphs)
+    train_defaults = {"batch_size": 64, "steps": 300}
     has_tokenizer = False
 
     @dataclasses.dataclass
