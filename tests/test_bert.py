@@ -169,6 +169,8 @@ def test_packed_texts_each_equal_hugging_face_alone(bert, backend):
         a, b = int(cu[i]), int(cu[i + 1])
         assert_close(h[a:b], *_truth_and_base(hf, lambda m, s=s: m.bert(s).last_hidden_state[0]), name=f"text {i} hidden")
         assert_close(logits[a:b], *_truth_and_base(hf, lambda m, s=s: m(s).logits[0]), name=f"text {i} logits")
+        # packed runs attention_varlen, alone ops.attention: other kernels, other fp32 summation order, so
+        # they agree to fp32 rounding, not bit for bit (measured: 6e-8 on logits up to 0.5, both backends)
         torch.testing.assert_close(logits[a:b], alone[i], rtol=1e-5, atol=1e-5)
 
 
@@ -200,7 +202,10 @@ def test_gradients_match_hugging_face(bert, backend):
     t = model.transformer
     ours = {"loss": loss.detach(), "wte": t.wte.weight.grad, "ln_e": t.ln_e.weight.grad, "wpe": t.wpe.weight.grad,
             "bias": model.lm_head.bias.grad, "c_attn": t.h[1].attn.c_attn.weight.grad}
-    for name, g in ours.items():  # in units of the largest true entry, so atol is relative to each gradient's size
+    # the gradients of this tiny model are as small as 2e-3: in units of the largest true entry, the
+    # rule's fixed atol (1e-5) binds at the same relative size for every gradient instead of passing
+    # a small one outright; the 2x-torch part of the rule is unchanged by the common scale
+    for name, g in ours.items():
         scale = float(truth[name].abs().max())
         assert_close(g / scale, truth[name] / scale, base[name] / scale, name=f"{name} grad ({backend})")
     with torch.no_grad():

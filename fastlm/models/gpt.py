@@ -450,14 +450,7 @@ class GPT(nn.Module):
         model = cls(cfg)
         if cfg.tie_embeddings:
             ours.pop("lm_head.weight", None)
-        try:
-            missing, unexpected = model.load_state_dict(ours, strict=False)
-        except RuntimeError as exc:
-            raise ValueError(f"{path}: weights do not match config.json: {str(exc)[:300]}") from None
-        missing = [m for m in missing if not (cfg.tie_embeddings and m == "lm_head.weight")]
-        if missing or unexpected:
-            raise ValueError(f"{path}: weights do not match GPT-2: missing {missing[:5]}, unexpected {unexpected[:5]}")
-        return model
+        return _load_mapped(model, ours, [], path, "GPT-2")
 
     @classmethod
     def _from_bert(cls, path: Path, hf: dict, **overrides) -> GPT:
@@ -538,15 +531,22 @@ class GPT(nn.Module):
                 raise ValueError(f"{path}: weights do not match BERT: {key} without its key and value")
             ours[key.replace("query.", "")] = torch.cat(parts)
         unexpected += [k for k in ours if ".attn.c_attn.key." in k or ".attn.c_attn.value." in k]
-        model = cls(cfg)
-        try:
-            missing, extra = model.load_state_dict({k: v for k, v in ours.items() if k not in unexpected}, strict=False)
-        except RuntimeError as exc:
-            raise ValueError(f"{path}: weights do not match config.json: {str(exc)[:300]}") from None
-        missing = [m for m in missing if not (cfg.tie_embeddings and m == "lm_head.weight")]
-        if missing or unexpected or extra:
-            raise ValueError(f"{path}: weights do not match BERT: missing {missing[:5]}, unexpected {(unexpected + extra)[:5]}")
-        return model
+        return _load_mapped(cls(cfg), {k: v for k, v in ours.items() if k not in unexpected}, unexpected, path, "BERT")
+
+
+def _load_mapped(model: GPT, ours: dict, unexpected: list, path: Path, kind: str) -> GPT:
+    """``model`` with the state dict ``ours`` (a Hugging Face checkpoint's weights renamed to fastlm's)
+    loaded; ValueError naming the missing and unexpected weights (``unexpected``: those the mapping
+    already could not place), or the shapes that do not match config.json."""
+    try:
+        missing, extra = model.load_state_dict(ours, strict=False)
+    except RuntimeError as exc:
+        raise ValueError(f"{path}: weights do not match config.json: {str(exc)[:300]}") from None
+    missing = [m for m in missing if not (model.config.tie_embeddings and m == "lm_head.weight")]
+    unexpected = [*unexpected, *extra]
+    if missing or unexpected:
+        raise ValueError(f"{path}: weights do not match {kind}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return model
 
 
 def _regular(path: Path) -> bool:
